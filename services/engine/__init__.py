@@ -1,0 +1,17 @@
+"""The reference MoE engine: paged KV cache, continuous batching, chunked prefill, sampling."""
+
+from services.engine.config import EngineConfig, EngineConfigError
+from services.engine.engine import Engine, InvalidRequestError, KVStats
+from services.engine.request import RequestOutput
+from services.engine.sampling import SamplingParams, SamplingParamsError
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineConfigError",
+    "InvalidRequestError",
+    "KVStats",
+    "RequestOutput",
+    "SamplingParams",
+    "SamplingParamsError",
+]

@@ -1,0 +1,200 @@
+"""The offline engine: `Engine.from_pretrained(dir).generate(prompt_token_ids, params)`.
+
+Like `vllm.LLM` / `sglang.Engine`, plus the step-level API a server drives: `add_request`,
+`step` (one scheduler step; returns the requests that produced a token), `abort`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.engine.config import EngineConfig
+from services.engine.model_runner import ModelRunner
+from services.engine.page_pool import KVCache, PagePool
+from services.engine.request import FinishReason, Phase, Request, RequestOutput
+from services.engine.sampling import SamplingParams, make_generator
+from services.engine.scheduler import Scheduler
+from services.models import ModelConfig, load_model
+from services.models.base import MoECausalLM
+
+DEFAULT_KV_POOL_TOKENS = 32768
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine cannot take; nothing was allocated for it."""
+
+
+@dataclass(frozen=True)
+class KVStats:
+    page_size: int
+    total_pages: int
+    free_pages: int
+
+    @property
+    def used_pages(self) -> int:
+        return self.total_pages - self.free_pages
+
+
+class Engine:
+    def __init__(self, model: MoECausalLM, model_config: ModelConfig, config: EngineConfig):
+        self.model = model
+        self.model_config = model_config
+        self.config = config
+        entry = model_config.kv_entry_shape
+        per_token = KVCache.bytes_per_token(model_config.num_layers, entry, config.torch_dtype)
+        if config.kv_pool_bytes is not None:
+            pool_tokens = config.kv_pool_bytes // per_token
+        else:
+            pool_tokens = config.kv_pool_tokens or DEFAULT_KV_POOL_TOKENS
+        num_pages = pool_tokens // config.page_size
+        if num_pages < 1:
+            raise InvalidRequestError(
+                f"KV pool of {pool_tokens} tokens holds no page of {config.page_size} tokens; grow the pool"
+            )
+        self.pool = PagePool(num_pages, config.page_size)
+        self.kv = KVCache(
+            model_config.num_layers, num_pages, config.page_size, entry, config.torch_dtype, config.device
+        )
+        self.max_model_len = min(
+            config.max_model_len or model_config.max_position_embeddings, num_pages * config.page_size
+        )
+        self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_prefill_tokens)
+        self.runner = ModelRunner(model, self.kv, config.page_size, config.device)
+        self.eos_ids = frozenset(model_config.eos_token_ids)
+        self._requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._rng = torch.Generator().manual_seed(config.seed)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, **options: object) -> Engine:
+        """Load `model_dir` (config.json, safetensors, tokenizer) with `EngineConfig` options."""
+        config = EngineConfig.from_options(**options)
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        model, model_config = load_model(model_dir, config.torch_dtype, config.device)
+        return cls(model, model_config, config)
+
+    # -- request API ---------------------------------------------------------------------------
+
+    def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise `InvalidRequestError` with what to change if the request cannot run."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("prompt is empty; send at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {n} tokens but the context limit is {self.max_model_len} tokens "
+                "(prompt + at least one generated token); shorten the prompt"
+            )
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+
+    def add_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        self.validate(prompt_token_ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        req = Request(request_id, list(prompt_token_ids), params, make_generator(params, self._rng))
+        self._requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is and free its pages; None if it is unknown or already done."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.finish(req, "abort")
+        return self._output(req, [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; returns an output for every request that produced a token."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        run = self.runner.prefill if batch.phase == "prefill" else self.runner.decode
+        tokens = run(batch)
+        outputs = []
+        for req, n, tok in zip(batch.requests, batch.num_new, tokens, strict=True):
+            req.num_computed += n
+            if tok is None:
+                continue  # a prompt chunk that did not reach the end of the prompt
+            req.phase = Phase.DECODE
+            req.output_ids.append(tok)
+            reason = self._stop_reason(req, tok)
+            if reason is not None:
+                self.scheduler.finish(req, reason)
+                del self._requests[req.request_id]
+            outputs.append(self._output(req, [tok]))
+        return outputs
+
+    def generate(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; results come back in prompt order."""
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompt_token_ids)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompt_token_ids):
+                raise InvalidRequestError(
+                    f"got {len(params)} sampling params for {len(prompt_token_ids)} prompts"
+                )
+        for prompt, p in zip(prompt_token_ids, params, strict=True):
+            self.validate(prompt, p)  # all or nothing: no request is queued if one is bad
+        ids = [self.add_request(prompt, p) for prompt, p in zip(prompt_token_ids, params, strict=True)]
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[i] for i in ids]
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def kv_stats(self) -> KVStats:
+        return KVStats(self.pool.page_size, self.pool.num_pages, self.pool.num_free)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _stop_reason(self, req: Request, tok: int) -> FinishReason | None:
+        p = req.params
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_ids):
+            return "stop"
+        if len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    @staticmethod
+    def _output(req: Request, new: list[int]) -> RequestOutput:
+        return RequestOutput(
+            req.request_id, list(req.prompt_ids), list(req.output_ids), req.finish_reason, new
+        )

@@ -1,0 +1,55 @@
+"""Turns a scheduled batch into model inputs, runs the model and samples the next tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from services.engine.page_pool import KVCache
+from services.engine.request import Request
+from services.engine.sampling import sample
+from services.engine.scheduler import ScheduledBatch
+from services.models.attention import AttnBatch
+from services.models.base import MoECausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: MoECausalLM, kv: KVCache, page_size: int, device: torch.device | str):
+        self.model = model
+        self.kv = kv
+        self.page_size = page_size
+        self.device = torch.device(device)
+
+    @torch.inference_mode()
+    def prefill(self, batch: ScheduledBatch) -> list[int | None]:
+        """Compute prompt chunks; a token is sampled only for requests whose prompt is now complete."""
+        return self._step(batch.requests, batch.num_new)
+
+    @torch.inference_mode()
+    def decode(self, batch: ScheduledBatch) -> list[int | None]:
+        """Compute each request's last token and sample the next one."""
+        return self._step(batch.requests, batch.num_new)
+
+    def _step(self, reqs: list[Request], num_new: list[int]) -> list[int | None]:
+        ids: list[int] = []
+        positions: list[int] = []
+        ctx_lens: list[int] = []
+        for req, n in zip(reqs, num_new, strict=True):
+            start = req.num_computed
+            ids += req.tokens(start, start + n)
+            positions += range(start, start + n)
+            ctx_lens.append(start + n)
+        batch = AttnBatch.build(num_new, ctx_lens, [r.pages for r in reqs], self.page_size, self.device)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, pos, batch, self.kv.layers)  # [T, D]
+
+        done = [i for i, (r, c) in enumerate(zip(reqs, ctx_lens, strict=True)) if c == r.num_tokens]
+        tokens: list[int | None] = [None] * len(reqs)
+        if done:
+            logits = self.model.logits(hidden[batch.last_index[done]])  # [N, V]
+            picked = sample(
+                logits.cpu(), [reqs[i].params for i in done], [reqs[i].generator for i in done]
+            )
+            for i, tok in zip(done, picked, strict=True):
+                tokens[i] = tok
+        return tokens

@@ -1,0 +1,64 @@
+"""One generation request as the scheduler and runner see it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from services.engine.sampling import SamplingParams
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"
+    """Queued; holds no KV pages."""
+    PREFILL = "prefill"
+    """Admitted; its prompt is being computed chunk by chunk."""
+    DECODE = "decode"
+    """Generating one token per step."""
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    """Tokens whose KV is in this request's pages."""
+    phase: Phase = Phase.WAITING
+    finish_reason: FinishReason | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_at(self, i: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        return (self.prompt_ids + self.output_ids)[start:end]
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What a request has produced so far; `finished` once `finish_reason` is set."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    finish_reason: FinishReason | None
+    new_token_ids: list[int] = field(default_factory=list)
+    """Tokens produced by the step that returned this output."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

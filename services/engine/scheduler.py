@@ -1,0 +1,114 @@
+"""Continuous batching with chunked prefill, for one DP rank.
+
+Each step is either a prefill step (prompt chunks within a token budget: first the requests
+already part-way through their prompt, then newly admitted ones in arrival order) or a decode
+step (one token for every request that has finished its prompt). Requests join and leave the
+running batch at any step.
+
+KV pages: admission reserves the pages for the whole prompt, so a prompt's chunks never wait
+for memory. Decode grows a request by one page at a time; when the pool is empty the newest
+running request is preempted (pages freed, recomputed later from prompt + output), so running
+requests are never corrupted and the pool never over-commits.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+from services.engine.page_pool import PagePool
+from services.engine.request import FinishReason, Phase, Request
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    phase: Literal["prefill", "decode"]
+    requests: list[Request]
+    num_new: list[int]
+    """Tokens to compute per request this step, starting at its `num_computed`."""
+
+
+class Scheduler:
+    def __init__(self, pool: PagePool, max_num_seqs: int, max_prefill_tokens: int):
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        """Requests holding pages, in admission order (prefill or decode phase)."""
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch | None:
+        return self._schedule_prefill() or self._schedule_decode()
+
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        budget = self.max_prefill_tokens
+        reqs: list[Request] = []
+        num_new: list[int] = []
+        for req in self.running:
+            if req.phase is Phase.PREFILL and budget > 0:
+                n = min(budget, req.num_tokens - req.num_computed)
+                reqs.append(req)
+                num_new.append(n)
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            need = self.pool.pages_for(req.num_tokens)
+            if need > self.pool.num_free:
+                break  # first come, first served: later arrivals do not overtake
+            self.waiting.popleft()
+            req.pages = self.pool.allocate(need)
+            req.phase = Phase.PREFILL
+            self.running.append(req)
+            n = min(budget, req.num_tokens)
+            reqs.append(req)
+            num_new.append(n)
+            budget -= n
+        return ScheduledBatch("prefill", reqs, num_new) if reqs else None
+
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        reqs: list[Request] = []
+        for req in list(self.running):
+            if req.phase is not Phase.DECODE:
+                continue
+            # The step writes the KV of the token at index num_tokens - 1.
+            while len(req.pages) < self.pool.pages_for(req.num_tokens) and req.phase is Phase.DECODE:
+                if self.pool.num_free == 0:
+                    self._preempt(self._newest_decoding())
+                else:
+                    req.pages += self.pool.allocate(1)
+            if req.phase is Phase.DECODE:
+                reqs.append(req)
+        return ScheduledBatch("decode", reqs, [1] * len(reqs)) if reqs else None
+
+    def _newest_decoding(self) -> Request:
+        return next(r for r in reversed(self.running) if r.phase is Phase.DECODE)
+
+    def _preempt(self, req: Request) -> None:
+        self._release(req)
+        req.num_computed = 0
+        req.phase = Phase.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def _release(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        if req.pages:
+            self.pool.free(req.pages)
+            req.pages = []
+
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        """End a request (finished or aborted), returning all its pages to the pool."""
+        if req.phase is Phase.WAITING and req in self.waiting:
+            self.waiting.remove(req)
+        self._release(req)
+        req.phase = Phase.FINISHED
+        req.finish_reason = reason

@@ -1,0 +1,66 @@
+"""DeepSeek-V3 family (DeepSeek-V3/R1, Kimi K2): multi-head latent attention over a latent KV cache.
+
+The cache keeps, per token and layer, the normalised KV latent (kv_lora_rank) and the rotated
+shared rope key (qk_rope_head_dim), as DeepSeek's own inference code does; keys and values are
+expanded from the latent with `kv_b_proj` when attention runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from services.models.attention import AttnBatch, padded_sdpa
+from services.models.base import MoECausalLM
+from services.models.config import ModelConfig
+from services.models.layers import RMSNorm, apply_rotary, yarn_softmax_scale
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.h = cfg.num_heads
+        self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.lora = cfg.kv_lora_rank
+        qk_dim = self.nope + self.rope_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, self.h * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.h * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.lora + self.rope_dim, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.lora, 1e-6)
+        self.kv_b_proj = nn.Linear(self.lora, self.h * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.h * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.interleave = cfg.rope.interleave
+        self.scale = yarn_softmax_scale(cfg.rope, qk_dim)
+        self.has_q_lora = cfg.q_lora_rank is not None
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttnBatch, cache: torch.Tensor
+    ) -> torch.Tensor:
+        """x: [T, D]; cache: [S, lora + rope] latent pages of this layer -> [T, D]."""
+        t = x.shape[0]
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.has_q_lora else self.q_proj(x)
+        q = q.view(t, self.h, self.nope + self.rope_dim)  # [T, H, nope+rope]
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.lora, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # [T, lora]
+        k_pe = apply_rotary(k_pe.unsqueeze(1), rope, self.interleave).squeeze(1)  # [T, rope]
+        q = torch.cat((q_nope, apply_rotary(q_pe, rope, self.interleave)), dim=-1)  # [T, H, nope+rope]
+
+        cache[batch.slot_mapping] = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
+        ctx = cache[batch.kv_slots].to(x.dtype)  # [B, K, lora+rope]
+        ctx_latent, ctx_pe = ctx.split([self.lora, self.rope_dim], dim=-1)
+        b, k_len = ctx.shape[:2]
+        kv = self.kv_b_proj(ctx_latent).view(b, k_len, self.h, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [B, K, H, nope], [B, K, H, v]
+        k = torch.cat((k_nope, ctx_pe.unsqueeze(2).expand(b, k_len, self.h, self.rope_dim)), dim=-1)
+        out = padded_sdpa(q, k, v, batch, self.scale)  # [T, H, v]
+        return self.o_proj(out.reshape(t, self.h * self.v_dim))
+
+
+class DeepseekV3ForCausalLM(MoECausalLM):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, MLAttention)

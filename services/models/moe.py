@@ -1,0 +1,117 @@
+"""Mixture-of-experts: routers (gate -> top-k) and the routed experts' grouped matmuls.
+
+Routers return `(topk_ids [T, K], topk_weights [T, K])` in logical expert ids. `RoutedExperts`
+keeps every expert's weights stacked (`w13` = gate and up fused, `w2` = down) and computes the
+weighted sum over each token's chosen experts, one matmul pair per expert that received tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.models.config import ModelConfig
+from services.models.layers import DenseMLP
+
+
+class SigmoidGroupLimitedRouter(nn.Module):
+    """DeepSeek-V3 `noaux_tc` routing: sigmoid scores, bias-corrected choice within the top groups."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scaling = cfg.routed_scaling_factor
+        # Routing stays in fp32 whatever the model dtype (as DeepSeek's reference does).
+        self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size, dtype=torch.float32))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t, e = x.shape[0], self.weight.shape[0]
+        scores = F.linear(x.float(), self.weight).sigmoid()  # [T, E]
+        choice = scores + self.e_score_correction_bias  # [T, E]
+        if self.n_group > 1:
+            grouped = choice.view(t, self.n_group, e // self.n_group)  # [T, G, E/G]
+            group_scores = grouped.topk(2, dim=-1)[0].sum(-1)  # [T, G]
+            group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+            keep = keep.unsqueeze(-1).expand_as(grouped).reshape(t, e)
+            choice = choice.masked_fill(~keep, float("-inf"))
+        ids = choice.topk(self.top_k, dim=-1, sorted=False)[1]  # [T, K]
+        weights = scores.gather(1, ids)  # [T, K]
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scaling
+
+
+class SoftmaxTopKRouter(nn.Module):
+    """Qwen3-MoE routing: softmax over all experts, top-k, optional renormalisation."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)  # [T, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, ids = probs.topk(self.top_k, dim=-1)  # [T, K]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return ids, weights.to(logits.dtype)
+
+
+class RoutedExperts(nn.Module):
+    """All routed experts of one layer, weights stacked: w13 [E, 2I, D] (gate; up), w2 [E, D, I]."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: [T, D], ids/weights: [T, K] -> [T, D] = sum_k weights[t, k] * expert_ids[t, k](x[t])."""
+        out = torch.zeros_like(x)
+        if x.shape[0] == 0:
+            return out
+        flat_ids = ids.reshape(-1)  # [T*K]
+        order = torch.argsort(flat_ids, stable=True)  # [T*K] grouped by expert
+        counts = torch.bincount(flat_ids, minlength=self.w13.shape[0]).tolist()
+        token_of = order // ids.shape[1]  # [T*K] which token each sorted entry belongs to
+        w_sorted = weights.reshape(-1)[order]  # [T*K]
+        start = 0
+        for expert, n in enumerate(counts):
+            if n == 0:
+                continue
+            tok = token_of[start : start + n]
+            gate, up = F.linear(x[tok], self.w13[expert]).chunk(2, dim=-1)  # [n, I] each
+            y = F.linear(F.silu(gate) * up, self.w2[expert])  # [n, D]
+            out.index_add_(0, tok, y * w_sorted[start : start + n, None].to(y.dtype))
+            start += n
+        return out
+
+
+class MoEBlock(nn.Module):
+    """Router + routed experts (+ DeepSeek's always-on shared experts)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate: nn.Module = (
+            SigmoidGroupLimitedRouter(cfg) if cfg.family == "deepseek_v3" else SoftmaxTopKRouter(cfg)
+        )
+        self.experts = RoutedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            DenseMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+            if cfg.n_shared_experts
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.gate(x)
+        out = self.experts(x, ids, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
