@@ -113,8 +113,14 @@ def build_tokenizer(out_dir: Path) -> dict[str, int]:
     tok.save(str(out_dir / "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     added = {
-        str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
-                 "single_word": False}
+        str(i): {
+            "content": t,
+            "special": True,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "single_word": False,
+        }
         for t, i in ids.items()
     }
     (out_dir / "tokenizer_config.json").write_text(

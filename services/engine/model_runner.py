@@ -22,14 +22,14 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, batch: ScheduledBatch) -> list[int | None]:
         """Compute prompt chunks; a token is sampled only for requests whose prompt is now complete."""
-        return self._step(batch.requests, batch.num_new)
+        return self._step(batch.requests, batch.num_new, decode=False)
 
     @torch.inference_mode()
     def decode(self, batch: ScheduledBatch) -> list[int | None]:
         """Compute each request's last token and sample the next one."""
-        return self._step(batch.requests, batch.num_new)
+        return self._step(batch.requests, batch.num_new, decode=True)
 
-    def _step(self, reqs: list[Request], num_new: list[int]) -> list[int | None]:
+    def _step(self, reqs: list[Request], num_new: list[int], decode: bool) -> list[int | None]:
         ids: list[int] = []
         positions: list[int] = []
         ctx_lens: list[int] = []
@@ -38,7 +38,9 @@ class ModelRunner:
             ids += req.tokens(start, start + n)
             positions += range(start, start + n)
             ctx_lens.append(start + n)
-        batch = AttnBatch.build(num_new, ctx_lens, [r.pages for r in reqs], self.page_size, self.device)
+        batch = AttnBatch.build(
+            num_new, ctx_lens, [r.pages for r in reqs], self.page_size, self.device, decode
+        )
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, batch, self.kv.layers)  # [T, D]
@@ -47,9 +49,7 @@ class ModelRunner:
         tokens: list[int | None] = [None] * len(reqs)
         if done:
             logits = self.model.logits(hidden[batch.last_index[done]])  # [N, V]
-            picked = sample(
-                logits.cpu(), [reqs[i].params for i in done], [reqs[i].generator for i in done]
-            )
+            picked = sample(logits.cpu(), [reqs[i].params for i in done], [reqs[i].generator for i in done])
             for i, tok in zip(done, picked, strict=True):
                 tokens[i] = tok
         return tokens

@@ -58,7 +58,9 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ):
-        self.storage = torch.zeros(num_layers, num_pages * page_size, *entry_shape, dtype=dtype, device=device)
+        self.storage = torch.zeros(
+            num_layers, num_pages * page_size, *entry_shape, dtype=dtype, device=device
+        )
         self.layers = list(self.storage.unbind(0))
 
     @staticmethod

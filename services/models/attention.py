@@ -31,6 +31,37 @@ class AttnBatch:
     """[T] index into the flattened [B*Qmax] padded queries, in flat-token order."""
     last_index: torch.Tensor
     """[B] flat index of each sequence's last new token (where logits are taken)."""
+    decode: bool = False
+    """A decode step: one new token per sequence, flat token i belongs to sequence i."""
+
+    @classmethod
+    def build_decode(
+        cls, ctx_lens: list[int], block_tables: list[list[int]], page_size: int, device: torch.device | str
+    ) -> AttnBatch:
+        """A decode step: one new token per sequence, at position ctx_len - 1 (fewer ops than `build`)."""
+        b, kmax = len(ctx_lens), max(ctx_lens)
+        max_pages = -(-kmax // page_size)
+        table = torch.tensor([t[:max_pages] + [0] * (max_pages - len(t[:max_pages])) for t in block_tables])
+        ar_k = torch.arange(kmax)
+        ctx_t = torch.tensor(ctx_lens)
+        k_valid = ar_k[None, :] < ctx_t[:, None]  # [B, Kmax]
+        kv_slots = (
+            table.repeat_interleave(page_size, dim=1)[:, :kmax] * page_size + ar_k % page_size
+        ) * k_valid
+        last = [n - 1 for n in ctx_lens]
+        slot_mapping = [
+            t[p // page_size] * page_size + p % page_size for t, p in zip(block_tables, last, strict=True)
+        ]
+        rows = torch.arange(b, device=device)
+        return cls(
+            slot_mapping=torch.tensor(slot_mapping, device=device),
+            q_index=rows[:, None],
+            kv_slots=kv_slots.to(device),
+            mask=k_valid[:, None, None, :].to(device),
+            unpad_index=rows,
+            last_index=rows,
+            decode=True,
+        )
 
     @classmethod
     def build(
@@ -40,6 +71,7 @@ class AttnBatch:
         block_tables: list[list[int]],
         page_size: int,
         device: torch.device | str = "cpu",
+        decode: bool = False,
     ) -> AttnBatch:
         """q_lens: new tokens per sequence; ctx_lens: total tokens (cached + new) per sequence."""
         b = len(q_lens)
@@ -77,17 +109,46 @@ class AttnBatch:
             mask=mask.unsqueeze(1).to(**to),
             unpad_index=flat_pos.to(**to),
             last_index=last_index.to(**to),
+            decode=decode,
         )
+
+
+def write_cache(cache: torch.Tensor, batch: AttnBatch, entries: torch.Tensor) -> None:
+    """Store the new tokens' KV entries [T, ...] in their slots of one layer's cache [S, ...]."""
+    cache.index_copy_(0, batch.slot_mapping, entries.to(cache.dtype))
+
+
+def gather_context(cache: torch.Tensor, batch: AttnBatch, dtype: torch.dtype) -> torch.Tensor:
+    """Every sequence's context from one layer's cache [S, ...] -> [B, Kmax, ...] (padding: slot 0)."""
+    b, k = batch.kv_slots.shape
+    ctx = cache.index_select(0, batch.kv_slots.view(-1)).view(b, k, *cache.shape[1:])
+    return ctx.to(dtype)
 
 
 def padded_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttnBatch, scale: float
 ) -> torch.Tensor:
     """q: [T, H, Dqk] flat; k: [B, Kmax, H, Dqk]; v: [B, Kmax, H, Dv] -> [T, H, Dv] flat."""
-    t, h, _ = q.shape
-    qp = q[batch.q_index].transpose(1, 2)  # [B, H, Qmax, Dqk]
+    h = q.shape[1]
+    b, qmax = batch.q_index.shape
+    qp = (
+        q.index_select(0, batch.q_index.view(-1)).view(b, qmax, *q.shape[1:]).transpose(1, 2)
+    )  # [B, H, Qmax, Dqk]
     out = F.scaled_dot_product_attention(
         qp, k.transpose(1, 2), v.transpose(1, 2), attn_mask=batch.mask, scale=scale
     )  # [B, H, Qmax, Dv]
     out = out.transpose(1, 2).reshape(-1, h, v.shape[-1])  # [B*Qmax, H, Dv]
-    return out[batch.unpad_index]
+    return out.index_select(0, batch.unpad_index)
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttnBatch, scale: float
+) -> torch.Tensor:
+    """One query per sequence against G shared KV groups (GQA, or MLA's single latent group).
+
+    q: [B, G, R, Dqk] (R query heads per group); k: [B, G, K, Dqk]; v: [B, G, K, Dv] -> [B, G, R, Dv].
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).float()  # [B, G, R, K]
+    scores = scores.masked_fill_(~batch.mask, float("-inf")).mul_(scale)  # mask: [B, 1, 1, K]
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs if v.dtype == torch.float32 else probs.to(v.dtype), v)

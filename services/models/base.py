@@ -24,9 +24,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = attention(cfg, layer_idx)
         self.mlp: nn.Module = (
-            MoEBlock(cfg)
-            if layer_idx in cfg.moe_layers
-            else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+            MoEBlock(cfg) if layer_idx in cfg.moe_layers else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
         )
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -73,7 +71,7 @@ class MoECausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, D]."""
         x = self.model.embed_tokens(input_ids)  # [T, D]
-        rope = self.model.rotary(positions)
+        rope = self.model.rotary(positions, x.dtype)
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
             x = layer(x, rope, batch, cache)
         return self.model.norm(x)

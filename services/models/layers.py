@@ -20,10 +20,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class DenseMLP(nn.Module):
@@ -90,10 +89,11 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.scaling = rope_inv_freq(rope)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] -> (cos, sin), each [T, 1, dim/2] in fp32."""
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] -> (cos, sin), each [T, 1, dim/2], computed in fp32 and cast to `dtype`."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, dim/2]
-        return (freqs.cos() * self.scaling).unsqueeze(1), (freqs.sin() * self.scaling).unsqueeze(1)
+        cos, sin = (freqs.cos() * self.scaling).unsqueeze(1), (freqs.sin() * self.scaling).unsqueeze(1)
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], interleave: bool) -> torch.Tensor:
@@ -102,7 +102,7 @@ def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], inter
     Interleaved (DeepSeek) pairs are (x0, x1), (x2, x3)...; the output is de-interleaved (evens
     then odds) exactly like the reference implementation, consistently for q and k.
     """
-    cos, sin = (r.to(x.dtype) for r in rope)
+    cos, sin = rope
     if interleave:
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:

@@ -1,0 +1,92 @@
+"""Worker-side commands, run as `python -m services.cli ...` (the `moeserve` CLI execs into these).
+
+make-tiny-model DIR --arch deepseek_v3|qwen3_moe   write a tiny random checkpoint + tokenizer
+generate [--model DIR] --prompt TEXT                offline chat generation with the engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CACHE = Path(os.environ.get("MOESERVE_CACHE", Path.home() / ".cache" / "moeserve"))
+
+
+def tiny_model_dir(arch: str = "deepseek_v3") -> Path:
+    """The cached tiny model of `arch`, created on first use."""
+    from services.tiny import make_tiny_model
+
+    path = DEFAULT_CACHE / f"tiny-{arch}"
+    if not (path / "config.json").is_file():
+        print(f"creating tiny {arch} model in {path}", file=sys.stderr)
+        make_tiny_model(path, arch)  # type: ignore[arg-type]
+    return path
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from services.tiny import make_tiny_model
+
+    path = make_tiny_model(args.dir, args.arch, seed=args.seed)
+    print(f"wrote tiny {args.arch} model to {path}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from services.engine import Engine, SamplingParams
+
+    torch.set_num_threads(args.threads)
+    model_dir = Path(args.model) if args.model else tiny_model_dir(args.arch)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
+    )
+    prompt_ids = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    engine = Engine.from_pretrained(model_dir)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    start = time.perf_counter()
+    (out,) = engine.generate([prompt_ids], params)
+    elapsed = time.perf_counter() - start
+    print(f"model: {model_dir} ({engine.model_config.architecture})")
+    print(f"prompt ({len(prompt_ids)} tokens): {args.prompt}")
+    print(f"output ({len(out.output_token_ids)} tokens, finish_reason={out.finish_reason}, {elapsed:.2f}s):")
+    print(tok.decode(out.output_token_ids, skip_special_tokens=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeserve")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint with a tokenizer")
+    p.add_argument("dir")
+    p.add_argument("--arch", choices=["deepseek_v3", "qwen3_moe"], default="deepseek_v3")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny_model)
+    p = sub.add_parser("generate", help="offline chat generation with the engine")
+    p.add_argument("--model", help="model directory (default: the cached tiny model)")
+    p.add_argument("--arch", choices=["deepseek_v3", "qwen3_moe"], default="deepseek_v3")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # our errors say what to change; no traceback for them
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

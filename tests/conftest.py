@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random checkpoints built once per session, and the `gpu` marker."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from services.tiny import make_tiny_model
+
+torch.set_num_threads(1)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MODELS = {
+    "deepseek_v3": dict(arch="deepseek_v3", q_lora_rank=48),
+    "deepseek_v3_no_q_lora": dict(arch="deepseek_v3", q_lora_rank=None),
+    "qwen3_moe": dict(arch="qwen3_moe"),
+}
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {name: make_tiny_model(root / name, seed=1, **kw) for name, kw in MODELS.items()}
+
+
+@pytest.fixture(scope="session", params=list(MODELS))
+def model_dir(request, model_dirs):
+    return model_dirs[request.param]
+
+
+@pytest.fixture(scope="session")
+def ds_dir(model_dirs):
+    return model_dirs["deepseek_v3"]
+
+
+def pytest_collection_modifyitems(config, items):
+    # gpu-marked tests need CUDA; everywhere else they are reported as skipped, with the reason.
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="gpu test: no CUDA device on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_gpu)
