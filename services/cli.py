@@ -42,12 +42,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     model_dir = Path(args.model) if args.model else tiny_model_dir(args.arch)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    engine = Engine.from_pretrained(model_dir)  # validates the directory before anything else reads it
+    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
+        raise ValueError(f"model directory {model_dir} has no tokenizer files (tokenizer.json)")
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
     )
     prompt_ids = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
-    engine = Engine.from_pretrained(model_dir)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     start = time.perf_counter()
     (out,) = engine.generate([prompt_ids], params)
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
