@@ -38,9 +38,11 @@ class ModelRunner:
             ids += req.tokens(start, start + n)
             positions += range(start, start + n)
             ctx_lens.append(start + n)
-        batch = AttnBatch.build(
-            num_new, ctx_lens, [r.pages for r in reqs], self.page_size, self.device, decode
-        )
+        tables = [r.pages for r in reqs]
+        if decode:
+            batch = AttnBatch.build_decode(ctx_lens, tables, self.page_size, self.device)
+        else:
+            batch = AttnBatch.build(num_new, ctx_lens, tables, self.page_size, self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, batch, self.kv.layers)  # [T, D]

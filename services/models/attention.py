@@ -71,7 +71,6 @@ class AttnBatch:
         block_tables: list[list[int]],
         page_size: int,
         device: torch.device | str = "cpu",
-        decode: bool = False,
     ) -> AttnBatch:
         """q_lens: new tokens per sequence; ctx_lens: total tokens (cached + new) per sequence."""
         b = len(q_lens)
@@ -109,7 +108,6 @@ class AttnBatch:
             mask=mask.unsqueeze(1).to(**to),
             unpad_index=flat_pos.to(**to),
             last_index=last_index.to(**to),
-            decode=decode,
         )
 
 
