@@ -126,25 +126,35 @@ def gather_context(cache: torch.Tensor, batch: AttnBatch, dtype: torch.dtype) ->
 def padded_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttnBatch, scale: float
 ) -> torch.Tensor:
-    """q: [T, H, Dqk] flat; k: [B, Kmax, H, Dqk]; v: [B, Kmax, H, Dv] -> [T, H, Dv] flat."""
-    h = q.shape[1]
+    """q: [T, H, Dqk] flat; k: [B, Kmax, Hkv, Dqk]; v: [B, Kmax, Hkv, Dv] -> [T, H, Dv] flat.
+
+    Hkv may divide H (grouped-query attention): each KV head serves H / Hkv query heads.
+    """
+    h, dqk, dv = q.shape[1], q.shape[2], v.shape[-1]
+    if dv < dqk:
+        # MLA has Dv < Dqk; the fused SDPA kernels want one head dim, and zero columns add nothing.
+        v = F.pad(v, (0, dqk - dv))
     b, qmax = batch.q_index.shape
-    qp = (
-        q.index_select(0, batch.q_index.view(-1)).view(b, qmax, *q.shape[1:]).transpose(1, 2)
-    )  # [B, H, Qmax, Dqk]
+    qp = q.index_select(0, batch.q_index.view(-1)).view(b, qmax, h, dqk).transpose(1, 2)  # [B, H, Qmax, Dqk]
     out = F.scaled_dot_product_attention(
-        qp, k.transpose(1, 2), v.transpose(1, 2), attn_mask=batch.mask, scale=scale
-    )  # [B, H, Qmax, Dv]
-    out = out.transpose(1, 2).reshape(-1, h, v.shape[-1])  # [B*Qmax, H, Dv]
+        qp,
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=batch.mask,
+        scale=scale,
+        enable_gqa=k.shape[2] != h,
+    )  # [B, H, Qmax, Dqk]
+    out = out[..., :dv].transpose(1, 2).reshape(-1, h, dv)  # [B*Qmax, H, Dv]
     return out.index_select(0, batch.unpad_index)
 
 
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttnBatch, scale: float
 ) -> torch.Tensor:
-    """One query per sequence against G shared KV groups (GQA, or MLA's single latent group).
+    """One query per sequence against G shared KV groups (MLA decode: one latent group for all heads).
 
     q: [B, G, R, Dqk] (R query heads per group); k: [B, G, K, Dqk]; v: [B, G, K, Dv] -> [B, G, R, Dv].
+    For one group this beats SDPA on CPU; GQA goes through `padded_sdpa`.
     """
     scores = torch.matmul(q, k.transpose(-1, -2)).float()  # [B, G, R, K]
     scores = scores.masked_fill_(~batch.mask, float("-inf")).mul_(scale)  # mask: [B, 1, 1, K]

@@ -64,78 +64,63 @@ class SoftmaxTopKRouter(nn.Module):
         return ids, weights.to(logits.dtype)
 
 
-# A Python-level op costs about as much as this many flops of matmul work on a CPU core; the
-# padded layout is chosen when the compute its padding wastes is cheaper than the per-expert
-# loop's ops.
-OP_COST_FLOPS = 1_000_000
-LOOP_OPS_PER_EXPERT = 7
+def grouped_mm_supported(device: torch.device) -> bool:
+    """Whether `F.grouped_mm` (one GEMM over all experts' token groups) runs on `device`."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu"
 
 
 class RoutedExperts(nn.Module):
     """All routed experts of one layer, weights stacked: w13 [E, 2I, D] (gate; up), w2 [E, D, I].
 
-    Two equivalent layouts for the grouped matmuls:
-    - grouped: tokens sorted by expert, one matmul pair per expert that received tokens;
-    - padded: every expert's tokens in a [E, C, D] block (C = most tokens of any expert), two
-      batched matmuls for all experts at once. This is the layout DeepEP's low-latency mode
-      hands over; it wins when C is small compared to the number of experts hit.
+    Tokens are sorted by expert and multiplied in one grouped GEMM per projection
+    (`F.grouped_mm` with per-expert offsets); where the device has no grouped GEMM, one matmul
+    pair per expert that received tokens.
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int):
         super().__init__()
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
-        self.flops_per_row = 2 * hidden * 3 * intermediate
+        self.use_grouped_mm: bool | None = None
+        """None: decide from the device on first use."""
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, D], ids/weights: [T, K] -> [T, D] = sum_k weights[t, k] * expert_ids[t, k](x[t])."""
         out = torch.zeros_like(x)
         if x.shape[0] == 0:
             return out
-        num_experts = self.w13.shape[0]
+        if self.use_grouped_mm is None:
+            self.use_grouped_mm = grouped_mm_supported(x.device)
         flat_ids = ids.reshape(-1)  # [N = T*K]
         order = torch.argsort(flat_ids, stable=True)  # [N] grouped by expert
-        counts = torch.bincount(flat_ids, minlength=num_experts)  # [E]
+        counts = torch.bincount(flat_ids, minlength=self.w13.shape[0])  # [E]
         token_of = order // ids.shape[1]  # [N] token of each sorted entry
         w_sorted = weights.reshape(-1)[order, None].to(x.dtype)  # [N, 1]
-        counts_list = counts.tolist()
-        capacity = max(counts_list)
-        hit = sum(1 for c in counts_list if c)
-        wasted_rows = num_experts * capacity - flat_ids.numel()
-        if wasted_rows * self.flops_per_row < hit * LOOP_OPS_PER_EXPERT * OP_COST_FLOPS:
-            y = self._padded(x, flat_ids[order], counts, capacity, token_of)  # [N, D]
-            return out.index_add_(0, token_of, y * w_sorted)
+        xs = x.index_select(0, token_of)  # [N, D] sorted by expert
+        if self.use_grouped_mm:
+            y = self._grouped(xs, torch.cumsum(counts, 0, dtype=torch.int32))
+        else:
+            y = self._looped(xs, counts.tolist())
+        return out.index_add_(0, token_of, y * w_sorted)
+
+    def _grouped(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """xs: [N, D] sorted by expert; offsets: [E] cumulative counts -> [N, D]."""
+        gate, up = F.grouped_mm(xs, self.w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)  # [N, I] each
+        return F.grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)
+
+    def _looped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        y = torch.empty_like(xs)
         start = 0
-        for expert, n in enumerate(counts_list):
+        for expert, n in enumerate(counts):
             if n:
-                tok = token_of[start : start + n]
-                y = self._expert(x.index_select(0, tok), expert)  # [n, D]
-                out.index_add_(0, tok, y * w_sorted[start : start + n])
+                gate, up = F.linear(xs[start : start + n], self.w13[expert]).chunk(2, dim=-1)
+                y[start : start + n] = F.linear(F.silu(gate) * up, self.w2[expert])
                 start += n
-        return out
-
-    def _expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        gate, up = F.linear(x, self.w13[expert]).chunk(2, dim=-1)  # [n, I] each
-        return F.linear(F.silu(gate) * up, self.w2[expert])  # [n, D]
-
-    def _padded(
-        self,
-        x: torch.Tensor,
-        sorted_ids: torch.Tensor,
-        counts: torch.Tensor,
-        capacity: int,
-        token_of: torch.Tensor,
-    ) -> torch.Tensor:
-        """Sorted entries -> [E, C, D] blocks -> two batched matmuls -> [N, D] in sorted order."""
-        num_experts, hidden = self.w13.shape[0], x.shape[1]
-        starts = torch.cumsum(counts, 0) - counts  # [E]
-        slot = torch.arange(sorted_ids.numel(), device=x.device) - starts[sorted_ids]  # [N] row in block
-        rows = sorted_ids * capacity + slot  # [N] row in the flattened [E*C] blocks
-        blocks = x.new_zeros(num_experts * capacity, hidden).index_copy_(0, rows, x.index_select(0, token_of))
-        blocks = blocks.view(num_experts, capacity, hidden)
-        gate, up = torch.bmm(blocks, self.w13.transpose(1, 2)).chunk(2, dim=-1)  # [E, C, I] each
-        y = torch.bmm(F.silu(gate) * up, self.w2.transpose(1, 2))  # [E, C, D]
-        return y.view(-1, hidden).index_select(0, rows)
+        return y
 
 
 class MoEBlock(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from services.models.attention import AttnBatch, decode_attention, gather_context, padded_sdpa, write_cache
+from services.models.attention import AttnBatch, gather_context, padded_sdpa, write_cache
 from services.models.base import MoECausalLM
 from services.models.config import ModelConfig
 from services.models.layers import RMSNorm, apply_rotary
@@ -34,15 +34,7 @@ class GQAttention(nn.Module):
         v = self.v_proj(x).view(t, self.kv_h, self.d)
         write_cache(cache, batch, torch.stack((k, v), dim=1))
         ctx = gather_context(cache, batch, x.dtype)  # [B, K, 2, Hkv, d]
-        rep = self.h // self.kv_h
-        if batch.decode:
-            qg = q.view(t, self.kv_h, rep, self.d)  # [B, Hkv, rep, d]
-            k_ctx, v_ctx = ctx[:, :, 0].transpose(1, 2), ctx[:, :, 1].transpose(1, 2)  # [B, Hkv, K, d]
-            out = decode_attention(qg, k_ctx, v_ctx, batch, self.scale).reshape(t, self.h, self.d)
-        else:
-            k_ctx = ctx[:, :, 0].repeat_interleave(rep, dim=2)  # [B, K, H, d]
-            v_ctx = ctx[:, :, 1].repeat_interleave(rep, dim=2)
-            out = padded_sdpa(q, k_ctx, v_ctx, batch, self.scale)  # [T, H, d]
+        out = padded_sdpa(q, ctx[:, :, 0], ctx[:, :, 1], batch, self.scale)  # [T, H, d]
         return self.o_proj(out.reshape(t, self.h * self.d))
 
 
