@@ -16,7 +16,7 @@ import torch
 from services.engine.config import EngineConfig
 from services.engine.model_runner import ModelRunner
 from services.engine.page_pool import KVCache, PagePool
-from services.engine.request import FinishReason, Phase, Request, RequestOutput
+from services.engine.request import FinishReason, KVListener, Request, RequestOutput
 from services.engine.sampling import SamplingParams, make_generator
 from services.engine.scheduler import Scheduler
 from services.models import ModelConfig, load_model
@@ -67,6 +67,8 @@ class Engine:
         self.runner = ModelRunner(model, self.kv, config.page_size, config.device)
         self.eos_ids = frozenset(model_config.eos_token_ids)
         self._requests: dict[str, Request] = {}
+        self._held: dict[str, Request] = {}
+        """Finished requests whose pages a KV listener still reads; freed by `release`."""
         self._ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
 
@@ -103,24 +105,74 @@ class Engine:
         prompt_token_ids: Sequence[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        listener: KVListener | None = None,
     ) -> str:
+        """Queue a request; `listener` watches its KV layer by layer and defers freeing its pages."""
         params = params or SamplingParams()
         self.validate(prompt_token_ids, params)
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        request_id = self._new_id(request_id)
         req = Request(request_id, list(prompt_token_ids), params, make_generator(params, self._rng))
+        req.listener = listener
         self._requests[request_id] = req
         self.scheduler.add(req)
         return request_id
+
+    def reserve_pages(self, num_tokens: int) -> list[int] | None:
+        """Pages for `num_tokens` of KV written from elsewhere (decode side of a hand-off); None if full."""
+        need = self.pool.pages_for(num_tokens)
+        return self.pool.allocate(need) if need <= self.pool.num_free else None
+
+    def free_pages(self, pages: list[int]) -> None:
+        """Return pages from `reserve_pages` that never became a request."""
+        self.pool.free(pages)
+
+    def add_prefilled_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        first_token: int,
+        pages: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> RequestOutput:
+        """Admit a request whose prompt KV is already in `pages` and whose first token was sampled
+        elsewhere; it joins the decode batch at the next step. The pages belong to the request from
+        here on (freed when it ends, also on error). Returns the output for the first token."""
+        try:
+            self.validate(prompt_token_ids, params)
+            if len(pages) < self.pool.pages_for(len(prompt_token_ids)):
+                raise InvalidRequestError(
+                    f"{len(pages)} pages cannot hold a {len(prompt_token_ids)}-token prompt"
+                )
+            request_id = self._new_id(request_id)
+        except InvalidRequestError:
+            self.pool.free(pages)
+            raise
+        req = Request(request_id, list(prompt_token_ids), params, make_generator(params, self._rng))
+        req.pages, req.num_computed = pages, len(prompt_token_ids)
+        req.output_ids.append(first_token)
+        reason = self._stop_reason(req, first_token)
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+        else:
+            self._requests[request_id] = req
+            self.scheduler.add_running(req)
+        return self._output(req, [first_token])
+
+    def release(self, request_id: str) -> bool:
+        """Free the pages a finished request kept for its KV listener."""
+        req = self._held.pop(request_id, None)
+        if req is None:
+            return False
+        self.pool.free(req.pages)
+        req.pages = []
+        return True
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its pages; None if it is unknown or already done."""
         req = self._requests.pop(request_id, None)
         if req is None:
             return None
-        self.scheduler.finish(req, "abort")
-        return self._output(req, [])
+        return self._finish(req, "abort", [])
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -137,13 +189,14 @@ class Engine:
             req.num_computed += n
             if tok is None:
                 continue  # a prompt chunk that did not reach the end of the prompt
-            req.phase = Phase.DECODE
+            self.scheduler.to_decode(req)
             req.output_ids.append(tok)
             reason = self._stop_reason(req, tok)
             if reason is not None:
-                self.scheduler.finish(req, reason)
                 del self._requests[req.request_id]
-            outputs.append(self._output(req, [tok]))
+                outputs.append(self._finish(req, reason, [tok]))
+            else:
+                outputs.append(self._output(req, [tok]))
         return outputs
 
     def generate(
@@ -183,7 +236,28 @@ class Engine:
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
+    @property
+    def num_held(self) -> int:
+        """Finished requests whose pages await `release`."""
+        return len(self._held)
+
     # -- internals -----------------------------------------------------------------------------
+
+    def _new_id(self, request_id: str | None) -> str:
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._requests or request_id in self._held:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        return request_id
+
+    def _finish(self, req: Request, reason: FinishReason, new: list[int]) -> RequestOutput:
+        keep = req.listener is not None and bool(req.pages)
+        self.scheduler.finish(req, reason, keep_pages=keep)
+        out = self._output(req, new)
+        if keep:
+            self._held[req.request_id] = req
+        if req.listener is not None:
+            req.listener.on_finish(out)
+        return out
 
     def _stop_reason(self, req: Request, tok: int) -> FinishReason | None:
         p = req.params

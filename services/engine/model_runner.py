@@ -29,6 +29,18 @@ class ModelRunner:
         """Compute each request's last token and sample the next one."""
         return self._step(batch.requests, batch.num_new, decode=True)
 
+    @staticmethod
+    def _layer_hook(reqs: list[Request], num_new: list[int]):
+        watched = [(r, n) for r, n in zip(reqs, num_new, strict=True) if r.listener is not None]
+        if not watched:
+            return None
+
+        def after_layer(layer: int) -> None:
+            for req, n in watched:
+                req.listener.on_layer(layer, req.num_computed, req.num_computed + n, req.pages)  # type: ignore[union-attr]
+
+        return after_layer
+
     def _step(self, reqs: list[Request], num_new: list[int], decode: bool) -> list[int | None]:
         ids: list[int] = []
         positions: list[int] = []
@@ -45,7 +57,7 @@ class ModelRunner:
             batch = AttnBatch.build(num_new, ctx_lens, tables, self.page_size, self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, pos, batch, self.kv.layers)  # [T, D]
+        hidden = self.model(input_ids, pos, batch, self.kv.layers, self._layer_hook(reqs, num_new))  # [T, D]
 
         done = [i for i, (r, c) in enumerate(zip(reqs, ctx_lens, strict=True)) if c == r.num_tokens]
         tokens: list[int | None] = [None] * len(reqs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -23,6 +23,19 @@ class Phase(enum.Enum):
     FINISHED = "finished"
 
 
+class KVListener(Protocol):
+    """Watches a request's KV as it is computed (the prefill side of a KV hand-off).
+
+    Both methods run on the engine thread and must only enqueue work, never block.
+    """
+
+    def on_layer(self, layer: int, start: int, end: int, pages: list[int]) -> None:
+        """Tokens [start, end) now have their `layer` KV in `pages` (the request's page table)."""
+
+    def on_finish(self, output: RequestOutput) -> None:
+        """The request ended; its pages stay allocated until `Engine.release(request_id)`."""
+
+
 @dataclass(eq=False)
 class Request:
     request_id: str
@@ -35,6 +48,8 @@ class Request:
     """Tokens whose KV is in this request's pages."""
     phase: Phase = Phase.WAITING
     finish_reason: FinishReason | None = None
+    listener: KVListener | None = None
+    """When set, pages outlive the request until released (they are being read remotely)."""
 
     @property
     def num_tokens(self) -> int:

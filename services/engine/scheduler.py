@@ -105,10 +105,23 @@ class Scheduler:
             self.pool.free(req.pages)
             req.pages = []
 
-    def finish(self, req: Request, reason: FinishReason) -> None:
-        """End a request (finished or aborted), returning all its pages to the pool."""
+    def to_decode(self, req: Request) -> None:
+        """The request's prompt is computed and its first token sampled."""
+        req.phase = Phase.DECODE
+
+    def add_running(self, req: Request) -> None:
+        """Admit a request whose prompt KV is already in its pages (it arrived by KV hand-off)."""
+        req.phase = Phase.DECODE
+        self.running.append(req)
+
+    def finish(self, req: Request, reason: FinishReason, keep_pages: bool = False) -> None:
+        """End a request (finished or aborted); its pages go back to the pool unless `keep_pages`."""
         if req.phase is Phase.WAITING and req in self.waiting:
             self.waiting.remove(req)
-        self._release(req)
+        if req in self.running:
+            self.running.remove(req)
+        if req.pages and not keep_pages:
+            self.pool.free(req.pages)
+            req.pages = []
         req.phase = Phase.FINISHED
         req.finish_reason = reason

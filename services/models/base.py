@@ -68,12 +68,18 @@ class MoECausalLM(nn.Module):
         positions: torch.Tensor,
         batch: AttnBatch,
         kv_caches: list[torch.Tensor],
+        after_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, D]."""
+        """input_ids, positions: [T] -> final hidden states [T, D].
+
+        `after_layer(i)` runs once layer i has written its KV (layer-wise KV hand-off hooks in here).
+        """
         x = self.model.embed_tokens(input_ids)  # [T, D]
         rope = self.model.rotary(positions, x.dtype)
-        for layer, cache in zip(self.model.layers, kv_caches, strict=True):
+        for i, (layer, cache) in enumerate(zip(self.model.layers, kv_caches, strict=True)):
             x = layer(x, rope, batch, cache)
+            if after_layer is not None:
+                after_layer(i)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,87 @@
+"""The engine hooks a KV hand-off uses, exercised in one process: a prefill engine's listener
+copies each layer's KV into pages reserved on a decode engine, which then continues alone."""
+
+import pytest
+
+from services.engine import Engine, InvalidRequestError, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+class CopyListener:
+    """Copies KV layer by layer from the prefill engine's pages into the decode engine's pages."""
+
+    def __init__(self, src: Engine, dst: Engine, dst_pages: list[int]):
+        self.src, self.dst, self.dst_pages = src, dst, dst_pages
+        self.layers_seen: list[tuple[int, int, int]] = []
+        self.output = None
+
+    def on_layer(self, layer, start, end, pages):
+        ps = self.src.pool.page_size
+        for i in range(start, end):
+            s = pages[i // ps] * ps + i % ps
+            d = self.dst_pages[i // ps] * ps + i % ps
+            self.dst.kv.layers[layer][d] = self.src.kv.layers[layer][s]
+        self.layers_seen.append((layer, start, end))
+
+    def on_finish(self, output):
+        self.output = output
+
+
+def test_prefill_listener_then_prefilled_decode_matches_one_engine(model_dir):
+    prompt = list(range(3, 40))
+    (expected,) = Engine.from_pretrained(model_dir).generate([prompt], GREEDY)
+
+    prefill = Engine.from_pretrained(model_dir, page_size=4, max_prefill_tokens=16)
+    decode = Engine.from_pretrained(model_dir, page_size=4, kv_pool_tokens=256)
+    pages = decode.reserve_pages(len(prompt))
+    assert pages is not None and decode.kv_stats().used_pages == len(pages)
+
+    listener = CopyListener(prefill, decode, pages)
+    rid = prefill.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0), listener=listener)
+    while prefill.has_unfinished():
+        prefill.step()
+    # Chunked prefill (16 tokens per step): every layer reported for each chunk, in order.
+    layers = prefill.model_config.num_layers
+    assert [(s, e) for (_, s, e) in listener.layers_seen[::layers]] == [(0, 16), (16, 32), (32, 37)]
+    assert listener.output.finish_reason == "length"
+    first = listener.output.output_token_ids[0]
+    # The listener holds the prefill pages until released.
+    assert prefill.num_held == 1 and prefill.kv_stats().used_pages > 0
+    assert prefill.release(rid) and prefill.kv_stats().used_pages == 0
+    assert not prefill.release(rid)
+
+    out = decode.add_prefilled_request(prompt, first, pages, GREEDY)
+    tokens = [first]
+    while decode.has_unfinished():
+        for o in decode.step():
+            tokens += o.new_token_ids
+    assert tokens == expected.output_token_ids
+    assert out.new_token_ids == [first]
+    assert decode.kv_stats().used_pages == 0
+
+
+def test_abort_with_listener_holds_pages_until_release(ds_dir):
+    engine = Engine.from_pretrained(ds_dir, page_size=4, max_prefill_tokens=8)
+    listener = CopyListener(engine, engine, list(range(100, 110)))
+    listener.on_layer = lambda *a: None
+    rid = engine.add_request(list(range(1, 30)), SamplingParams(max_tokens=1), listener=listener)
+    engine.step()  # first chunk computed: pages in use, maybe being read remotely
+    engine.abort(rid)
+    assert listener.output.finish_reason == "abort"
+    assert engine.kv_stats().used_pages > 0
+    engine.release(rid)
+    assert engine.kv_stats().used_pages == 0
+
+
+def test_reservation_fails_cleanly_when_full_and_prefilled_stop_frees(ds_dir):
+    engine = Engine.from_pretrained(ds_dir, page_size=4, kv_pool_tokens=32)
+    assert engine.reserve_pages(33) is None
+    pages = engine.reserve_pages(10)
+    eos = engine.model_config.eos_token_ids[0]
+    out = engine.add_prefilled_request(list(range(10)), eos, pages, SamplingParams(max_tokens=5))
+    assert out.finish_reason == "stop" and engine.kv_stats().used_pages == 0
+    pages = engine.reserve_pages(10)
+    with pytest.raises(InvalidRequestError, match="prompt is empty"):
+        engine.add_prefilled_request([], 1, pages, SamplingParams())
+    assert engine.kv_stats().used_pages == 0  # the reserved pages went back with the error
