@@ -13,6 +13,11 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@# Mooncake's transfer engine loads libibverbs even for TCP; install it when we can (root).
+	@if ! ldconfig -p 2>/dev/null | grep -q libibverbs.so.1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1; \
+	  else echo "warning: Debian package libibverbs1 is missing and we are not root; KV transfer will not load" >&2; fi; \
+	fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
@@ -26,6 +31,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/python scripts/gen_proto.py --check
 
 fmt: setup
 	$(BIN)/ruff format .

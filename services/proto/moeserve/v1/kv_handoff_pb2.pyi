@@ -1,0 +1,71 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class KVLayout(_message.Message):
+    __slots__ = ("architecture", "num_layers", "entry_shape", "dtype", "page_size", "fingerprint")
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    architecture: str
+    num_layers: int
+    entry_shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    page_size: int
+    fingerprint: str
+    def __init__(self, architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., entry_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., page_size: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("room", "request_id", "layout", "transfer_session", "kv_base_address", "layer_stride_bytes", "page_ids", "num_prompt_tokens", "dp_rank")
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_SESSION_FIELD_NUMBER: _ClassVar[int]
+    KV_BASE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_STRIDE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DP_RANK_FIELD_NUMBER: _ClassVar[int]
+    room: int
+    request_id: str
+    layout: KVLayout
+    transfer_session: str
+    kv_base_address: int
+    layer_stride_bytes: int
+    page_ids: _containers.RepeatedScalarFieldContainer[int]
+    num_prompt_tokens: int
+    dp_rank: int
+    def __init__(self, room: _Optional[int] = ..., request_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., transfer_session: _Optional[str] = ..., kv_base_address: _Optional[int] = ..., layer_stride_bytes: _Optional[int] = ..., page_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., dp_rank: _Optional[int] = ...) -> None: ...
+
+class AttachResponse(_message.Message):
+    __slots__ = ("first_token_id", "prompt_tokens", "cached_tokens", "transferred_bytes")
+    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERRED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    first_token_id: int
+    prompt_tokens: int
+    cached_tokens: int
+    transferred_bytes: int
+    def __init__(self, first_token_id: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., transferred_bytes: _Optional[int] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("room", "reason")
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    room: int
+    reason: str
+    def __init__(self, room: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""Worker processes: the engine behind SGLang's scheduler gRPC protocol, and the KV hand-off."""

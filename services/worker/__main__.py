@@ -1,0 +1,72 @@
+"""`python -m services.worker --role prefill|decode --model DIR [...]` (also `moeserve worker`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from services.worker.config import WorkerConfig
+
+
+def parse(argv: list[str] | None = None) -> WorkerConfig:
+    ap = argparse.ArgumentParser(prog="moeserve worker", description=__doc__)
+    ap.add_argument("--role", required=True, choices=["prefill", "decode"])
+    ap.add_argument("--model", required=True, type=Path, help="Hugging Face style model directory")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=30001)
+    ap.add_argument("--served-model-name", default="")
+    ap.add_argument("--transfer-protocol", choices=["tcp", "rdma"], default="tcp")
+    ap.add_argument("--transfer-device", default="", help="RDMA device(s) for Mooncake, e.g. mlx5_0")
+    ap.add_argument("--handoff-timeout", type=float, default=30.0, help="seconds to wait for a room's peer")
+    ap.add_argument("--prefill-timeout", type=float, default=300.0, help="seconds decode waits for prompt KV")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--kv-pool-tokens", type=int, default=None)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-prefill-tokens", type=int, default=512)
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in this process")
+    a = ap.parse_args(argv)
+    engine = dict(
+        dtype=a.dtype,
+        device=a.device,
+        page_size=a.page_size,
+        kv_pool_tokens=a.kv_pool_tokens,
+        max_num_seqs=a.max_num_seqs,
+        max_prefill_tokens=a.max_prefill_tokens,
+        max_model_len=a.max_model_len,
+        num_threads=a.threads,
+    )
+    return WorkerConfig(
+        role=a.role,
+        model=a.model,
+        host=a.host,
+        port=a.port,
+        served_model_name=a.served_model_name,
+        transfer_protocol=a.transfer_protocol,
+        transfer_device=a.transfer_device,
+        handoff_timeout_s=a.handoff_timeout,
+        prefill_timeout_s=a.prefill_timeout,
+        engine=engine,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("MOESERVE_LOG_LEVEL", "WARNING"))
+    config = parse(argv)
+    from services.worker.server import serve  # heavy imports after argument errors are reported
+
+    try:
+        serve(config)
+    except (ValueError, OSError) as e:
+        print(f"moeserve worker: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

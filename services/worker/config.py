@@ -1,0 +1,44 @@
+"""Worker options (one instance = one engine for now; EP groups come with expert parallelism)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Role = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: Role
+    """prefill: computes prompts and hands KV off; decode: receives KV and generates."""
+    model: Path
+    """Hugging Face style model directory."""
+    host: str = "127.0.0.1"
+    """Address the gRPC server binds and the transfer engine advertises."""
+    port: int = 30001
+    """gRPC port (SglangScheduler and, on prefill, KVHandoff: it doubles as the bootstrap port)."""
+    served_model_name: str = ""
+    """Model name reported to routers; default: the model directory's name."""
+    transfer_protocol: Literal["tcp", "rdma"] = "tcp"
+    """Mooncake transport for KV pages."""
+    transfer_device: str = ""
+    """RDMA device(s) for Mooncake, e.g. mlx5_0; empty for tcp."""
+    handoff_timeout_s: float = 30.0
+    """Longest wait for the other side of a room (Generate or Attach) to show up."""
+    prefill_timeout_s: float = 300.0
+    """Longest a decode rank waits for a prefill to deliver a prompt's KV."""
+    engine: dict[str, Any] = field(default_factory=dict)
+    """EngineConfig options (page_size, kv_pool_tokens, max_num_seqs, dtype, ...)."""
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode"):
+            raise ValueError(f"role must be prefill or decode, got {self.role!r}")
+        if not self.served_model_name:
+            object.__setattr__(self, "served_model_name", Path(self.model).name)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["model"] = str(self.model)
+        return d
