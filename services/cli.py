@@ -34,6 +34,11 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tiny_model_path(args: argparse.Namespace) -> int:
+    print(tiny_model_dir(args.arch))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
@@ -69,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=["deepseek_v3", "qwen3_moe"], default="deepseek_v3")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_model)
+    p = sub.add_parser(
+        "tiny-model-path", help="print the cached tiny model's directory (building it if needed)"
+    )
+    p.add_argument("--arch", choices=["deepseek_v3", "qwen3_moe"], default="deepseek_v3")
+    p.set_defaults(func=cmd_tiny_model_path)
     p = sub.add_parser("generate", help="offline chat generation with the engine")
     p.add_argument("--model", help="model directory (default: the cached tiny model)")
     p.add_argument("--arch", choices=["deepseek_v3", "qwen3_moe"], default="deepseek_v3")

@@ -1,0 +1,191 @@
+"""`moeserve up`: the embedded cluster on this machine.
+
+Starts one prefill worker, one decode worker and the orchestrator as child processes, all on
+loopback, with the tiny DeepSeek-V3-shaped model built on first use (or `--model DIR`). SIGINT
+or SIGTERM stops everything; children also die with this process (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+from smg_grpc_proto import sglang_scheduler_pb2 as pb
+from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+class Cluster:
+    def __init__(self) -> None:
+        self.children: list[tuple[str, subprocess.Popen]] = []
+
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen([sys.executable, *args], env=env, preexec_fn=_die_with_parent)
+        self.children.append((name, proc))
+        return proc
+
+    def dead(self) -> str | None:
+        for name, proc in self.children:
+            if proc.poll() is not None:
+                return f"{name} exited with code {proc.returncode}"
+        return None
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.children):  # orchestrator first, then workers
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 10
+        for _, proc in self.children:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_worker(cluster: Cluster, address: str, timeout: float) -> None:
+    stub = pb_grpc.SglangSchedulerStub(grpc.insecure_channel(address))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (why := cluster.dead()) is not None:
+            raise RuntimeError(why)
+        try:
+            if stub.HealthCheck(pb.HealthCheckRequest(), timeout=1.0).healthy:
+                return
+        except grpc.RpcError:
+            time.sleep(0.3)
+    raise RuntimeError(f"worker {address} not healthy after {timeout:.0f}s")
+
+
+def wait_http(cluster: Cluster, url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (why := cluster.dead()) is not None:
+            raise RuntimeError(why)
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f}s")
+
+
+def tiny_model(arch: str) -> Path:
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli", "tiny-model-path", "--arch", arch],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"could not build the tiny model: {out.stderr.strip()}")
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="moeserve up", description=__doc__)
+    ap.add_argument("--model", type=Path, help="model directory (default: the tiny DeepSeek-V3-shaped model)")
+    ap.add_argument("--arch", default="deepseek_v3", choices=["deepseek_v3", "qwen3_moe"])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--api-key", action="append", default=[])
+    ap.add_argument("--ready-timeout", type=float, default=180.0)
+    a = ap.parse_args(argv)
+    if port_in_use(a.host, a.port):
+        print(f"moeserve up: {a.host}:{a.port} is in use; stop what holds it or pass --port", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster = Cluster()
+    try:
+        model = a.model or tiny_model(a.arch)
+        ports = {"prefill": free_port(), "decode": free_port()}
+        for role, port in ports.items():
+            cluster.spawn(
+                f"{role} worker",
+                [
+                    "-m",
+                    "services.worker",
+                    "--role",
+                    role,
+                    "--model",
+                    str(model),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+            )
+        for port in ports.values():
+            wait_worker(cluster, f"127.0.0.1:{port}", a.ready_timeout)
+        serve = [
+            "-m",
+            "orchestrator.serve",
+            "--model",
+            str(model),
+            "--host",
+            a.host,
+            "--port",
+            str(a.port),
+            "--prefill",
+            f"127.0.0.1:{ports['prefill']}",
+            "--decode",
+            f"127.0.0.1:{ports['decode']}",
+        ]
+        for key in a.api_key:
+            serve += ["--api-key", key]
+        cluster.spawn("orchestrator", serve)
+        wait_http(cluster, f"http://{a.host}:{a.port}/ready", a.ready_timeout)
+        print(
+            f"moeserve is up: OpenAI API at http://{a.host}:{a.port}/v1 serving model {model.name!r} "
+            f"(prefill 127.0.0.1:{ports['prefill']}, decode 127.0.0.1:{ports['decode']}); Ctrl-C stops it",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            if (why := cluster.dead()) is not None:
+                print(f"moeserve up: {why}; stopping", file=sys.stderr)
+                return 1
+        return 0
+    except RuntimeError as e:
+        print(f"moeserve up: {e}", file=sys.stderr)
+        return 1
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
