@@ -52,7 +52,30 @@ class DisaggSide(Protocol):
     def queue_depths(self) -> dict[str, int]: ...
 
 
+UNIMPLEMENTED_RPCS = (
+    "Embed",
+    "FlushCache",
+    "StartProfile",
+    "StopProfile",
+    "SubscribeKvEvents",
+    "LoadLoRAAdapter",
+    "UnloadLoRAAdapter",
+    "ListLoadedLoRAAdapters",
+)
+
+
+def _unimplemented(name: str):
+    def rpc(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"moeserve workers do not implement {name}")
+
+    rpc.__name__ = name
+    return rpc
+
+
 class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
+    # Explicit UNIMPLEMENTED answers (the generated defaults also log a traceback per call).
+    locals().update({name: _unimplemented(name) for name in UNIMPLEMENTED_RPCS})
+
     def __init__(self, config: WorkerConfig, loop: EngineLoop, side: DisaggSide):
         self.config = config
         self.loop = loop
@@ -119,6 +142,13 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
     def GetServerInfo(self, request, context) -> pb.GetServerInfoResponse:
         args = struct_pb2.Struct()
         args.update(self.config.as_dict())
+        # The running window routers (SMG) read for admission control.
+        args.update(
+            {
+                "max_running_requests": self.loop.engine.config.max_num_seqs,
+                "max_num_seqs": self.loop.engine.config.max_num_seqs,
+            }
+        )
         started = dt.datetime.fromtimestamp(self.started, tz=dt.UTC)
         info = pb.GetServerInfoResponse(
             server_args=args,

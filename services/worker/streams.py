@@ -23,8 +23,11 @@ def stream_outputs(
 ) -> Iterator[pb.GenerateResponse]:
     """Yield chunks (when streaming) and the final GenerateComplete of `request_id`.
 
-    If the caller goes away, the request is aborted so that its pages come back.
+    If the caller goes away, the request is aborted so that its pages come back. The RPC's
+    done-callback covers a cancel while this generator is parked at a `yield`, which gRPC never
+    resumes; aborting a finished request is a no-op.
     """
+    context.add_callback(lambda: loop.call(abort_and_deliver, loop, request_id))
     try:
         while True:
             out = stream.get(timeout=POLL_S)

@@ -1,0 +1,72 @@
+"""Real worker and orchestrator processes on loopback for tests, stopped by the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import grpc
+from smg_grpc_proto import sglang_scheduler_pb2 as pb
+from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
+
+from orchestrator.up import Cluster, free_port, wait_http, wait_worker
+
+READY_TIMEOUT_S = 120.0
+
+
+@dataclass
+class LocalCluster:
+    cluster: Cluster = field(default_factory=Cluster)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    addresses: dict[str, str] = field(default_factory=dict)
+
+    def worker(self, name: str, role: str, model, *extra: str) -> str:
+        port = free_port()
+        args = ["-m", "services.worker", "--role", role, "--model", str(model), "--port", str(port), *extra]
+        self.procs[name] = self.cluster.spawn(name, args)
+        address = f"127.0.0.1:{port}"
+        wait_worker(self.cluster, address, READY_TIMEOUT_S)
+        self.addresses[name] = address
+        return address
+
+    def orchestrator(self, model, prefill: list[str], decode: list[str], *extra: str) -> str:
+        port = free_port()
+        args = [
+            "-m",
+            "orchestrator.serve",
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+            "--prefill",
+            *prefill,
+            "--decode",
+            *decode,
+            *extra,
+        ]
+        self.procs["orchestrator"] = self.cluster.spawn("orchestrator", args)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(self.cluster, f"{url}/ready", READY_TIMEOUT_S)
+        return url
+
+    def stub(self, name: str) -> pb_grpc.SglangSchedulerStub:
+        return pb_grpc.SglangSchedulerStub(grpc.insecure_channel(self.addresses[name]))
+
+    def load(self, name: str) -> pb.SchedulerLoad:
+        return self.stub(name).GetLoads(pb.GetLoadsRequest(), timeout=5).loads[0]
+
+    def kill(self, name: str) -> None:
+        self.procs[name].kill()
+        self.procs[name].wait()
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+
+def python_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+PY = sys.executable

@@ -1,0 +1,226 @@
+"""Prefill and decode workers as real processes, driven over gRPC the way a router drives them."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import io
+import itertools
+import json
+import shutil
+import time
+import zipfile
+
+import grpc
+import pytest
+from smg_grpc_proto import sglang_scheduler_pb2 as pb
+from smg_grpc_proto.generated import common_pb2
+
+from services.engine import Engine, SamplingParams
+from tests.cluster import LocalCluster
+
+PROMPT = list(range(5, 70))
+rooms = itertools.count(100)
+
+
+def request(
+    prefill_addr: str, room: int, max_new: int = 16, stream: bool = True, prompt=PROMPT
+) -> pb.GenerateRequest:
+    host, port = prefill_addr.rsplit(":", 1)
+    return pb.GenerateRequest(
+        request_id=f"req-{room}",
+        tokenized=pb.TokenizedInput(input_ids=prompt),
+        sampling_params=pb.SamplingParams(temperature=0.0, max_new_tokens=max_new, ignore_eos=True),
+        disaggregated_params=pb.DisaggregatedParams(
+            bootstrap_host=host, bootstrap_port=int(port), bootstrap_room=room
+        ),
+        stream=stream,
+    )
+
+
+@pytest.fixture(scope="module")
+def pair(ds_dir):
+    c = LocalCluster()
+    try:
+        c.worker("prefill", "prefill", ds_dir, "--handoff-timeout", "3", "--max-prefill-tokens", "16")
+        c.worker("decode", "decode", ds_dir, "--handoff-timeout", "3")
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def expected(ds_dir):
+    engine = Engine.from_pretrained(ds_dir)
+    return engine.generate([PROMPT], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))[0]
+
+
+def run_pair(c: LocalCluster, room: int, decode_first: bool = False, delay: float = 0.0, **kw):
+    req = request(c.addresses["prefill"], room, **kw)
+    with cf.ThreadPoolExecutor(2) as ex:
+        first, second = ("decode", "prefill") if decode_first else ("prefill", "decode")
+        f1 = ex.submit(lambda: list(c.stub(first).Generate(req, timeout=60)))
+        time.sleep(delay)
+        f2 = ex.submit(lambda: list(c.stub(second).Generate(req, timeout=60)))
+        out = {first: f1, second: f2}
+        return out["prefill"].result(), out["decode"].result()
+
+
+def assert_idle(c: LocalCluster) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        loads = [c.load("prefill"), c.load("decode")]
+        if all(ld.num_used_tokens == 0 and ld.num_total_reqs == 0 for ld in loads):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"KV still in use: {loads}")
+
+
+@pytest.mark.parametrize("decode_first", [False, True])
+def test_disaggregated_generate_is_exact_in_either_arrival_order(pair, expected, decode_first):
+    prefill_out, decode_out = run_pair(pair, next(rooms), decode_first=decode_first, delay=0.3)
+    streamed = [t for r in decode_out if r.HasField("chunk") for t in r.chunk.token_ids]
+    done = decode_out[-1].complete
+    assert streamed == list(done.output_ids) == expected.output_token_ids
+    assert done.finish_reason == "length" and done.prompt_tokens == len(PROMPT)
+    assert list(prefill_out[-1].complete.output_ids) == expected.output_token_ids[:1]
+    assert_idle(pair)
+
+
+def test_non_streaming_and_concurrent_rooms(pair, expected):
+    with cf.ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(lambda r: run_pair(pair, r, stream=False), [next(rooms) for _ in range(6)]))
+    for _, decode_out in results:
+        assert len(decode_out) == 1 and list(decode_out[0].complete.output_ids) == expected.output_token_ids
+    assert_idle(pair)
+
+
+def test_room_without_decode_times_out_and_frees(pair):
+    req = request(pair.addresses["prefill"], next(rooms))
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        list(pair.stub("prefill").Generate(req, timeout=30))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no decode attached" in e.value.details()
+    assert time.monotonic() - start < 10
+    assert_idle(pair)
+
+
+def test_decode_without_prefill_generate_times_out_and_frees(pair):
+    req = request(pair.addresses["prefill"], next(rooms))
+    with pytest.raises(grpc.RpcError) as e:
+        list(pair.stub("decode").Generate(req, timeout=30))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "received no Generate" in e.value.details()
+    assert_idle(pair)
+
+
+def test_abort_on_decode_mid_stream_frees_both(pair):
+    room = next(rooms)
+    req = request(pair.addresses["prefill"], room, max_new=2000)
+    with cf.ThreadPoolExecutor(2) as ex:
+        pf = ex.submit(lambda: list(pair.stub("prefill").Generate(req, timeout=60)))
+        stream = pair.stub("decode").Generate(req, timeout=60)
+        first = next(stream)
+        assert first.HasField("chunk")
+        res = pair.stub("decode").Abort(pb.AbortRequest(request_id=req.request_id), timeout=5)
+        assert res.success
+        rest = list(stream)
+        assert rest[-1].complete.finish_reason == "abort"
+        pf.result()
+    assert_idle(pair)
+
+
+def test_cancelled_client_frees_pages(pair):
+    room = next(rooms)
+    req = request(pair.addresses["prefill"], room, max_new=2000)
+    with cf.ThreadPoolExecutor(2) as ex:
+        pf = ex.submit(lambda: list(pair.stub("prefill").Generate(req, timeout=60)))
+        stream = pair.stub("decode").Generate(req, timeout=60)
+        next(stream)
+        stream.cancel()  # the client goes away mid-stream
+        pf.result()
+    assert_idle(pair)
+
+
+def test_fingerprint_mismatch_is_a_clear_error(tmp_path, ds_dir):
+    # Same model, different page size: KV pages are laid out differently.
+    c = LocalCluster()
+    try:
+        c.worker("prefill", "prefill", ds_dir, "--page-size", "8", "--handoff-timeout", "3")
+        c.worker("decode", "decode", ds_dir, "--page-size", "16", "--handoff-timeout", "3")
+        with pytest.raises(grpc.RpcError) as e:
+            run_pair(c, next(rooms))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "KV layout mismatch" in e.value.details() and "page 8 tokens" in e.value.details()
+        assert_idle(c)
+    finally:
+        c.stop()
+
+
+def test_killed_prefill_fails_fast_and_decode_frees(ds_dir, tmp_path):
+    slow = tmp_path / "slow"  # a longer prompt computed 4 tokens per step gives time to kill prefill
+    shutil.copytree(ds_dir, slow)
+    c = LocalCluster()
+    try:
+        c.worker("prefill", "prefill", slow, "--max-prefill-tokens", "4")
+        c.worker("decode", "decode", slow)
+        prompt = list(range(1, 400))
+        req = request(c.addresses["prefill"], next(rooms), prompt=prompt)
+        with cf.ThreadPoolExecutor(2) as ex:
+            ex.submit(lambda: list(c.stub("prefill").Generate(req, timeout=60)))
+            dec = ex.submit(lambda: list(c.stub("decode").Generate(req, timeout=60)))
+            deadline = time.monotonic() + 10
+            while c.load("decode").num_used_tokens == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)  # decode has reserved its pages and attached
+            assert c.load("decode").num_used_tokens > 0
+            start = time.monotonic()
+            c.kill("prefill")
+            with pytest.raises(grpc.RpcError) as e:
+                dec.result()
+        assert time.monotonic() - start < 10
+        assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        assert "KV hand-off from prefill" in e.value.details()
+        load = c.load("decode")
+        assert load.num_used_tokens == 0 and load.num_total_reqs == 0
+    finally:
+        c.stop()
+
+
+def test_info_rpcs_and_unimplemented(pair, ds_dir):
+    stub = pair.stub("decode")
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+    cfg = json.loads((ds_dir / "config.json").read_text())
+    assert info.architectures == ["DeepseekV3ForCausalLM"] and info.vocab_size == cfg["vocab_size"]
+    assert list(info.eos_token_ids) == [cfg["eos_token_id"]]
+    server = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
+    assert server.server_type == "grpc" and server.server_args["role"] == "decode"
+    loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=5)
+    assert loads.dp_rank_count == 1 and loads.loads[0].disaggregation.mode == "decode"
+    data = b"".join(c.data for c in stub.GetTokenizer(common_pb2.GetTokenizerRequest(), timeout=5))
+    assert "tokenizer.json" in zipfile.ZipFile(io.BytesIO(data)).namelist()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Embed(pb.EmbedRequest(), timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_bad_generate_requests(pair):
+    stub = pair.stub("decode")
+    bad = pb.GenerateRequest(request_id="bad", tokenized=pb.TokenizedInput(input_ids=[]))
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(bad, timeout=5))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt is empty" in e.value.details()
+    long = pb.GenerateRequest(request_id="long", tokenized=pb.TokenizedInput(input_ids=[1] * 5000))
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(long, timeout=5))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context limit" in e.value.details()
+    assert_idle(pair)
+
+
+def test_monolithic_generate_without_disaggregation(pair, expected):
+    req = pb.GenerateRequest(
+        request_id="mono",
+        tokenized=pb.TokenizedInput(input_ids=PROMPT),
+        sampling_params=pb.SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True),
+    )
+    out = list(pair.stub("prefill").Generate(req, timeout=30))
+    assert list(out[-1].complete.output_ids) == expected.output_token_ids
