@@ -41,11 +41,11 @@ def theirs(model, prompts: list[list[int]], new_tokens: int) -> Callable[[], obj
         with torch.inference_mode():
             return model.generate(
                 ids,
+                attention_mask=torch.ones_like(ids),
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 do_sample=False,
                 eos_token_id=None,
-                pad_token_id=0,
             )
 
     return run

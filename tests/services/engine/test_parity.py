@@ -54,8 +54,9 @@ def test_greedy_32_tokens_match_transformers_generate(model_dir, oracle):
     ps = prompts(engine.model_config.vocab_size, seed=1)
     outs = engine.generate(ps, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
     for ids, out in zip(ps, outs, strict=True):
+        t = torch.tensor([ids])
         ref = oracle.generate(
-            torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
+            t, attention_mask=torch.ones_like(t), max_new_tokens=32, do_sample=False, eos_token_id=None
         )[0, len(ids) :].tolist()
         assert len(ref) == 32
         assert out.output_token_ids == ref
@@ -79,7 +80,8 @@ def test_eos_and_stop_token_ids_stop_like_transformers(model_dir, tmp_path):
 
     (out,) = Engine.from_pretrained(eos_dir).generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))
     hf = transformers.AutoModelForCausalLM.from_pretrained(eos_dir, dtype=torch.float32).eval()
-    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 3:]
+    t = torch.tensor([prompt])
+    ref = hf.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=8, do_sample=False)[0, 3:]
     assert out.finish_reason == "stop"
     assert (
         out.output_token_ids == ref.tolist() == free.output_token_ids[: free.output_token_ids.index(eos) + 1]
@@ -102,11 +104,8 @@ def test_bf16_cuda_parity(model_dir):
     outs = engine.generate(ps, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
     for ids, out in zip(ps, outs, strict=True):
         with torch.no_grad():
+            t = torch.tensor([ids]).cuda()
             ref = oracle.generate(
-                torch.tensor([ids]).cuda(),
-                max_new_tokens=16,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
+                t, attention_mask=torch.ones_like(t), max_new_tokens=16, do_sample=False, eos_token_id=None
             )[0, len(ids) :].tolist()
         assert out.output_token_ids == ref

@@ -1,0 +1,287 @@
+"""The whole disaggregated path, driven by the official `openai` client.
+
+Real processes: a prefill worker, a decode worker and the orchestrator, on loopback. Expected
+text comes from `transformers` greedy decoding of the same model and prompt.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import transformers
+
+from services.engine import Engine, SamplingParams
+from tests.cluster import LocalCluster
+
+KEY = "test-key"
+QUESTION = "What is a mixture of experts?"
+
+
+@pytest.fixture(scope="module")
+def served(ds_dir):
+    c = LocalCluster()
+    try:
+        p = c.worker("prefill", "prefill", ds_dir)
+        d = c.worker("decode", "decode", ds_dir)
+        url = c.orchestrator(ds_dir, [p], [d], "--api-key", KEY)
+        yield c, url
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=f"{served[1]}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def oracle(ds_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(ds_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(ds_dir, dtype=torch.float32).eval()
+
+    def greedy(prompt_ids: list[int], max_new: int) -> tuple[str, str]:
+        ids = torch.tensor([prompt_ids])
+        # An explicit mask: without it, transformers masks every token equal to pad_token_id.
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False
+        )
+        new = out[0, len(prompt_ids) :].tolist()
+        reason = "stop" if new and new[-1] == model.config.eos_token_id else "length"
+        return tok.decode(new, skip_special_tokens=True), reason
+
+    return tok, greedy
+
+
+def model_name(ds_dir) -> str:
+    return ds_dir.name
+
+
+def chat_ids(tok, content: str) -> list[int]:
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
+    )
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def wait_idle(c: LocalCluster) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        loads = [c.load("prefill"), c.load("decode")]
+        if all(ld.num_used_tokens == 0 and ld.num_total_reqs == 0 for ld in loads):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"workers still hold KV or requests: {loads}")
+
+
+def test_chat_completion_matches_transformers(client, oracle, ds_dir, served):
+    tok, greedy = oracle
+    text, reason = greedy(chat_ids(tok, QUESTION), 24)
+    res = client.chat.completions.create(
+        model=model_name(ds_dir),
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=24,
+        temperature=0,
+    )
+    assert res.choices[0].message.content == text
+    assert res.choices[0].finish_reason == reason
+    assert res.usage.prompt_tokens == len(chat_ids(tok, QUESTION))
+    assert res.usage.prompt_tokens_details.cached_tokens == 0  # transferred KV is not a cache hit
+    wait_idle(served[0])
+
+
+def test_streamed_chat_completion_matches_and_reports_usage(client, oracle, ds_dir):
+    tok, greedy = oracle
+    text, reason = greedy(chat_ids(tok, "Hello, how are you?"), 20)
+    stream = client.chat.completions.create(
+        model=model_name(ds_dir),
+        messages=[{"role": "user", "content": "Hello, how are you?"}],
+        max_completion_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        reason
+    ]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 20
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_match_transformers(client, oracle, ds_dir, stream):
+    tok, greedy = oracle
+    prompt = "The KV cache moves from the prefill worker to"
+    text, _ = greedy(tok.encode(prompt), 16)
+    res = client.completions.create(
+        model=model_name(ds_dir), prompt=prompt, max_tokens=16, temperature=0, stream=stream
+    )
+    got = "".join(c.choices[0].text for c in res) if stream else res.choices[0].text
+    assert got == text
+
+
+def test_sixteen_concurrent_streams_are_independent(client, ds_dir, served):
+    prompts = [list(range(10 + i, 30 + 3 * i)) for i in range(16)]
+    engine = Engine.from_pretrained(ds_dir)
+    expected = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    tok = transformers.AutoTokenizer.from_pretrained(ds_dir)
+
+    def one(ids: list[int]) -> str:
+        stream = client.completions.create(
+            model=model_name(ds_dir),
+            prompt=ids,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        return "".join(c.choices[0].text for c in stream)
+
+    with cf.ThreadPoolExecutor(16) as ex:
+        texts = list(ex.map(one, prompts))
+    for text, exp in zip(texts, expected, strict=True):
+        assert text == tok.decode(exp.output_token_ids, skip_special_tokens=True)
+    wait_idle(served[0])
+
+
+def test_stop_string_trims_and_frees(client, ds_dir, served):
+    free = (
+        client.completions.create(
+            model=model_name(ds_dir),
+            prompt=[5, 6, 7],
+            max_tokens=30,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        .choices[0]
+        .text
+    )
+    stop = free[5:8]
+    res = client.completions.create(
+        model=model_name(ds_dir),
+        prompt=[5, 6, 7],
+        max_tokens=30,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
+    assert res.choices[0].text == free[: free.index(stop)]
+    assert res.choices[0].finish_reason == "stop"
+    wait_idle(served[0])
+
+
+def test_client_disconnect_mid_stream_frees_both_workers(served, ds_dir):
+    c, url = served
+    body = {
+        "model": model_name(ds_dir),
+        "prompt": list(range(1, 50)),
+        "max_tokens": 1500,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream(
+            "POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+        ) as r,
+    ):
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        assert c.load("decode").num_used_tokens > 0
+    # The connection is closed mid-stream: both workers must drop the request and its KV.
+    wait_idle(c)
+
+
+@pytest.mark.parametrize(
+    "body, status, fragment",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b'{"model": "M"}', 400, "messages"),
+        (b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404, "does not exist"),
+        (
+            b'{"model": "M", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}',
+            400,
+            "max_tokens",
+        ),
+        (b'{"model": "M", "messages": [{"role": "user", "content": "x"}], "top_p": 1.5}', 400, "top_p"),
+        (
+            b'{"model": "M", "messages": [{"role": "user", "content": "x"}], "temperature": -1}',
+            400,
+            "temperature",
+        ),
+        (b'{"model": "M", "messages": [{"role": "robot", "content": "x"}]}', 400, "role"),
+        (
+            b'{"model": "M", "messages": [{"role": "user", "content": "' + b"word " * 3000 + b'"}]}',
+            400,
+            "context",
+        ),
+    ],
+)
+def test_bad_http_input_gets_openai_errors(served, ds_dir, body, status, fragment):
+    c, url = served
+    body = body.replace(b'"M"', f'"{model_name(ds_dir)}"'.encode())
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        content=body,
+        headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["type"]
+    wait_idle(c)
+
+
+def test_auth_and_client_errors(served, ds_dir):
+    _, url = served
+    bad = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    good = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in good.models.list().data] == [model_name(ds_dir)]
+    with pytest.raises(openai.NotFoundError):
+        good.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        good.completions.create(model=model_name(ds_dir), prompt="x", max_tokens=0)
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert httpx.get(f"{url}/ready").json()["status"] == "ready"
+
+
+def test_killed_prefill_gives_a_clear_error_and_frees_decode(ds_dir):
+    c = LocalCluster()
+    try:
+        p = c.worker("prefill", "prefill", ds_dir, "--max-prefill-tokens", "4")
+        d = c.worker("decode", "decode", ds_dir)
+        url = c.orchestrator(ds_dir, [p], [d])
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        with cf.ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(
+                client.completions.create,
+                model=model_name(ds_dir),
+                prompt=[i % 500 for i in range(1, 1500)],
+                max_tokens=8,
+                temperature=0,
+            )
+            deadline = time.monotonic() + 20
+            while c.load("decode").num_used_tokens == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            start = time.monotonic()
+            c.kill("prefill")
+            with pytest.raises(openai.APIStatusError) as e:
+                fut.result()
+        assert time.monotonic() - start < 15
+        assert e.value.status_code == 503
+        assert "KV hand-off from prefill" in str(e.value)
+        load = c.load("decode")
+        assert load.num_used_tokens == 0 and load.num_total_reqs == 0
+    finally:
+        c.stop()

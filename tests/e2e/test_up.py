@@ -1,0 +1,92 @@
+"""`moeserve up` (what `make run` starts): comes up, serves, and stops cleanly on a signal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+
+from orchestrator.up import free_port, port_in_use
+
+MOESERVE = str(Path(sys.executable).with_name("moeserve"))
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = subprocess.run(
+        ["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True
+    ).stdout.strip()
+    return bool(state) and not state.startswith("Z")
+
+
+def test_up_serves_the_tiny_model_and_stops_cleanly(tmp_path):
+    port = free_port()
+    env = {**os.environ, "MOESERVE_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [MOESERVE, "up", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        line = ""
+        while time.monotonic() < deadline and "moeserve is up" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "moeserve up exited early"
+        assert f"http://127.0.0.1:{port}/v1" in line
+        kids = children_of(proc.pid)
+        assert len(kids) == 3  # prefill worker, decode worker, orchestrator
+
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60
+        )
+        model = client.models.list().data[0].id
+        assert model == "tiny-deepseek_v3"
+        res = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0
+        )
+        assert res.choices[0].finish_reason in ("stop", "length")
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        deadline = time.monotonic() + 10
+        while any(alive(k) for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(k) for k in kids), "child processes outlived moeserve up"
+        assert not port_in_use("127.0.0.1", port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_up_refuses_a_busy_port(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run(
+            [MOESERVE, "up", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "MOESERVE_CACHE": str(tmp_path)},
+        )
+    assert r.returncode == 2 and "is in use" in r.stderr
