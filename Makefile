@@ -1,5 +1,5 @@
 # moeserve: two commands do all set-up on a fresh machine.
-#   make run   - set up, then run the main job (offline generation demo with the tiny model for now)
+#   make run   - set up, then run the main job: the embedded cluster (`moeserve up`) on 127.0.0.1:8000
 #   make test  - set up, then lint, check layer boundaries and run the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 run: setup
-	$(BIN)/moeserve generate --prompt "What is a mixture of experts?"
+	OMP_NUM_THREADS=1 $(BIN)/moeserve up $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
@@ -42,6 +42,7 @@ test: lint
 
 bench: setup
 	OMP_NUM_THREADS=1 $(BIN)/python bench/engine.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/handoff.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

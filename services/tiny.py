@@ -165,10 +165,10 @@ def make_tiny_model(
     special = build_tokenizer(out)
     ids = dict(bos_token_id=special[BOS], eos_token_id=special[EOS], pad_token_id=special[PAD])
     if arch == "deepseek_v3":
-        cfg = transformers.DeepseekV3Config(**_deepseek_config(q_lora_rank), **ids, **(overrides or {}))
+        cfg = transformers.DeepseekV3Config(**{**_deepseek_config(q_lora_rank), **ids, **(overrides or {})})
         model_cls = transformers.DeepseekV3ForCausalLM
     else:
-        cfg = transformers.Qwen3MoeConfig(**_qwen3_config(), **ids, **(overrides or {}))
+        cfg = transformers.Qwen3MoeConfig(**{**_qwen3_config(), **ids, **(overrides or {})})
         model_cls = transformers.Qwen3MoeForCausalLM
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()

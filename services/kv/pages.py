@@ -30,7 +30,9 @@ def copy_descriptors(
     """(src addresses, dst addresses, lengths) moving tokens [start, end) of one layer.
 
     Both sides use the same page size (checked by the layout fingerprint), so each run of tokens
-    inside one page is contiguous on both sides and becomes one descriptor.
+    inside one page is contiguous on both sides. Runs that continue each other on both sides
+    (consecutive pages, as a fresh pool hands them out) merge into one descriptor: per-descriptor
+    cost dominates small writes.
     """
     ps = src.page_size
     srcs: list[int] = []
@@ -40,8 +42,14 @@ def copy_descriptors(
     while i < end:
         page, offset = divmod(i, ps)
         run = min(end, (page + 1) * ps) - i
-        srcs.append(src.slot_address(layer, src_pages[page], offset))
-        dsts.append(dst.slot_address(layer, dst_pages[page], offset))
-        lens.append(run * src.entry_bytes)
+        s_addr = src.slot_address(layer, src_pages[page], offset)
+        d_addr = dst.slot_address(layer, dst_pages[page], offset)
+        nbytes = run * src.entry_bytes
+        if srcs and srcs[-1] + lens[-1] == s_addr and dsts[-1] + lens[-1] == d_addr:
+            lens[-1] += nbytes
+        else:
+            srcs.append(s_addr)
+            dsts.append(d_addr)
+            lens.append(nbytes)
         i += run
     return srcs, dsts, lens

@@ -20,6 +20,12 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     ap.add_argument("--served-model-name", default="")
     ap.add_argument("--transfer-protocol", choices=["tcp", "rdma"], default="tcp")
     ap.add_argument("--transfer-device", default="", help="RDMA device(s) for Mooncake, e.g. mlx5_0")
+    ap.add_argument(
+        "--kv-push",
+        choices=["layerwise", "complete"],
+        default="layerwise",
+        help="prefill: write KV per layer during compute, or all after the prompt",
+    )
     ap.add_argument("--handoff-timeout", type=float, default=30.0, help="seconds to wait for a room's peer")
     ap.add_argument("--prefill-timeout", type=float, default=300.0, help="seconds decode waits for prompt KV")
     ap.add_argument("--dtype", default="float32")
@@ -49,6 +55,7 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         served_model_name=a.served_model_name,
         transfer_protocol=a.transfer_protocol,
         transfer_device=a.transfer_device,
+        kv_push=a.kv_push,
         handoff_timeout_s=a.handoff_timeout,
         prefill_timeout_s=a.prefill_timeout,
         engine=engine,

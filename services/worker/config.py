@@ -25,6 +25,8 @@ class WorkerConfig:
     """Mooncake transport for KV pages."""
     transfer_device: str = ""
     """RDMA device(s) for Mooncake, e.g. mlx5_0; empty for tcp."""
+    kv_push: Literal["layerwise", "complete"] = "layerwise"
+    """Prefill: write KV layer by layer during compute, or all at once after the prompt."""
     handoff_timeout_s: float = 30.0
     """Longest wait for the other side of a room (Generate or Attach) to show up."""
     prefill_timeout_s: float = 300.0
@@ -35,6 +37,8 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
             raise ValueError(f"role must be prefill or decode, got {self.role!r}")
+        if self.kv_push not in ("layerwise", "complete"):
+            raise ValueError(f"kv_push must be layerwise or complete, got {self.kv_push!r}")
         if not self.served_model_name:
             object.__setattr__(self, "served_model_name", Path(self.model).name)
 

@@ -163,6 +163,9 @@ class DecodeSide:
             call = self._waiting.get(request_id)
         return call.cancel() if call is not None else False
 
+    def transfer_stats(self) -> None:
+        return None  # decode receives; the prefill side does (and counts) the writes
+
     def queue_depths(self) -> dict[str, int]:
         with self._lock:
             return {"decode_prealloc": self._reserving, "decode_transfer": len(self._waiting)}

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
@@ -30,6 +32,25 @@ log = logging.getLogger(__name__)
 POLL_S = 0.1
 
 
+@dataclass
+class TransferStats:
+    """Cumulative KV hand-off figures of this prefill worker (sender thread writes, RPCs read)."""
+
+    bytes: int = 0
+    seconds: float = 0.0
+    """Time spent inside transfer-engine writes."""
+    rooms: int = 0
+    failed_rooms: int = 0
+
+    @property
+    def speed_gb_s(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
+
+    @property
+    def latency_ms(self) -> float:
+        return 1000 * self.seconds / self.rooms if self.rooms else 0.0
+
+
 class RoomSender:
     """KVListener for one room: turns finished layers into queued page writes (engine thread)."""
 
@@ -42,24 +63,39 @@ class RoomSender:
         )
         self.dst_pages = list(attach.page_ids)
         self.bytes = 0
+        self.deferred: list[tuple[list[int], list[int], list[int]]] | None = (
+            [] if side.push == "complete" else None
+        )
 
     def on_layer(self, layer: int, start: int, end: int, pages: list[int]) -> None:
         descs = copy_descriptors(layer, start, end, self.side.region, pages, self.dst, self.dst_pages)
-        self.side.jobs.put((self._write, descs))
+        if self.deferred is not None:
+            self.deferred.append(descs)
+        else:
+            self.side.jobs.put((self._write, descs))
 
     def on_finish(self, output: RequestOutput) -> None:
+        if self.deferred and output.finish_reason != "abort":
+            merged = tuple([x for d in self.deferred for x in d[i]] for i in range(3))
+            self.side.jobs.put((self._write, merged))
         self.side.jobs.put((self._finish, output))
 
     def _write(self, descs: tuple[list[int], list[int], list[int]]) -> None:
         if self.room.done:
             return  # failed or released: skip the remaining layers
         try:
+            start = time.perf_counter()
             self.side.transfer.write(self.room.attach.transfer_session, *descs)
+            self.side.stats.seconds += time.perf_counter() - start
+            self.side.stats.bytes += sum(descs[2])
             self.bytes += sum(descs[2])
         except TransferError as e:
             self.room.fail(grpc.StatusCode.UNAVAILABLE, f"room {self.room.room_id}: {e}")
 
     def _finish(self, output: RequestOutput) -> None:
+        self.side.stats.rooms += 1
+        if output.finish_reason == "abort" or self.room.error is not None:
+            self.side.stats.failed_rooms += 1
         if output.finish_reason == "abort":
             self.room.fail(grpc.StatusCode.ABORTED, f"room {self.room.room_id} was aborted on prefill")
         else:
@@ -83,16 +119,39 @@ class PrefillSide(kvpb_grpc.KVHandoffServicer):
         region: KVRegion,
         transfer: TransferEngine,
         handoff_timeout_s: float,
+        push: str = "layerwise",
     ):
         self.loop, self.layout, self.region, self.transfer = loop, layout, region, transfer
         self.handoff_timeout_s = handoff_timeout_s
+        self.push = push
+        """layerwise: write each layer's KV as soon as it is computed (overlaps transfer with
+        compute); complete: write everything once the prompt is done (for hosts where the copy
+        itself needs the CPU that prefill is using, e.g. TCP on a small machine)."""
         self.rooms = RoomTable()
+        self.stats = TransferStats()
         self.jobs: queue.SimpleQueue[tuple[Callable, object]] = queue.SimpleQueue()
         threading.Thread(target=self._transfer_loop, name="kv-sender", daemon=True).start()
 
     def _transfer_loop(self) -> None:
+        held: tuple[Callable, object] | None = None
         while True:
-            fn, arg = self.jobs.get()
+            fn, arg = held or self.jobs.get()
+            held = None
+            if getattr(fn, "__func__", None) is RoomSender._write:
+                # Writes of the same room queued behind this one (the sender fell behind the
+                # compute) go out as one batch: fewer, larger transfer calls.
+                srcs, dsts, lens = (list(x) for x in arg)  # type: ignore[union-attr]
+                while True:
+                    try:
+                        nxt = self.jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt[0] != fn:
+                        held = nxt
+                        break
+                    for acc, part in zip((srcs, dsts, lens), nxt[1], strict=True):  # type: ignore[arg-type]
+                        acc.extend(part)
+                arg = (srcs, dsts, lens)
             try:
                 fn(arg)
             except Exception:  # one bad room must not stop the sender for all others
@@ -214,6 +273,9 @@ class PrefillSide(kvpb_grpc.KVHandoffServicer):
             return False
         self._abort_room(room, "Abort RPC")
         return True
+
+    def transfer_stats(self) -> TransferStats:
+        return self.stats
 
     def queue_depths(self) -> dict[str, int]:
         return {"prefill_inflight": len(self.rooms)}

@@ -46,7 +46,7 @@ class Worker:
         self.transfer.register(storage.data_ptr(), storage.nbytes)
         if config.role == "prefill":
             self.side: PrefillSide | DecodeSide = PrefillSide(
-                self.loop, self.layout, self.region, self.transfer, config.handoff_timeout_s
+                self.loop, self.layout, self.region, self.transfer, config.handoff_timeout_s, config.kv_push
             )
         else:
             self.side = DecodeSide(

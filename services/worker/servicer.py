@@ -49,6 +49,8 @@ class DisaggSide(Protocol):
 
     def abort(self, request_id: str) -> bool: ...
 
+    def transfer_stats(self): ...
+
     def queue_depths(self) -> dict[str, int]: ...
 
 
@@ -160,6 +162,16 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
             * self.loop.engine.kv_stats().page_size,
         )
         info.start_time.FromDatetime(started)
+        stats = self.side.transfer_stats()
+        if stats is not None:
+            info.scheduler_info.update(
+                {
+                    "kv_transfer_bytes": stats.bytes,
+                    "kv_transfer_seconds": stats.seconds,
+                    "kv_transfer_rooms": stats.rooms,
+                    "kv_transfer_failed_rooms": stats.failed_rooms,
+                }
+            )
         return info
 
     def GetLoads(self, request: pb.GetLoadsRequest, context) -> pb.GetLoadsResponse:
@@ -169,6 +181,7 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
         used_tokens = kv.used_pages * kv.page_size
         running, waiting = engine.num_running, engine.num_waiting
         depths = self.side.queue_depths()
+        stats = self.side.transfer_stats()
         load = pb.SchedulerLoad(
             dp_rank=0,
             num_running_reqs=running,
@@ -184,6 +197,8 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
                 prefill_inflight_queue_reqs=depths.get("prefill_inflight", 0),
                 decode_prealloc_queue_reqs=depths.get("decode_prealloc", 0),
                 decode_transfer_queue_reqs=depths.get("decode_transfer", 0),
+                kv_transfer_speed_gb_s=stats.speed_gb_s if stats else 0.0,
+                kv_transfer_latency_ms=stats.latency_ms if stats else 0.0,
             ),
             queues=pb.QueueMetrics(waiting=waiting),
         )
