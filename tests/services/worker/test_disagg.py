@@ -224,3 +224,31 @@ def test_monolithic_generate_without_disaggregation(pair, expected):
     )
     out = list(pair.stub("prefill").Generate(req, timeout=30))
     assert list(out[-1].complete.output_ids) == expected.output_token_ids
+
+
+def test_full_decode_pool_is_resource_exhausted_and_frees(ds_dir):
+    """A decode pool with room for one prompt: the second waits, then gets RESOURCE_EXHAUSTED."""
+    c = LocalCluster()
+    try:
+        c.worker("prefill", "prefill", ds_dir, "--handoff-timeout", "5")
+        c.worker("decode", "decode", ds_dir, "--handoff-timeout", "2", "--kv-pool-tokens", "128")
+        prompt = list(range(1, 100))
+        # The first request's prefill half never comes: its decode pages stay reserved until the
+        # prefill gives up on the room (5 s).
+        holder = request(c.addresses["prefill"], next(rooms), prompt=prompt)
+        second = request(c.addresses["prefill"], next(rooms), prompt=prompt)
+        with cf.ThreadPoolExecutor(4) as ex:
+            held = ex.submit(lambda: list(c.stub("decode").Generate(holder, timeout=60)))
+            while c.load("decode").num_used_tokens == 0:
+                time.sleep(0.02)
+            ex.submit(lambda: list(c.stub("prefill").Generate(second, timeout=60)))
+            with pytest.raises(grpc.RpcError) as e:
+                list(c.stub("decode").Generate(second, timeout=60))
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "no room for a 99-token prompt" in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:
+                held.result()
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert_idle(c)
+    finally:
+        c.stop()
