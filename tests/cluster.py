@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -56,6 +57,18 @@ class LocalCluster:
 
     def load(self, name: str) -> pb.SchedulerLoad:
         return self.stub(name).GetLoads(pb.GetLoadsRequest(), timeout=5).loads[0]
+
+    def assert_idle(self, *names: str, timeout: float = 10.0) -> None:
+        """Wait until the named workers (default: prefill and decode) hold no requests and no KV."""
+        names = names or ("prefill", "decode")
+        deadline = time.monotonic() + timeout
+        while True:
+            loads = [self.load(n) for n in names]
+            if all(ld.num_used_tokens == 0 and ld.num_total_reqs == 0 for ld in loads):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"workers still hold KV or requests: {loads}")
+            time.sleep(0.1)
 
     def kill(self, name: str) -> None:
         self.procs[name].kill()

@@ -68,16 +68,6 @@ def chat_ids(tok, content: str) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def wait_idle(c: LocalCluster) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        loads = [c.load("prefill"), c.load("decode")]
-        if all(ld.num_used_tokens == 0 and ld.num_total_reqs == 0 for ld in loads):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"workers still hold KV or requests: {loads}")
-
-
 def test_chat_completion_matches_transformers(client, oracle, ds_dir, served):
     tok, greedy = oracle
     text, reason = greedy(chat_ids(tok, QUESTION), 24)
@@ -91,7 +81,7 @@ def test_chat_completion_matches_transformers(client, oracle, ds_dir, served):
     assert res.choices[0].finish_reason == reason
     assert res.usage.prompt_tokens == len(chat_ids(tok, QUESTION))
     assert res.usage.prompt_tokens_details.cached_tokens == 0  # transferred KV is not a cache hit
-    wait_idle(served[0])
+    served[0].assert_idle()
 
 
 def test_streamed_chat_completion_matches_and_reports_usage(client, oracle, ds_dir):
@@ -147,7 +137,7 @@ def test_sixteen_concurrent_streams_are_independent(client, ds_dir, served):
         texts = list(ex.map(one, prompts))
     for text, exp in zip(texts, expected, strict=True):
         assert text == tok.decode(exp.output_token_ids, skip_special_tokens=True)
-    wait_idle(served[0])
+    served[0].assert_idle()
 
 
 def test_stop_string_trims_and_frees(client, ds_dir, served):
@@ -173,7 +163,7 @@ def test_stop_string_trims_and_frees(client, ds_dir, served):
     )
     assert res.choices[0].text == free[: free.index(stop)]
     assert res.choices[0].finish_reason == "stop"
-    wait_idle(served[0])
+    served[0].assert_idle()
 
 
 def test_client_disconnect_mid_stream_frees_both_workers(served, ds_dir):
@@ -198,7 +188,7 @@ def test_client_disconnect_mid_stream_frees_both_workers(served, ds_dir):
         assert any(line.startswith("data: ") for line in got)
         assert c.load("decode").num_used_tokens > 0
     # The connection is closed mid-stream: both workers must drop the request and its KV.
-    wait_idle(c)
+    c.assert_idle()
 
 
 @pytest.mark.parametrize(
@@ -238,7 +228,7 @@ def test_bad_http_input_gets_openai_errors(served, ds_dir, body, status, fragmen
     assert r.status_code == status
     err = r.json()["error"]
     assert fragment in err["message"] and err["type"]
-    wait_idle(c)
+    c.assert_idle()
 
 
 def test_auth_and_client_errors(served, ds_dir):

@@ -65,16 +65,6 @@ def run_pair(c: LocalCluster, room: int, decode_first: bool = False, delay: floa
         return out["prefill"].result(), out["decode"].result()
 
 
-def assert_idle(c: LocalCluster) -> None:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        loads = [c.load("prefill"), c.load("decode")]
-        if all(ld.num_used_tokens == 0 and ld.num_total_reqs == 0 for ld in loads):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"KV still in use: {loads}")
-
-
 @pytest.mark.parametrize("decode_first", [False, True])
 def test_disaggregated_generate_is_exact_in_either_arrival_order(pair, expected, decode_first):
     prefill_out, decode_out = run_pair(pair, next(rooms), decode_first=decode_first, delay=0.3)
@@ -83,7 +73,7 @@ def test_disaggregated_generate_is_exact_in_either_arrival_order(pair, expected,
     assert streamed == list(done.output_ids) == expected.output_token_ids
     assert done.finish_reason == "length" and done.prompt_tokens == len(PROMPT)
     assert list(prefill_out[-1].complete.output_ids) == expected.output_token_ids[:1]
-    assert_idle(pair)
+    pair.assert_idle()
 
 
 def test_non_streaming_and_concurrent_rooms(pair, expected):
@@ -91,7 +81,7 @@ def test_non_streaming_and_concurrent_rooms(pair, expected):
         results = list(ex.map(lambda r: run_pair(pair, r, stream=False), [next(rooms) for _ in range(6)]))
     for _, decode_out in results:
         assert len(decode_out) == 1 and list(decode_out[0].complete.output_ids) == expected.output_token_ids
-    assert_idle(pair)
+    pair.assert_idle()
 
 
 def test_room_without_decode_times_out_and_frees(pair):
@@ -102,7 +92,7 @@ def test_room_without_decode_times_out_and_frees(pair):
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "no decode attached" in e.value.details()
     assert time.monotonic() - start < 10
-    assert_idle(pair)
+    pair.assert_idle()
 
 
 def test_decode_without_prefill_generate_times_out_and_frees(pair):
@@ -111,7 +101,7 @@ def test_decode_without_prefill_generate_times_out_and_frees(pair):
         list(pair.stub("decode").Generate(req, timeout=30))
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "received no Generate" in e.value.details()
-    assert_idle(pair)
+    pair.assert_idle()
 
 
 def test_abort_on_decode_mid_stream_frees_both(pair):
@@ -127,7 +117,7 @@ def test_abort_on_decode_mid_stream_frees_both(pair):
         rest = list(stream)
         assert rest[-1].complete.finish_reason == "abort"
         pf.result()
-    assert_idle(pair)
+    pair.assert_idle()
 
 
 def test_cancelled_client_frees_pages(pair):
@@ -139,7 +129,7 @@ def test_cancelled_client_frees_pages(pair):
         next(stream)
         stream.cancel()  # the client goes away mid-stream
         pf.result()
-    assert_idle(pair)
+    pair.assert_idle()
 
 
 def test_fingerprint_mismatch_is_a_clear_error(tmp_path, ds_dir):
@@ -152,7 +142,7 @@ def test_fingerprint_mismatch_is_a_clear_error(tmp_path, ds_dir):
             run_pair(c, next(rooms))
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "KV layout mismatch" in e.value.details() and "page 8 tokens" in e.value.details()
-        assert_idle(c)
+        c.assert_idle()
     finally:
         c.stop()
 
@@ -213,7 +203,7 @@ def test_bad_generate_requests(pair):
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Generate(long, timeout=5))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context limit" in e.value.details()
-    assert_idle(pair)
+    pair.assert_idle()
 
 
 def test_monolithic_generate_without_disaggregation(pair, expected):
@@ -249,6 +239,6 @@ def test_full_decode_pool_is_resource_exhausted_and_frees(ds_dir):
             with pytest.raises(grpc.RpcError) as e:
                 held.result()
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert_idle(c)
+        c.assert_idle()
     finally:
         c.stop()
