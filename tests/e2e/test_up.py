@@ -32,6 +32,19 @@ def alive(pid: int) -> bool:
     return bool(state) and not state.startswith("Z")
 
 
+def greedy_reference(model_dir: Path, messages: list[dict], max_new: int) -> str:
+    """What transformers' greedy decoding says for the same model and chat."""
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = torch.tensor([list(ids["input_ids"] if hasattr(ids, "keys") else ids)])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False)
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
 def test_up_serves_the_tiny_model_and_stops_cleanly(tmp_path):
     port = free_port()
     env = {**os.environ, "MOESERVE_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
