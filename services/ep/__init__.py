@@ -1,0 +1,7 @@
+"""Expert parallelism: expert placement over EP ranks, token dispatch backends, expert load statistics."""
+
+from services.ep.dispatcher import Dispatched, Dispatcher, create
+from services.ep.load import ExpertLoadRecorder
+from services.ep.placement import ExpertPlacement, PlacementError
+
+__all__ = ["Dispatched", "Dispatcher", "ExpertLoadRecorder", "ExpertPlacement", "PlacementError", "create"]

@@ -1,0 +1,69 @@
+"""Moving tokens to the ranks that hold their experts, and their outputs back.
+
+The contract is DeepEP's normal mode: a token travels once to each rank that holds any of its
+chosen slots, with its slot list translated to that rank's local slot indices (-1 where a choice
+lives elsewhere) and its routing weights; `combine` sums the rows that came back per token.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Dispatched:
+    x: torch.Tensor
+    """[N, D] tokens received by this rank."""
+    local_slots: torch.Tensor
+    """[N, K] local slot index per choice, -1 where the choice lives on another rank."""
+    weights: torch.Tensor
+    """[N, K] routing weights (fp32)."""
+    handle: Any
+    """What `combine` needs to send results back."""
+
+
+class Dispatcher(ABC):
+    """One EP group's token exchange; every rank calls dispatch and combine, in the same order."""
+
+    rank: int
+    size: int
+
+    @abstractmethod
+    def dispatch(
+        self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, slots_per_rank: int
+    ) -> Dispatched:
+        """x [T, D], slots [T, K] physical slot ids, weights [T, K] -> what this rank must compute."""
+
+    @abstractmethod
+    def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
+        """y [N, D] (this rank's weighted partial outputs) -> [T, D] summed per original token."""
+
+    @abstractmethod
+    def any(self, flag: bool) -> bool:
+        """True if `flag` is set on any rank (a collective: every rank must call it)."""
+
+
+BACKENDS: dict[str, Callable[..., Dispatcher]] = {}
+
+
+def register(name: str):
+    def deco(factory: Callable[..., Dispatcher]) -> Callable[..., Dispatcher]:
+        BACKENDS[name] = factory
+        return factory
+
+    return deco
+
+
+def create(name: str, **kwargs: Any) -> Dispatcher:
+    if name == "deepep":
+        import services.ep.deepep
+    else:
+        import services.ep.torch_a2a  # noqa: F401
+    if name not in BACKENDS:
+        raise ValueError(f"unknown dispatcher backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[name](**kwargs)

@@ -1,0 +1,77 @@
+"""Where routed experts live: physical slots (>= logical experts) spread over the EP ranks.
+
+Every MoE layer has its own physical->logical map. Rank r holds slots
+[r * slots_per_rank, (r + 1) * slots_per_rank). A logical expert may have several replicas (hot
+experts get redundant slots); each token picks one, spreading the load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class PlacementError(ValueError):
+    """A placement that cannot be served (slot counts, divisibility, a missing expert)."""
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    num_experts: int
+    ep_size: int
+    phys_to_log: torch.Tensor
+    """[layers, slots] logical expert held by each physical slot."""
+    log_to_phys: torch.Tensor = field(init=False)
+    """[layers, experts, max_replicas] slots holding each expert, padded with -1."""
+    replicas: torch.Tensor = field(init=False)
+    """[layers, experts] number of replicas of each expert."""
+
+    def __post_init__(self) -> None:
+        layers, slots = self.phys_to_log.shape
+        if slots < self.num_experts:
+            raise PlacementError(f"{slots} physical slots cannot hold {self.num_experts} experts")
+        if slots % self.ep_size:
+            raise PlacementError(f"{slots} slots do not split evenly over {self.ep_size} EP ranks")
+        replicas = torch.stack(
+            [torch.bincount(self.phys_to_log[i], minlength=self.num_experts) for i in range(layers)]
+        )  # [L, E]
+        if (replicas == 0).any():
+            layer, expert = (replicas == 0).nonzero()[0].tolist()
+            raise PlacementError(f"layer {layer}: expert {expert} has no slot")
+        width = int(replicas.max())
+        table = torch.full((layers, self.num_experts, width), -1, dtype=torch.long)
+        for i in range(layers):
+            order = torch.argsort(self.phys_to_log[i], stable=True)  # slots grouped by expert
+            rank_in_expert = (
+                torch.arange(slots) - (torch.cumsum(replicas[i], 0) - replicas[i])[self.phys_to_log[i][order]]
+            )
+            table[i, self.phys_to_log[i][order], rank_in_expert] = order
+        object.__setattr__(self, "log_to_phys", table)
+        object.__setattr__(self, "replicas", replicas)
+
+    @classmethod
+    def default(cls, num_layers: int, num_experts: int, num_slots: int, ep_size: int) -> ExpertPlacement:
+        """Slot s holds expert s; the redundant slots beyond the experts replicate experts 0, 1, ..."""
+        if num_slots < num_experts:
+            raise PlacementError(f"--ep-slots {num_slots} is below the model's {num_experts} routed experts")
+        row = torch.arange(num_slots) % num_experts
+        return cls(num_experts, ep_size, row.repeat(num_layers, 1))
+
+    @property
+    def num_slots(self) -> int:
+        return self.phys_to_log.shape[1]
+
+    @property
+    def slots_per_rank(self) -> int:
+        return self.num_slots // self.ep_size
+
+    def local_slots(self, rank: int) -> range:
+        return range(rank * self.slots_per_rank, (rank + 1) * self.slots_per_rank)
+
+    def route(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
+        """Logical expert ids [T, K] -> physical slots [T, K], spreading tokens over replicas."""
+        t, k = ids.shape
+        count = self.replicas[layer][ids]  # [T, K]
+        pick = (torch.arange(t)[:, None] + torch.arange(k)[None, :]) % count  # [T, K]
+        return self.log_to_phys[layer][ids, pick]
