@@ -7,7 +7,7 @@ Like `vllm.LLM` / `sglang.Engine`, plus the step-level API a server drives: `add
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from services.engine.page_pool import KVCache, PagePool
 from services.engine.request import FinishReason, KVListener, Request, RequestOutput
 from services.engine.sampling import SamplingParams, make_generator
 from services.engine.scheduler import Scheduler
+from services.ep import ExpertParallel
 from services.models import ModelConfig, load_model
 from services.models.base import MoECausalLM
 
@@ -71,14 +72,24 @@ class Engine:
         """Finished requests whose pages a KV listener still reads; freed by `release`."""
         self._ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
+        self.idle = True
+        """The last `step` found no work (on any rank of an expert-parallel group)."""
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, **options: object) -> Engine:
-        """Load `model_dir` (config.json, safetensors, tokenizer) with `EngineConfig` options."""
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        parallel: Callable[[ModelConfig], ExpertParallel] | None = None,
+        **options: object,
+    ) -> Engine:
+        """Load `model_dir` (config.json, safetensors, tokenizer) with `EngineConfig` options.
+
+        `parallel(model_config)` makes this engine one rank of an expert-parallel group.
+        """
         config = EngineConfig.from_options(**options)
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        model, model_config = load_model(model_dir, config.torch_dtype, config.device)
+        model, model_config = load_model(model_dir, config.torch_dtype, config.device, parallel)
         return cls(model, model_config, config)
 
     # -- request API ---------------------------------------------------------------------------
@@ -177,13 +188,34 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    @property
+    def lockstep(self) -> bool:
+        """One rank of a group whose MoE layers exchange tokens: all ranks step together."""
+        return self.model.parallel.lockstep
+
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; returns an output for every request that produced a token."""
+        """Run one scheduler step; returns an output for every request that produced a token.
+
+        In an expert-parallel group this is a collective: if any rank has work, every rank runs
+        one forward (an empty one where it has nothing), so each MoE exchange has all ranks.
+        `idle` tells whether the group as a whole had nothing to do.
+        """
         batch = self.scheduler.schedule()
-        if batch is None:
+        if self.lockstep:
+            self.idle = not self.model.parallel.dispatcher.any(batch is not None)  # type: ignore[union-attr]
+            if batch is None:
+                if not self.idle:
+                    self.runner.idle()
+                return []
+        elif batch is None:
+            self.idle = True
             return []
+        self.idle = False
         run = self.runner.prefill if batch.phase == "prefill" else self.runner.decode
         tokens = run(batch)
+        recorder = self.model.parallel.recorder
+        if recorder is not None:
+            recorder.end_step(sum(batch.num_new))
         outputs = []
         for req, n, tok in zip(batch.requests, batch.num_new, tokens, strict=True):
             req.num_computed += n
@@ -224,6 +256,14 @@ class Engine:
         return [done[i] for i in ids]
 
     # -- introspection -------------------------------------------------------------------------
+
+    def expert_load(self) -> tuple[torch.Tensor, int, int]:
+        """Tokens per logical expert per MoE layer over the recent window: (counts [L, E], tokens, steps)."""
+        recorder = self.model.parallel.recorder
+        if recorder is None:
+            mc = self.model_config
+            return torch.zeros(len(mc.moe_layers), mc.num_experts, dtype=torch.long), 0, 0
+        return recorder.snapshot()
 
     def kv_stats(self) -> KVStats:
         return KVStats(self.pool.page_size, self.pool.num_pages, self.pool.num_free)

@@ -29,6 +29,11 @@ class ModelRunner:
         """Compute each request's last token and sample the next one."""
         return self._step(batch.requests, batch.num_new, decode=True)
 
+    @torch.inference_mode()
+    def idle(self) -> None:
+        """No local work this step: join the group's MoE exchanges with zero tokens."""
+        self.model.idle_forward()
+
     @staticmethod
     def _layer_hook(reqs: list[Request], num_new: list[int]):
         watched = [(r, n) for r, n in zip(reqs, num_new, strict=True) if r.listener is not None]

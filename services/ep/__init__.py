@@ -2,6 +2,15 @@
 
 from services.ep.dispatcher import Dispatched, Dispatcher, create
 from services.ep.load import ExpertLoadRecorder
+from services.ep.parallel import ExpertParallel
 from services.ep.placement import ExpertPlacement, PlacementError
 
-__all__ = ["Dispatched", "Dispatcher", "ExpertLoadRecorder", "ExpertPlacement", "PlacementError", "create"]
+__all__ = [
+    "Dispatched",
+    "Dispatcher",
+    "ExpertLoadRecorder",
+    "ExpertParallel",
+    "ExpertPlacement",
+    "PlacementError",
+    "create",
+]

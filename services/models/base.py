@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from services.ep import ExpertParallel
 from services.models.attention import AttnBatch
 from services.models.config import ModelConfig
 from services.models.layers import DenseMLP, RMSNorm, RotaryEmbedding
@@ -20,11 +21,15 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, attention: AttentionFactory):
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, attention: AttentionFactory, parallel: ExpertParallel
+    ):
         super().__init__()
         self.self_attn = attention(cfg, layer_idx)
         self.mlp: nn.Module = (
-            MoEBlock(cfg) if layer_idx in cfg.moe_layers else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+            MoEBlock(cfg, cfg.moe_layers.index(layer_idx), parallel)
+            if layer_idx in cfg.moe_layers
+            else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
         )
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -41,10 +46,10 @@ class DecoderLayer(nn.Module):
 
 
 class _Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, attention: AttentionFactory):
+    def __init__(self, cfg: ModelConfig, attention: AttentionFactory, parallel: ExpertParallel):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, attention) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, attention, parallel) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.rope)
 
@@ -56,10 +61,11 @@ class MoECausalLM(nn.Module):
     per layer (`experts.w13`, `experts.w2`); `load_weights` maps both on-disk layouts onto them.
     """
 
-    def __init__(self, cfg: ModelConfig, attention: AttentionFactory):
+    def __init__(self, cfg: ModelConfig, attention: AttentionFactory, parallel: ExpertParallel | None = None):
         super().__init__()
         self.config = cfg
-        self.model = _Backbone(cfg, attention)
+        self.parallel = parallel or ExpertParallel.single(len(cfg.moe_layers), cfg.num_experts)
+        self.model = _Backbone(cfg, attention, self.parallel)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(
@@ -82,6 +88,13 @@ class MoECausalLM(nn.Module):
                 after_layer(i)
         return self.model.norm(x)
 
+    def idle_forward(self) -> None:
+        """Take part in every MoE layer's exchange with no tokens (a rank with no work in a step)."""
+        x = self.model.embed_tokens.weight.new_empty(0, self.config.hidden_size)
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoEBlock):
+                layer.mlp(x)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, D] -> fp32 logits [N, V]."""
         return self.lm_head(hidden).float()
@@ -101,19 +114,27 @@ class MoECausalLM(nn.Module):
             em = _EXPERT.match(name)
             if em:
                 prefix, expert, proj = em.group(1), int(em.group(2)), em.group(3)
+                slots = self._slots(prefix, expert)
                 if proj == "down_proj":
-                    target, view = f"{prefix}.w2", lambda p, e=expert: p[e]
+                    target, rows = f"{prefix}.w2", slice(None)
                 else:
                     lo = 0 if proj == "gate_proj" else inter
-                    target, view = f"{prefix}.w13", lambda p, e=expert, lo=lo: p[e, lo : lo + inter]
-                _copy(params, target, view, tensor, name)
+                    target, rows = f"{prefix}.w13", slice(lo, lo + inter)
+                for slot in slots:  # every local replica of this expert
+                    _copy(params, target, lambda p, s=slot, r=rows: p[s, r], tensor, name)
                 partial[target] = partial.get(target, 0) + 1
-                full = (2 if target.endswith("w13") else 1) * self.config.num_experts
-                if partial[target] == full:
+                if partial[target] == (2 if target.endswith("w13") else 1) * self.config.num_experts:
                     loaded.add(target)
                 continue
-            name = name.replace("mlp.experts.gate_up_proj", "mlp.experts.w13")
-            name = name.replace("mlp.experts.down_proj", "mlp.experts.w2")
+            fused = re.match(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$", name)
+            if fused:
+                prefix = fused.group(1)
+                target = f"{prefix}.w13" if fused.group(2) == "gate_up_proj" else f"{prefix}.w2"
+                for expert in range(self.config.num_experts):
+                    for slot in self._slots(prefix, expert):
+                        _copy(params, target, lambda p, s=slot: p[s], tensor[expert], name)
+                loaded.add(target)
+                continue
             if name not in params:
                 continue  # unexpected tensors (e.g. other heads) are ignored
             _copy(params, name, lambda p: p, tensor, name)
@@ -122,6 +143,15 @@ class MoECausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
             loaded.add("lm_head.weight")
         return loaded
+
+    def _slots(self, experts_prefix: str, expert: int) -> list[int]:
+        """Local slots replicating checkpoint expert `expert` of the layer named by `experts_prefix`."""
+        moe_index = self.config.moe_layers.index(_layer_of(experts_prefix))
+        return self.parallel.local_slots_of(moe_index, expert)
+
+
+def _layer_of(prefix: str) -> int:
+    return int(prefix.split(".")[2])
 
 
 def _copy(params: dict[str, nn.Parameter], target: str, view, tensor: torch.Tensor, source: str) -> None:

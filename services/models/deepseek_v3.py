@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from services.ep import ExpertParallel
 from services.models.attention import AttnBatch, decode_attention, gather_context, padded_sdpa, write_cache
 from services.models.base import MoECausalLM
 from services.models.config import ModelConfig
@@ -85,5 +86,5 @@ class MLAttention(nn.Module):
 
 
 class DeepseekV3ForCausalLM(MoECausalLM):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, MLAttention)
+    def __init__(self, cfg: ModelConfig, parallel: ExpertParallel | None = None):
+        super().__init__(cfg, MLAttention, parallel)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from services.ep import ExpertParallel
 from services.models.base import MoECausalLM
 from services.models.config import ModelConfig, ModelConfigError
 from services.models.deepseek_v3 import DeepseekV3ForCausalLM
@@ -48,13 +49,19 @@ def iter_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(
-    model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    parallel: Callable[[ModelConfig], ExpertParallel] | None = None,
 ) -> tuple[MoECausalLM, ModelConfig]:
-    """Build the model for `model_dir` and load its weights; errors name the file and what is wrong."""
+    """Build the model for `model_dir` and load its weights; errors name the file and what is wrong.
+
+    `parallel(config)` gives this rank's expert-parallel view (default: one rank, all experts).
+    """
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     files = shard_files(model_dir)
-    model = MODEL_CLASSES[cfg.family](cfg)
+    model = MODEL_CLASSES[cfg.family](cfg, parallel(cfg) if parallel is not None else None)
     # Routers stay fp32 (their parameters are declared fp32); everything else takes `dtype`.
     for name, p in model.named_parameters():
         if ".gate." not in name:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.ep import ExpertParallel
 from services.models.config import ModelConfig
 from services.models.layers import DenseMLP
 
@@ -74,7 +75,7 @@ def grouped_mm_supported(device: torch.device) -> bool:
 
 
 class RoutedExperts(nn.Module):
-    """All routed experts of one layer, weights stacked: w13 [E, 2I, D] (gate; up), w2 [E, D, I].
+    """This rank's expert slots of one layer, weights stacked: w13 [S, 2I, D] (gate; up), w2 [S, D, I].
 
     Tokens are sorted by expert and multiplied in one grouped GEMM per projection
     (`F.grouped_mm` with per-expert offsets); where the device has no grouped GEMM, one matmul
@@ -89,15 +90,18 @@ class RoutedExperts(nn.Module):
         """None: decide from the device on first use."""
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x: [T, D], ids/weights: [T, K] -> [T, D] = sum_k weights[t, k] * expert_ids[t, k](x[t])."""
+        """x: [T, D], ids/weights: [T, K] local slots (-1: computed elsewhere) -> [T, D] =
+        sum over k with ids[t, k] >= 0 of weights[t, k] * slot_ids[t, k](x[t])."""
         out = torch.zeros_like(x)
         if x.shape[0] == 0:
             return out
         if self.use_grouped_mm is None:
             self.use_grouped_mm = grouped_mm_supported(x.device)
-        flat_ids = ids.reshape(-1)  # [N = T*K]
-        order = torch.argsort(flat_ids, stable=True)  # [N] grouped by expert
-        counts = torch.bincount(flat_ids, minlength=self.w13.shape[0])  # [E]
+        flat_ids = ids.reshape(-1)  # [T*K]
+        keep = (flat_ids >= 0).nonzero().squeeze(1)  # entries computed on this rank
+        order = keep[torch.argsort(flat_ids[keep], stable=True)]  # [N] grouped by slot
+        flat_ids = flat_ids[order]
+        counts = torch.bincount(flat_ids, minlength=self.w13.shape[0])  # [S]
         token_of = order // ids.shape[1]  # [N] token of each sorted entry
         w_sorted = weights.reshape(-1)[order, None].to(x.dtype)  # [N, 1]
         xs = x.index_select(0, token_of)  # [N, D] sorted by expert
@@ -124,14 +128,23 @@ class RoutedExperts(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    """Router + routed experts (+ DeepSeek's always-on shared experts)."""
+    """Router + routed experts (+ DeepSeek's always-on shared experts), expert-parallel aware.
 
-    def __init__(self, cfg: ModelConfig):
+    The router picks logical experts; the placement turns them into physical slots; with more
+    than one rank the dispatcher moves each token to the ranks holding its slots and brings the
+    weighted partial outputs back.
+    """
+
+    def __init__(self, cfg: ModelConfig, moe_index: int, parallel: ExpertParallel):
         super().__init__()
+        self.moe_index = moe_index
+        self.parallel = parallel
         self.gate: nn.Module = (
             SigmoidGroupLimitedRouter(cfg) if cfg.family == "deepseek_v3" else SoftmaxTopKRouter(cfg)
         )
-        self.experts = RoutedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.experts = RoutedExperts(
+            parallel.placement.slots_per_rank, cfg.hidden_size, cfg.moe_intermediate_size
+        )
         self.shared_experts = (
             DenseMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
             if cfg.n_shared_experts
@@ -139,8 +152,17 @@ class MoEBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids, weights = self.gate(x)
-        out = self.experts(x, ids, weights)
+        ids, weights = self.gate(x)  # [T, K] logical experts
+        par = self.parallel
+        if par.recorder is not None:
+            par.recorder.record(self.moe_index, ids)
+        slots = par.placement.route(self.moe_index, ids)  # [T, K] physical slots
+        if par.dispatcher is None:
+            out = self.experts(x, slots - par.first_local_slot, weights)
+        else:
+            got = par.dispatcher.dispatch(x, slots, weights, par.placement.slots_per_rank)
+            partial = self.experts(got.x, got.local_slots, got.weights)
+            out = par.dispatcher.combine(partial, got.handle)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out

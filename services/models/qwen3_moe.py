@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from services.ep import ExpertParallel
 from services.models.attention import AttnBatch, gather_context, padded_sdpa, write_cache
 from services.models.base import MoECausalLM
 from services.models.config import ModelConfig
@@ -39,5 +40,5 @@ class GQAttention(nn.Module):
 
 
 class Qwen3MoeForCausalLM(MoECausalLM):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, GQAttention)
+    def __init__(self, cfg: ModelConfig, parallel: ExpertParallel | None = None):
+        super().__init__(cfg, GQAttention, parallel)

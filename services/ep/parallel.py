@@ -1,0 +1,54 @@
+"""A rank's view of its expert-parallel group: placement, rank, dispatcher, load recorder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.ep.dispatcher import Dispatcher
+from services.ep.load import ExpertLoadRecorder
+from services.ep.placement import ExpertPlacement
+
+
+@dataclass
+class ExpertParallel:
+    placement: ExpertPlacement
+    rank: int = 0
+    dispatcher: Dispatcher | None = None
+    """None for a single-rank group: every slot is local and nothing is exchanged."""
+    recorder: ExpertLoadRecorder | None = None
+
+    def __post_init__(self) -> None:
+        if self.dispatcher is not None and self.dispatcher.size != self.placement.ep_size:
+            raise ValueError(
+                f"the dispatcher's group has {self.dispatcher.size} ranks, "
+                f"the placement {self.placement.ep_size}"
+            )
+        if self.dispatcher is None and self.placement.ep_size != 1:
+            raise ValueError("a placement over several ranks needs a dispatcher")
+
+    @classmethod
+    def single(cls, num_moe_layers: int, num_experts: int, num_slots: int | None = None) -> ExpertParallel:
+        placement = ExpertPlacement.default(num_moe_layers, num_experts, num_slots or num_experts, 1)
+        return cls(placement, recorder=ExpertLoadRecorder(num_moe_layers, num_experts))
+
+    @property
+    def size(self) -> int:
+        return self.placement.ep_size
+
+    @property
+    def lockstep(self) -> bool:
+        """Several ranks: every rank must run every MoE layer in every step, work or not."""
+        return self.dispatcher is not None
+
+    @property
+    def first_local_slot(self) -> int:
+        return self.rank * self.placement.slots_per_rank
+
+    def local_slots_of(self, moe_layer: int, expert: int) -> list[int]:
+        """Local slot indices (0-based on this rank) holding replicas of `expert` in `moe_layer`."""
+        spr = self.placement.slots_per_rank
+        return [
+            s - self.first_local_slot
+            for s in self.placement.log_to_phys[moe_layer, expert].tolist()
+            if self.first_local_slot <= s < self.first_local_slot + spr
+        ]
