@@ -124,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--api-key", action="append", default=[])
+    ap.add_argument("--prefill-ep", type=int, default=2, help="expert-parallel ranks of the prefill instance")
+    ap.add_argument("--decode-ep", type=int, default=2, help="expert-parallel ranks of the decode instance")
+    ap.add_argument("--prefill-ep", type=int, default=2, help="expert-parallel ranks of the prefill instance")
+    ap.add_argument("--decode-ep", type=int, default=2, help="expert-parallel ranks of the decode instance")
     ap.add_argument("--ready-timeout", type=float, default=180.0)
     a = ap.parse_args(argv)
     if port_in_use(a.host, a.port):
@@ -136,22 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = a.model or tiny_model(a.arch)
         ports = {"prefill": free_port(), "decode": free_port()}
+        eps = {"prefill": a.prefill_ep, "decode": a.decode_ep}
         for role, port in ports.items():
-            cluster.spawn(
-                f"{role} worker",
-                [
-                    "-m",
-                    "services.worker",
-                    "--role",
-                    role,
-                    "--model",
-                    str(model),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                ],
-            )
+            args = ["-m", "services.worker", "--role", role, "--model", str(model), "--host", "127.0.0.1"]
+            cluster.spawn(f"{role} worker", [*args, "--port", str(port), "--ep", str(eps[role])])
         for port in ports.values():
             wait_worker(cluster, f"127.0.0.1:{port}", a.ready_timeout)
         serve = [
@@ -174,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         wait_http(cluster, f"http://{a.host}:{a.port}/ready", a.ready_timeout)
         print(
             f"moeserve is up: OpenAI API at http://{a.host}:{a.port}/v1 serving model {model.name!r} "
-            f"(prefill 127.0.0.1:{ports['prefill']}, decode 127.0.0.1:{ports['decode']}); Ctrl-C stops it",
+            f"(prefill EP{a.prefill_ep} at 127.0.0.1:{ports['prefill']}, "
+            f"decode EP{a.decode_ep} at 127.0.0.1:{ports['decode']}); Ctrl-C stops it",
             flush=True,
         )
         while not stop.wait(0.5):

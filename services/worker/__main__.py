@@ -26,6 +26,16 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         default="layerwise",
         help="prefill: write KV per layer during compute, or all after the prompt",
     )
+    ap.add_argument("--ep", type=int, default=1, help="expert-parallel ranks in this instance (processes)")
+    ap.add_argument(
+        "--ep-slots",
+        type=int,
+        default=0,
+        help="physical expert slots over the group (default: one per expert; more = replicas)",
+    )
+    ap.add_argument(
+        "--dispatcher", choices=["torch", "deepep"], default="torch", help="EP token exchange backend"
+    )
     ap.add_argument("--handoff-timeout", type=float, default=30.0, help="seconds to wait for a room's peer")
     ap.add_argument("--prefill-timeout", type=float, default=300.0, help="seconds decode waits for prompt KV")
     ap.add_argument("--dtype", default="float32")
@@ -56,6 +66,9 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         transfer_protocol=a.transfer_protocol,
         transfer_device=a.transfer_device,
         kv_push=a.kv_push,
+        ep_size=a.ep,
+        ep_slots=a.ep_slots,
+        dispatcher=a.dispatcher,
         handoff_timeout_s=a.handoff_timeout,
         prefill_timeout_s=a.prefill_timeout,
         engine=engine,
@@ -65,9 +78,13 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("MOESERVE_LOG_LEVEL", "WARNING"))
     config = parse(argv)
-    from services.worker.server import serve  # heavy imports after argument errors are reported
-
     try:
+        if config.ep_size > 1:
+            from services.worker.ep import serve_ep
+
+            return serve_ep(config)
+        from services.worker.server import serve  # heavy imports after argument errors are reported
+
         serve(config)
     except (ValueError, OSError) as e:
         print(f"moeserve worker: {e}", file=sys.stderr)

@@ -31,12 +31,20 @@ class WorkerConfig:
     """Longest wait for the other side of a room (Generate or Attach) to show up."""
     prefill_timeout_s: float = 300.0
     """Longest a decode rank waits for a prefill to deliver a prompt's KV."""
+    ep_size: int = 1
+    """Ranks in this instance's expert-parallel group (one process each)."""
+    ep_slots: int = 0
+    """Physical expert slots across the group (0: one per routed expert); extra slots hold replicas."""
+    dispatcher: Literal["torch", "deepep"] = "torch"
+    """Token exchange backend for expert parallelism."""
     engine: dict[str, Any] = field(default_factory=dict)
     """EngineConfig options (page_size, kv_pool_tokens, max_num_seqs, dtype, ...)."""
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
             raise ValueError(f"role must be prefill or decode, got {self.role!r}")
+        if self.ep_size < 1:
+            raise ValueError(f"--ep must be >= 1, got {self.ep_size}")
         if self.kv_push not in ("layerwise", "complete"):
             raise ValueError(f"kv_push must be layerwise or complete, got {self.kv_push!r}")
         if not self.served_model_name:

@@ -14,6 +14,9 @@ from typing import Any
 from services.engine import Engine, RequestOutput
 
 log = logging.getLogger(__name__)
+IDLE_POLL_S = 0.5
+LOCKSTEP_IDLE_POLL_S = 0.02
+"""An idle expert-parallel group re-checks for work this often (each check is a collective)."""
 
 
 class EngineDead(RuntimeError):
@@ -89,7 +92,15 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                self._drain(block=not self.engine.has_unfinished())
+                if self.engine.lockstep:
+                    # Every rank steps together: the step itself asks the group whether any rank has work.
+                    self._drain(timeout=None)
+                    for out in self.engine.step():
+                        self.deliver(out)
+                    if self.engine.idle:
+                        self._drain(timeout=LOCKSTEP_IDLE_POLL_S)
+                    continue
+                self._drain(timeout=None if self.engine.has_unfinished() else IDLE_POLL_S)
                 if self.engine.has_unfinished():
                     for out in self.engine.step():
                         self.deliver(out)
@@ -102,9 +113,10 @@ class EngineLoop:
             self._streams.clear()
             self._fail_pending(dead)
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, timeout: float | None) -> None:
+        """Run queued commands; wait up to `timeout` seconds for the first (None: do not wait)."""
         try:
-            fn, fut = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+            fn, fut = self._commands.get(timeout=timeout) if timeout else self._commands.get_nowait()
         except queue.Empty:
             return
         while True:

@@ -5,15 +5,20 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 
 import grpc
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
 from services.engine import Engine
+from services.ep import ExpertParallel
 from services.kv import KVLayout, KVRegion, TransferEngine
+from services.models import ModelConfig
 from services.proto.moeserve.v1 import kv_handoff_pb2_grpc as kvpb_grpc
+from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
 from services.worker.config import WorkerConfig
+from services.worker.control import ControlServicer
 from services.worker.decode import DecodeSide
 from services.worker.engine_loop import EngineLoop
 from services.worker.prefill import PrefillSide
@@ -24,9 +29,11 @@ MAX_RPC_THREADS = 256  # each streaming Generate holds one thread for its lifeti
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig):
+    """One engine (one DP rank) with its gRPC services; `parallel` makes it a rank of an EP group."""
+
+    def __init__(self, config: WorkerConfig, parallel: Callable[[ModelConfig], ExpertParallel] | None = None):
         self.config = config
-        self.engine = Engine.from_pretrained(config.model, **config.engine)
+        self.engine = Engine.from_pretrained(config.model, parallel=parallel, **config.engine)
         self.loop = EngineLoop(self.engine)
         self.layout = KVLayout(
             self.engine.model_config.architecture,
@@ -63,6 +70,7 @@ class Worker:
         )
         if isinstance(self.side, PrefillSide):
             kvpb_grpc.add_KVHandoffServicer_to_server(self.side, self.server)
+        ctl_grpc.add_WorkerControlServicer_to_server(ControlServicer(self.loop), self.server)
         address = f"{config.host}:{config.port}"
         self.port = self.server.add_insecure_port(address)
         if self.port == 0:
@@ -77,13 +85,18 @@ class Worker:
         self.loop.stop()
 
 
-def serve(config: WorkerConfig) -> None:
-    """Run a worker until SIGINT/SIGTERM."""
-    worker = Worker(config)
-    worker.start()
+def stop_on_signals() -> threading.Event:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def serve(config: WorkerConfig) -> None:
+    """Run a single-rank worker until SIGINT/SIGTERM."""
+    worker = Worker(config)
+    worker.start()
+    stop = stop_on_signals()
     print(
         f"moeserve worker ready: role={config.role} grpc={config.host}:{worker.port} "
         f"kv={worker.layout.describe()} transfer={worker.transfer.session_id}/{config.transfer_protocol}",

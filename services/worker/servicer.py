@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import os
 import time
 import zipfile
 from collections.abc import Iterator
@@ -66,7 +67,9 @@ UNIMPLEMENTED_RPCS = (
 )
 
 
-def _unimplemented(name: str):
+def unimplemented_rpc(name: str):
+    """A servicer method that answers UNIMPLEMENTED without logging a traceback."""
+
     def rpc(self, request, context):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, f"moeserve workers do not implement {name}")
 
@@ -76,7 +79,7 @@ def _unimplemented(name: str):
 
 class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
     # Explicit UNIMPLEMENTED answers (the generated defaults also log a traceback per call).
-    locals().update({name: _unimplemented(name) for name in UNIMPLEMENTED_RPCS})
+    locals().update({name: unimplemented_rpc(name) for name in UNIMPLEMENTED_RPCS})
 
     def __init__(self, config: WorkerConfig, loop: EngineLoop, side: DisaggSide):
         self.config = config
@@ -147,6 +150,7 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
         # The running window routers (SMG) read for admission control.
         args.update(
             {
+                "pid": os.getpid(),
                 "max_running_requests": self.loop.engine.config.max_num_seqs,
                 "max_num_seqs": self.loop.engine.config.max_num_seqs,
             }

@@ -12,11 +12,11 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 import transformers
 
 from services.engine import Engine, SamplingParams
 from tests.cluster import LocalCluster
+from tests.oracle import chat_ids, encode, greedy
 
 KEY = "test-key"
 QUESTION = "What is a mixture of experts?"
@@ -39,38 +39,16 @@ def client(served):
     return openai.OpenAI(base_url=f"{served[1]}/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def oracle(ds_dir):
-    tok = transformers.AutoTokenizer.from_pretrained(ds_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(ds_dir, dtype=torch.float32).eval()
-
-    def greedy(prompt_ids: list[int], max_new: int) -> tuple[str, str]:
-        ids = torch.tensor([prompt_ids])
-        # An explicit mask: without it, transformers masks every token equal to pad_token_id.
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False
-        )
-        new = out[0, len(prompt_ids) :].tolist()
-        reason = "stop" if new and new[-1] == model.config.eos_token_id else "length"
-        return tok.decode(new, skip_special_tokens=True), reason
-
-    return tok, greedy
-
-
 def model_name(ds_dir) -> str:
     return ds_dir.name
 
 
-def chat_ids(tok, content: str) -> list[int]:
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
-    )
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+def chat_prompt(ds_dir, content: str) -> list[int]:
+    return chat_ids(ds_dir, [{"role": "user", "content": content}])
 
 
-def test_chat_completion_matches_transformers(client, oracle, ds_dir, served):
-    tok, greedy = oracle
-    text, reason = greedy(chat_ids(tok, QUESTION), 24)
+def test_chat_completion_matches_transformers(client, ds_dir, served):
+    text, reason = greedy(ds_dir, chat_prompt(ds_dir, QUESTION), 24)
     res = client.chat.completions.create(
         model=model_name(ds_dir),
         messages=[{"role": "user", "content": QUESTION}],
@@ -79,14 +57,13 @@ def test_chat_completion_matches_transformers(client, oracle, ds_dir, served):
     )
     assert res.choices[0].message.content == text
     assert res.choices[0].finish_reason == reason
-    assert res.usage.prompt_tokens == len(chat_ids(tok, QUESTION))
+    assert res.usage.prompt_tokens == len(chat_prompt(ds_dir, QUESTION))
     assert res.usage.prompt_tokens_details.cached_tokens == 0  # transferred KV is not a cache hit
     served[0].assert_idle()
 
 
-def test_streamed_chat_completion_matches_and_reports_usage(client, oracle, ds_dir):
-    tok, greedy = oracle
-    text, reason = greedy(chat_ids(tok, "Hello, how are you?"), 20)
+def test_streamed_chat_completion_matches_and_reports_usage(client, ds_dir):
+    text, reason = greedy(ds_dir, chat_prompt(ds_dir, "Hello, how are you?"), 20)
     stream = client.chat.completions.create(
         model=model_name(ds_dir),
         messages=[{"role": "user", "content": "Hello, how are you?"}],
@@ -105,10 +82,9 @@ def test_streamed_chat_completion_matches_and_reports_usage(client, oracle, ds_d
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_completions_match_transformers(client, oracle, ds_dir, stream):
-    tok, greedy = oracle
+def test_completions_match_transformers(client, ds_dir, stream):
     prompt = "The KV cache moves from the prefill worker to"
-    text, _ = greedy(tok.encode(prompt), 16)
+    text, _ = greedy(ds_dir, encode(ds_dir, prompt), 16)
     res = client.completions.create(
         model=model_name(ds_dir), prompt=prompt, max_tokens=16, temperature=0, stream=stream
     )

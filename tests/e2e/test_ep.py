@@ -1,0 +1,153 @@
+"""Expert-parallel instances behind the OpenAI API: exactness, DP ranks, load statistics, failure."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import time
+
+import grpc
+import openai
+import pytest
+from smg_grpc_proto import sglang_scheduler_pb2 as pb
+
+from services.proto.moeserve.v1 import worker_control_pb2 as ctl
+from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
+from tests.cluster import LocalCluster
+from tests.oracle import chat_ids, encode, greedy
+
+MESSAGES = [{"role": "user", "content": "Explain expert parallelism."}]
+
+
+def client_for(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def ep2_ep2(ds_dir):
+    c = LocalCluster()
+    try:
+        p = c.worker("prefill", "prefill", ds_dir, "--ep", "2", "--ep-slots", "18")
+        d = c.worker("decode", "decode", ds_dir, "--ep", "2", "--ep-slots", "20")
+        yield c, c.orchestrator(ds_dir, [p], [d])
+    finally:
+        c.stop()
+
+
+def test_prefill_ep2_to_decode_ep2_is_exact(ep2_ep2, ds_dir):
+    c, url = ep2_ep2
+    client = client_for(url)
+    text, reason = greedy(ds_dir, chat_ids(ds_dir, MESSAGES), 24)
+    res = client.chat.completions.create(model=ds_dir.name, messages=MESSAGES, max_tokens=24, temperature=0)
+    assert res.choices[0].message.content == text and res.choices[0].finish_reason == reason
+
+    prompts = ["Prefill runs on", "Decode streams tokens", "The KV cache", "Experts live on ranks"]
+
+    def stream(prompt: str) -> str:
+        chunks = client.completions.create(
+            model=ds_dir.name, prompt=prompt, max_tokens=12, temperature=0, stream=True
+        )
+        return "".join(ch.choices[0].text for ch in chunks)
+
+    with cf.ThreadPoolExecutor(4) as ex:  # concurrent requests spread over both DP ranks
+        got = list(ex.map(stream, prompts))
+    assert got == [greedy(ds_dir, encode(ds_dir, p), 12)[0] for p in prompts]
+    c.assert_idle()
+
+
+def test_dp_ranks_loads_and_expert_statistics(ep2_ep2, ds_dir):
+    c, _ = ep2_ep2
+    loads = c.stub("decode").GetLoads(pb.GetLoadsRequest(), timeout=10)
+    assert loads.dp_rank_count == 2 and [ld.dp_rank for ld in loads.loads] == [0, 1]
+    # A pinned DP rank is honoured (monolithic request, so only this instance is involved).
+    req = pb.GenerateRequest(
+        request_id="pinned",
+        tokenized=pb.TokenizedInput(input_ids=list(range(5, 30))),
+        data_parallel_rank=1,
+        sampling_params=pb.SamplingParams(temperature=0.0, max_new_tokens=300, ignore_eos=True),
+        stream=True,
+    )
+    stream = c.stub("decode").Generate(req, timeout=60)
+    next(stream)
+    busy = {
+        ld.dp_rank: ld.num_running_reqs
+        for ld in c.stub("decode").GetLoads(pb.GetLoadsRequest(), timeout=10).loads
+    }
+    assert busy == {0: 0, 1: 1}
+    list(stream)
+    bad = pb.GenerateRequest(
+        request_id="bad", tokenized=pb.TokenizedInput(input_ids=[1, 2]), data_parallel_rank=5
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        list(c.stub("decode").Generate(bad, timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "out of range" in e.value.details()
+
+    load = ctl_grpc.WorkerControlStub(grpc.insecure_channel(c.addresses["decode"])).GetExpertLoad(
+        ctl.GetExpertLoadRequest(), timeout=10
+    )
+    assert load.ep_size == 2 and load.num_slots == 20 and load.num_experts == 16
+    assert load.window_tokens > 0 and len(load.layers) == 2
+    for layer in load.layers:  # every token's top-k choices are counted once, over all ranks
+        assert sum(layer.tokens_per_expert) == load.window_tokens * load.top_k
+
+
+def test_prefill_ep1_to_decode_ep2_is_exact_qwen3(model_dirs):
+    qwen = model_dirs["qwen3_moe"]
+    c = LocalCluster()
+    try:
+        p = c.worker("prefill", "prefill", qwen)
+        d = c.worker("decode", "decode", qwen, "--ep", "2", "--ep-slots", "20")
+        url = c.orchestrator(qwen, [p], [d])
+        text, _ = greedy(qwen, chat_ids(qwen, MESSAGES), 20)
+        res = client_for(url).chat.completions.create(
+            model=qwen.name, messages=MESSAGES, max_tokens=20, temperature=0
+        )
+        assert res.choices[0].message.content == text
+        c.assert_idle()
+    finally:
+        c.stop()
+
+
+def test_killing_one_rank_takes_the_instance_out_cleanly(ds_dir):
+    c = LocalCluster()
+    try:
+        p = c.worker("prefill", "prefill", ds_dir)
+        d = c.worker("decode", "decode", ds_dir, "--ep", "2")
+        url = c.orchestrator(ds_dir, [p], [d])
+        pids = list(
+            c.stub("decode").GetServerInfo(pb.GetServerInfoRequest(), timeout=10).server_args["rank_pids"]
+        )
+        client = client_for(url)
+        with cf.ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(
+                client.completions.create,
+                model=ds_dir.name,
+                prompt="x",
+                max_tokens=2000,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+            deadline = time.monotonic() + 30
+            while c.load("decode").num_running_reqs == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            start = time.monotonic()
+            os.kill(int(pids[1]), signal.SIGKILL)  # one rank of the decode group dies
+            with pytest.raises(openai.APIStatusError) as e:
+                fut.result(timeout=60)
+        assert time.monotonic() - start < 20  # fails fast, no hang
+        assert e.value.status_code in (502, 503)
+        assert "decode worker" in str(e.value)
+        # The whole instance is out of service: unhealthy, or gone once the group has stopped.
+        deadline = time.monotonic() + 20
+        healthy = True
+        while healthy and time.monotonic() < deadline:
+            try:
+                healthy = c.stub("decode").HealthCheck(pb.HealthCheckRequest(), timeout=2).healthy
+            except grpc.RpcError:
+                healthy = False
+            time.sleep(0.2)
+        assert not healthy
+        assert c.procs["decode"].wait(timeout=30) != 0  # the launcher stops the rest of the group
+    finally:
+        c.stop()
