@@ -126,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-key", action="append", default=[])
     ap.add_argument("--prefill-ep", type=int, default=2, help="expert-parallel ranks of the prefill instance")
     ap.add_argument("--decode-ep", type=int, default=2, help="expert-parallel ranks of the decode instance")
-    ap.add_argument("--prefill-ep", type=int, default=2, help="expert-parallel ranks of the prefill instance")
-    ap.add_argument("--decode-ep", type=int, default=2, help="expert-parallel ranks of the decode instance")
     ap.add_argument("--ready-timeout", type=float, default=180.0)
     a = ap.parse_args(argv)
     if port_in_use(a.host, a.port):

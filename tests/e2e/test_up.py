@@ -21,6 +21,13 @@ def children_of(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
+def descendants_of(pid: int) -> list[int]:
+    found = []
+    for child in children_of(pid):
+        found += [child, *descendants_of(child)]
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -62,8 +69,9 @@ def test_up_serves_the_tiny_model_and_stops_cleanly(tmp_path):
             line = proc.stdout.readline()
             assert line or proc.poll() is None, "moeserve up exited early"
         assert f"http://127.0.0.1:{port}/v1" in line
-        kids = children_of(proc.pid)
-        assert len(kids) == 3  # prefill worker, decode worker, orchestrator
+        assert len(children_of(proc.pid)) == 3  # prefill worker, decode worker, orchestrator
+        kids = descendants_of(proc.pid)
+        assert len(kids) >= 3 + 4  # ...and the EP2 + EP2 rank processes under the two workers
 
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60
@@ -80,7 +88,7 @@ def test_up_serves_the_tiny_model_and_stops_cleanly(tmp_path):
         deadline = time.monotonic() + 10
         while any(alive(k) for k in kids) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(alive(k) for k in kids), "child processes outlived moeserve up"
+        assert not any(alive(k) for k in kids), "processes outlived moeserve up"
         assert not port_in_use("127.0.0.1", port)
     finally:
         if proc.poll() is None:
