@@ -12,23 +12,17 @@ import dataclasses
 import multiprocessing as mp
 import os
 import queue
-import socket
 import sys
 import time
 from concurrent import futures
 from datetime import timedelta
 
+from services.ep.launch import free_port
 from services.worker.config import WorkerConfig
 
 READY_TIMEOUT_S = 300.0
 FAILURE_GRACE_S = 2.0
 """After a rank dies, how long the survivors keep answering (unhealthy) before the group stops."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_main(config: WorkerConfig, rank: int, dist_port: int, internal: list[int], events) -> None:

@@ -1,8 +1,13 @@
-"""Run a function on W real processes joined by torch.distributed (gloo on loopback)."""
+"""Run a function on W local processes joined by torch.distributed (gloo on loopback).
+
+For tests, benchmarks and tools that need a real group on one machine; serving instances are
+launched by `services.worker.ep` instead.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -12,7 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from orchestrator.up import free_port
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, results) -> None:
@@ -47,7 +56,7 @@ def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 240) -> lis
         for _ in range(world):
             rank, status, value = results.get(timeout=timeout)
             if status == "error":
-                raise AssertionError(f"rank {rank} failed:\n{value}")
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
             out[rank] = value
     finally:
         for p in procs:
