@@ -43,12 +43,17 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, results)
             dist.destroy_process_group()
 
 
-def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 240) -> list[Any]:
-    """fn(rank, world, *args) on every rank; returns the results in rank order, raising on any error."""
+def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 240, backend: str = "gloo") -> list[Any]:
+    """fn(rank, world, *args) on every rank; returns the results in rank order, raising on any error.
+
+    backend "nccl" puts rank r on GPU r.
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, results)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_entry, args=(r, world, port, backend, fn, args, results)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     out: dict[int, Any] = {}
