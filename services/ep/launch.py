@@ -7,7 +7,9 @@ launched by `services.worker.ep` instead.
 from __future__ import annotations
 
 import os
+import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -24,12 +26,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, results) -> None:
+def _entry(rank: int, world: int, port: int, backend: str, fn: Callable, args: tuple, results) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world,
@@ -57,9 +61,16 @@ def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 240, backen
     for p in procs:
         p.start()
     out: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world):
-            rank, status, value = results.get(timeout=timeout)
+        while len(out) < world:
+            try:
+                rank, status, value = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p.name for p in procs if p.exitcode is not None and p.exitcode != 0]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(f"ranks did not report ({', '.join(dead) or 'timeout'})") from None
+                continue
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             out[rank] = value
