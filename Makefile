@@ -43,6 +43,7 @@ test: lint
 bench: setup
 	OMP_NUM_THREADS=1 $(BIN)/python bench/engine.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/handoff.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/dispatch.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
