@@ -249,7 +249,9 @@ class Engine:
             self.validate(prompt, p)  # all or nothing: no request is queued if one is bad
         ids = [self.add_request(prompt, p) for prompt, p in zip(prompt_token_ids, params, strict=True)]
         done: dict[str, RequestOutput] = {}
-        while len(done) < len(ids):
+        # In an expert-parallel group, keep stepping until no rank has work: the other ranks'
+        # MoE exchanges need this one even after its own requests are done.
+        while len(done) < len(ids) or (self.lockstep and not self.idle):
             for out in self.step():
                 if out.finished:
                     done[out.request_id] = out

@@ -60,6 +60,31 @@ def ep_rank(
     }
 
 
+def ep_generate(rank: int, world: int, model_dir: str, counts: list[int]) -> list[list[int]]:
+    """The offline API on every rank, with different amounts of work per rank."""
+    dispatcher = create("torch")
+
+    def parallel(cfg):
+        placement = ExpertPlacement.default(len(cfg.moe_layers), cfg.num_experts, cfg.num_experts, world)
+        return ExpertParallel(placement, rank, dispatcher)
+
+    engine = Engine.from_pretrained(model_dir, parallel=parallel)
+    prompts = make_prompts(sum(counts))[sum(counts[:rank]) : sum(counts[: rank + 1])]
+    short = SamplingParams(max_tokens=2 + 10 * rank, temperature=0.0, ignore_eos=True)
+    return [o.output_token_ids for o in engine.generate(prompts, short)]
+
+
+def test_generate_on_every_rank_returns_when_the_group_is_done(model_dirs):
+    """Rank 0 finishes first (fewer tokens, fewer prompts); it must keep joining rank 1's steps."""
+    model = str(model_dirs["deepseek_v3"])
+    results = run_ranks(2, ep_generate, model, [1, 3])
+    expected = Engine.from_pretrained(model).generate(
+        make_prompts(4),
+        [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (2, 12, 12, 12)],
+    )
+    assert [*results[0], *results[1]] == [o.output_token_ids for o in expected]
+
+
 @pytest.fixture(scope="module")
 def references(model_dirs):
     """Single-process engine and transformers greedy tokens for the shared prompt list."""
