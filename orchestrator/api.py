@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf import struct_pb2
 from pydantic import ValidationError
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
+from starlette.background import BackgroundTask
 
 from orchestrator import protocol
 from orchestrator.generate import TokenEvent, UpstreamError, generate
@@ -44,6 +45,18 @@ class ApiConfig:
             self.served_model_name = Path(self.model_dir).name
 
 
+class _Slot:
+    """One admission slot, released exactly once whichever path ends the request."""
+
+    def __init__(self, sem: asyncio.Semaphore):
+        self.sem, self.held = sem, True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.sem.release()
+
+
 class ApiError(Exception):
     def __init__(
         self,
@@ -70,9 +83,7 @@ def create_app(config: ApiConfig, pool: WorkerPool) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await pool.start()
-        infos = [w.info for w in pool.all if w.info is not None]
-        if infos:
-            config.max_context = min(i.max_context_length for i in infos)
+        context_limit()
         yield
         await pool.stop()
 
@@ -123,7 +134,7 @@ def create_app(config: ApiConfig, pool: WorkerPool) -> FastAPI:
                     "object": "model",
                     "created": protocol.now(),
                     "owned_by": "moeserve",
-                    "max_model_len": config.max_context,
+                    "max_model_len": context_limit(),
                 }
             ],
         }
@@ -153,8 +164,16 @@ def create_app(config: ApiConfig, pool: WorkerPool) -> FastAPI:
             )
         return req
 
+    def context_limit() -> int:
+        """The smallest context of the workers (learned from GetModelInfo; 0 while none answered)."""
+        if not config.max_context:
+            infos = [w.info for w in pool.all if w.info is not None]
+            if infos:
+                config.max_context = min(i.max_context_length for i in infos)
+        return config.max_context
+
     def sampling(req, prompt_len: int) -> pb.SamplingParams:
-        limit = config.max_context
+        limit = context_limit()
         if limit and prompt_len >= limit:
             raise ApiError(
                 400,
@@ -211,21 +230,31 @@ def create_app(config: ApiConfig, pool: WorkerPool) -> FastAPI:
                 headers={"Retry-After": "1"},
             )
         await slots.acquire()
+        slot = _Slot(slots)
         rid = protocol.new_id("chatcmpl" if kind == "chat" else "cmpl")
+        events = text_events(generate(router, prompt_ids, sp, rid), req)
+
+        async def finish() -> None:
+            # Idempotent; also runs when the client left before the stream body started (then
+            # `_sse` never runs): closing the events cancels both worker calls and aborts.
+            await events.aclose()
+            slot.release()
+
         try:
-            events = text_events(generate(router, prompt_ids, sp, rid), req)
             first = await _first(events)  # errors before the first token keep their HTTP status
         except BaseException:
-            slots.release()
+            await finish()
             raise
         if req.stream:
             return StreamingResponse(
-                _sse(kind, rid, req, first, events, slots), media_type="text/event-stream"
+                _sse(kind, rid, req, first, events, finish),
+                media_type="text/event-stream",
+                background=BackgroundTask(finish),
             )
         try:
-            return JSONResponse(await _collect(kind, rid, req, first, events, request))
+            return JSONResponse(await _collect(kind, rid, req, first, events))
         finally:
-            slots.release()
+            await finish()
 
     async def text_events(tokens: AsyncIterator[TokenEvent], req) -> AsyncIterator[tuple[str, TokenEvent]]:
         detok = IncrementalDetokenizer(tokenizer, req.skip_special_tokens)
@@ -254,7 +283,7 @@ def create_app(config: ApiConfig, pool: WorkerPool) -> FastAPI:
         except StopAsyncIteration:
             raise ApiError(502, "the workers returned no output", "upstream_error") from None
 
-    async def _collect(kind, rid, req, first, events, request: Request) -> dict[str, Any]:
+    async def _collect(kind, rid, req, first, events) -> dict[str, Any]:
         parts, last = [first[0]], first[1]
         async for text, ev in events:
             parts.append(text)
@@ -274,7 +303,7 @@ def create_app(config: ApiConfig, pool: WorkerPool) -> FastAPI:
             "usage": protocol.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens),
         }
 
-    async def _sse(kind, rid, req, first, events, slots_) -> AsyncIterator[str]:
+    async def _sse(kind, rid, req, first, events, finish) -> AsyncIterator[str]:
         created = protocol.now()
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -332,8 +361,7 @@ def create_app(config: ApiConfig, pool: WorkerPool) -> FastAPI:
         except ApiError as e:  # after the first token the status is sent: report in the stream
             yield f"data: {json.dumps(protocol.error_body(str(e), e.type, e.code))}\n\n"
         finally:
-            await events.aclose()
-            slots_.release()
+            await finish()
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:

@@ -15,6 +15,7 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from orchestrator.router import Router
 
 REQUEST_TIMEOUT_S = 600.0
+_background: set[asyncio.Task] = set()
 
 # gRPC status from a worker -> (HTTP status, OpenAI error type)
 _HTTP = {
@@ -61,11 +62,12 @@ async def generate(
     )
     prefill.inflight += 1
     decode.inflight += 1
-    pcall = prefill.stub.Generate(request, timeout=REQUEST_TIMEOUT_S)
-    dcall = decode.stub.Generate(request, timeout=REQUEST_TIMEOUT_S)
-    prefill_done = asyncio.ensure_future(_drain(pcall))
+    pcall = dcall = prefill_done = None
     finished = False
     try:
+        pcall = prefill.stub.Generate(request, timeout=REQUEST_TIMEOUT_S)
+        dcall = decode.stub.Generate(request, timeout=REQUEST_TIMEOUT_S)
+        prefill_done = asyncio.ensure_future(_drain(pcall))
         try:
             async for resp in dcall:
                 if resp.HasField("chunk"):
@@ -87,12 +89,18 @@ async def generate(
             )
     finally:
         if not finished:
-            pcall.cancel()
-            dcall.cancel()
+            for call in (pcall, dcall):
+                if call is not None:
+                    call.cancel()
             # Belt and braces: the cancellations already abort on the workers.
             for worker in (prefill, decode):
-                asyncio.get_running_loop().create_task(worker.abort(request_id))
-        prefill_done.add_done_callback(lambda _: _leave(router, room, prefill, decode))
+                task = asyncio.get_running_loop().create_task(worker.abort(request_id))
+                _background.add(task)  # keep a reference until it has run
+                task.add_done_callback(_background.discard)
+        if prefill_done is None:
+            _leave(router, room, prefill, decode)
+        else:
+            prefill_done.add_done_callback(lambda _: _leave(router, room, prefill, decode))
 
 
 async def _drain(call) -> None:

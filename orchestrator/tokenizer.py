@@ -53,10 +53,6 @@ class Tokenizer:
             template = jinja_file.read_text()
         self._template = _compile(template) if template else None
 
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 

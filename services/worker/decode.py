@@ -16,13 +16,13 @@ from collections.abc import Iterator
 import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
-from services.engine import InvalidRequestError, SamplingParams
+from services.engine import SamplingParams
 from services.kv import KVLayout, KVRegion
 from services.proto.moeserve.v1 import kv_handoff_pb2 as kvpb
 from services.proto.moeserve.v1 import kv_handoff_pb2_grpc as kvpb_grpc
 from services.worker import wire
-from services.worker.engine_loop import EngineLoop, RequestStream
-from services.worker.streams import stream_outputs
+from services.worker.engine_loop import EngineDead, EngineLoop, RequestStream
+from services.worker.streams import start_stream, stream_outputs
 
 POLL_S = 0.05
 
@@ -65,9 +65,10 @@ class DecodeSide:
         except BaseException:
             self.loop.call(self.loop.engine.free_pages, pages)
             raise
-        stream = RequestStream()
+        ran = []
 
-        def start() -> str:
+        def start(stream: RequestStream) -> str:
+            ran.append(True)
             # Owns `pages` from here on, also when it raises.
             out = self.loop.engine.add_prefilled_request(
                 prompt, res.first_token_id, pages, params, request_id
@@ -78,9 +79,11 @@ class DecodeSide:
             return out.request_id
 
         try:
-            rid = self.loop.run(start)
-        except InvalidRequestError as e:
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+            rid, stream = start_stream(self.loop, start, context)
+        except BaseException:
+            if not ran and self.loop.healthy:
+                self.loop.call(self.loop.engine.free_pages, pages)  # `start` was cancelled unrun
+            raise
         yield from stream_outputs(self.loop, stream, rid, context, request.stream, res.cached_tokens)
 
     def _reserve(self, num_tokens: int, context: grpc.ServicerContext) -> list[int]:
@@ -90,10 +93,17 @@ class DecodeSide:
             self._reserving += 1
         try:
             while True:
-                pages = self.loop.run(self.loop.engine.reserve_pages, num_tokens)
+                try:
+                    pages = self.loop.run(self.loop.engine.reserve_pages, num_tokens)
+                except EngineDead as e:
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"decode engine is down: {e}")
                 if pages is not None:
                     return pages
-                if time.monotonic() > deadline or not context.is_active():
+                if not context.is_active():
+                    context.abort(
+                        grpc.StatusCode.CANCELLED, "the caller went away while waiting for KV pages"
+                    )
+                if time.monotonic() > deadline:
                     context.abort(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"decode KV pool has no room for a {num_tokens}-token prompt after "

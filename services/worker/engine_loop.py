@@ -71,11 +71,23 @@ class EngineLoop:
             fut.set_exception(EngineDead(f"engine loop is down: {self.error!r}"))
             return fut
         self._commands.put((lambda: fn(*args, **kwargs), fut))
+        if self.error is not None:  # the loop died between the check and the put
+            self._fail_pending(EngineDead(f"engine loop is down: {self.error!r}"))
         return fut
 
     def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 30.0, **kwargs: Any) -> Any:
-        """`call` and wait for the result."""
-        return self.call(fn, *args, **kwargs).result(timeout=timeout)
+        """`call` and wait for the result; EngineDead if the loop is down or does not get to it in time.
+
+        A command that timed out is cancelled before it starts, so it never runs behind the
+        caller's back (e.g. reserving pages nobody will free).
+        """
+        fut = self.call(fn, *args, **kwargs)
+        try:
+            return fut.result(timeout=timeout)
+        except TimeoutError:
+            if fut.cancel():
+                raise EngineDead(f"engine loop did not run a command within {timeout:.0f}s") from None
+            return fut.result()  # it started just now: commands are short
 
     def attach_stream(self, request_id: str, stream: RequestStream) -> None:
         """Route `request_id`'s outputs to `stream` (call on the loop thread, e.g. inside `call`)."""

@@ -24,7 +24,7 @@ from services.kv import KVLayout, KVRegion, LayoutMismatch, TransferEngine, Tran
 from services.proto.moeserve.v1 import kv_handoff_pb2 as kvpb
 from services.proto.moeserve.v1 import kv_handoff_pb2_grpc as kvpb_grpc
 from services.worker import convert, wire
-from services.worker.engine_loop import EngineLoop
+from services.worker.engine_loop import EngineDead, EngineLoop
 from services.worker.rooms import Room, RoomTable
 from services.worker.streams import abort_and_deliver
 
@@ -68,7 +68,11 @@ class RoomSender:
         )
 
     def on_layer(self, layer: int, start: int, end: int, pages: list[int]) -> None:
-        descs = copy_descriptors(layer, start, end, self.side.region, pages, self.dst, self.dst_pages)
+        try:
+            descs = copy_descriptors(layer, start, end, self.side.region, pages, self.dst, self.dst_pages)
+        except Exception as e:  # a bad destination must fail this room, never the engine loop
+            self.room.fail(grpc.StatusCode.INTERNAL, f"room {self.room.room_id}: bad KV destination: {e!r}")
+            return
         if self.deferred is not None:
             self.deferred.append(descs)
         else:
@@ -195,16 +199,28 @@ class PrefillSide(kvpb_grpc.KVHandoffServicer):
                 f"the prompt has {len(room.prompt)}",
             )
             return
+        needed = -(-len(room.prompt) // self.region.page_size)
+        if len(attach.page_ids) < needed:
+            room.fail(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"room {room.room_id}: decode attached {len(attach.page_ids)} pages, a "
+                f"{len(room.prompt)}-token prompt needs {needed}",
+            )
+            return
         # Prefill samples exactly the first token; decode samples the rest with the same params.
         first = SamplingParams(**{**params.__dict__, "max_tokens": 1})
         sender = RoomSender(self, room)
 
         def start() -> None:
+            if room.done:  # aborted or released while this command waited in the queue
+                return
             self.loop.engine.add_request(room.prompt, first, room.request_id, listener=sender)
             room.in_engine = True
 
         try:
             self.loop.run(start)
+        except EngineDead as e:
+            room.fail(grpc.StatusCode.UNAVAILABLE, f"room {room.room_id}: prefill engine is down: {e}")
         except Exception as e:
             room.fail(grpc.StatusCode.INVALID_ARGUMENT, f"room {room.room_id}: {e}")
 
@@ -218,12 +234,27 @@ class PrefillSide(kvpb_grpc.KVHandoffServicer):
             if not context.is_active():
                 self._abort_room(room, "the caller went away")
                 return True
+            if not self.loop.healthy:
+                room.fail(grpc.StatusCode.UNAVAILABLE, f"room {room.room_id}: prefill engine is down")
+                return True
         return False
 
     def _abort_room(self, room: Room, why: str) -> None:
         room.fail(grpc.StatusCode.ABORTED, f"room {room.room_id} aborted: {why}")
-        if room.in_engine and room.request_id:
+        if room.request_id:
+            # Queued after any pending start (commands run in order), so it cannot miss it.
             self.loop.call(abort_and_deliver, self.loop, room.request_id)
+
+    def _writes_settled(self, room: Room) -> bool:
+        """Wait until the sender has passed every write queued so far (they skip ended rooms).
+
+        Decode frees its pages as soon as it hears the room ended, so nothing may land after.
+        """
+        if not room.in_engine:
+            return True
+        barrier = threading.Event()
+        self.jobs.put((lambda _: barrier.set(), None))
+        return barrier.wait(timeout=10.0)
 
     # -- KVHandoff service -----------------------------------------------------------------------
 
@@ -248,6 +279,7 @@ class PrefillSide(kvpb_grpc.KVHandoffServicer):
                 )
             self._wait(room, lambda: False, None, context)
             if room.error is not None:
+                self._writes_settled(room)
                 context.abort(room.error.code, room.error.message)
             return room.result
         finally:
@@ -258,11 +290,10 @@ class PrefillSide(kvpb_grpc.KVHandoffServicer):
         if room is None or room.done:
             return kvpb.ReleaseResponse(released=False)
         self._abort_room(room, f"released by decode ({request.reason or 'no reason given'})")
-        # Writes run in order and skip ended rooms: once the sender passes this barrier, nothing
-        # more lands in the decode pages, which the decode frees as soon as we answer.
-        barrier = threading.Event()
-        self.jobs.put((lambda _: barrier.set(), None))
-        barrier.wait(timeout=10.0)
+        if not self._writes_settled(room):
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"room {room.room_id}: KV writes did not settle in 10 s"
+            )
         return kvpb.ReleaseResponse(released=True)
 
     # -- DisaggSide ------------------------------------------------------------------------------

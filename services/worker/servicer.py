@@ -27,7 +27,7 @@ from services.engine import InvalidRequestError
 from services.worker import convert
 from services.worker.config import WorkerConfig
 from services.worker.engine_loop import EngineLoop, RequestStream
-from services.worker.streams import abort_and_deliver, stream_outputs
+from services.worker.streams import abort_and_deliver, start_stream, stream_outputs
 
 VERSION = "moeserve-0.1.0"
 TOKENIZER_FILES = (
@@ -100,17 +100,13 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
         if request.HasField("disaggregated_params") and request.disaggregated_params.bootstrap_host:
             yield from self.side.generate(request, params, context)
             return
-        stream = RequestStream()
 
-        def start() -> str:
+        def start(stream: RequestStream) -> str:
             rid = engine.add_request(prompt, params, request.request_id or None)
             self.loop.attach_stream(rid, stream)
             return rid
 
-        try:
-            rid = self.loop.run(start)
-        except InvalidRequestError as e:
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        rid, stream = start_stream(self.loop, start, context)
         yield from stream_outputs(self.loop, stream, rid, context, want_chunks=request.stream)
 
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortResponse:

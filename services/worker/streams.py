@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
+from services.engine import InvalidRequestError
 from services.worker import convert
 from services.worker.engine_loop import EngineDead, EngineLoop, RequestStream
 
@@ -43,6 +44,18 @@ def stream_outputs(
                 return
     except EngineDead as e:
         context.abort(grpc.StatusCode.UNAVAILABLE, f"worker engine is down: {e}")
+
+
+def start_stream(loop: EngineLoop, start, context: grpc.ServicerContext) -> tuple[str, RequestStream]:
+    """Run `start(stream) -> request_id` on the loop; map its errors to gRPC statuses."""
+    stream = RequestStream()
+    try:
+        return loop.run(start, stream), stream
+    except InvalidRequestError as e:
+        context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+    except EngineDead as e:
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"worker engine is down: {e}")
+    raise AssertionError("unreachable")  # context.abort raises
 
 
 def abort_and_deliver(loop: EngineLoop, request_id: str) -> bool:

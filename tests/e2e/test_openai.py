@@ -7,6 +7,7 @@ text comes from `transformers` greedy decoding of the same model and prompt.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import time
 
 import httpx
@@ -249,5 +250,30 @@ def test_killed_prefill_gives_a_clear_error_and_frees_decode(ds_dir):
         assert "KV hand-off from prefill" in str(e.value)
         load = c.load("decode")
         assert load.num_used_tokens == 0 and load.num_total_reqs == 0
+    finally:
+        c.stop()
+
+
+def test_disconnect_before_first_token_releases_slot_and_kv(ds_dir):
+    """A client gone during a slow prefill: its admission slot and both workers' KV come back."""
+    c = LocalCluster()
+    try:
+        p = c.worker("prefill", "prefill", ds_dir, "--max-prefill-tokens", "8")
+        d = c.worker("decode", "decode", ds_dir)
+        url = c.orchestrator(ds_dir, [p], [d], "--max-concurrency", "1")
+        body = {
+            "model": model_name(ds_dir),
+            "prompt": [i % 400 + 5 for i in range(900)],
+            "max_tokens": 1500,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        with httpx.Client(timeout=30) as http, contextlib.suppress(httpx.TimeoutException):
+            http.post(f"{url}/v1/completions", json=body, timeout=0.3)  # gives up mid-prefill
+        c.assert_idle(timeout=30)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        res = client.completions.create(model=model_name(ds_dir), prompt="hi", max_tokens=2, temperature=0)
+        assert res.choices[0].finish_reason in ("stop", "length")  # the one slot is free again, no 429
     finally:
         c.stop()
