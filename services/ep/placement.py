@@ -49,6 +49,10 @@ class ExpertPlacement:
             table[i, self.phys_to_log[i][order], rank_in_expert] = order
         object.__setattr__(self, "log_to_phys", table)
         object.__setattr__(self, "replicas", replicas)
+        identity = torch.arange(slots) == self.phys_to_log  # [L, S]
+        object.__setattr__(
+            self, "_identity", [slots == self.num_experts and bool(row.all()) for row in identity]
+        )
 
     @classmethod
     def default(cls, num_layers: int, num_experts: int, num_slots: int, ep_size: int) -> ExpertPlacement:
@@ -71,6 +75,8 @@ class ExpertPlacement:
 
     def route(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
         """Logical expert ids [T, K] -> physical slots [T, K], spreading tokens over replicas."""
+        if self._identity[layer]:
+            return ids  # slot e holds expert e, no replicas
         t, k = ids.shape
         count = self.replicas[layer][ids]  # [T, K]
         pick = (torch.arange(t)[:, None] + torch.arange(k)[None, :]) % count  # [T, K]

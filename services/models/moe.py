@@ -89,17 +89,25 @@ class RoutedExperts(nn.Module):
         self.use_grouped_mm: bool | None = None
         """None: decide from the device on first use."""
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, all_local: bool = False
+    ) -> torch.Tensor:
         """x: [T, D], ids/weights: [T, K] local slots (-1: computed elsewhere) -> [T, D] =
-        sum over k with ids[t, k] >= 0 of weights[t, k] * slot_ids[t, k](x[t])."""
+        sum over k with ids[t, k] >= 0 of weights[t, k] * slot_ids[t, k](x[t]).
+
+        `all_local`: the caller knows there is no -1 (single-rank group), skip the filtering.
+        """
         out = torch.zeros_like(x)
         if x.shape[0] == 0:
             return out
         if self.use_grouped_mm is None:
             self.use_grouped_mm = grouped_mm_supported(x.device)
         flat_ids = ids.reshape(-1)  # [T*K]
-        keep = (flat_ids >= 0).nonzero().squeeze(1)  # entries computed on this rank
-        order = keep[torch.argsort(flat_ids[keep], stable=True)]  # [N] grouped by slot
+        if all_local:
+            order = torch.argsort(flat_ids, stable=True)  # [N] grouped by slot
+        else:
+            keep = (flat_ids >= 0).nonzero().squeeze(1)  # entries computed on this rank
+            order = keep[torch.argsort(flat_ids[keep], stable=True)]
         flat_ids = flat_ids[order]
         counts = torch.bincount(flat_ids, minlength=self.w13.shape[0])  # [S]
         token_of = order // ids.shape[1]  # [N] token of each sorted entry
@@ -158,7 +166,7 @@ class MoEBlock(nn.Module):
             par.recorder.record(self.moe_index, ids)
         slots = par.placement.route(self.moe_index, ids)  # [T, K] physical slots
         if par.dispatcher is None:
-            out = self.experts(x, slots - par.first_local_slot, weights)
+            out = self.experts(x, slots, weights, all_local=True)  # one rank: every slot is local
         else:
             got = par.dispatcher.dispatch(x, slots, weights, par.placement.slots_per_rank)
             partial = self.experts(got.x, got.local_slots, got.weights)
