@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -76,10 +74,3 @@ class LocalCluster:
 
     def stop(self) -> None:
         self.cluster.stop()
-
-
-def python_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-PY = sys.executable
