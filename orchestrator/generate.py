@@ -1,6 +1,6 @@
 """One request through a (prefill, decode) pair: the same GenerateRequest goes to both, the
-client sees the decode stream. If the request ends early (client gone, stop string, error) both
-calls are cancelled and both workers get an Abort, so no KV stays behind."""
+client sees the decode stream. If the request ends early (client gone, stop string, error,
+shutdown) both calls are cancelled and both workers get an Abort, so no KV stays behind."""
 
 from __future__ import annotations
 
@@ -12,22 +12,18 @@ from dataclasses import dataclass
 import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
-from orchestrator.router import Router
+from orchestrator.errors import ApiError, upstream_error
+from orchestrator.router import NoWorkers, Router
 
 REQUEST_TIMEOUT_S = 600.0
-_background: set[asyncio.Task] = set()
-
-# gRPC status from a worker -> (HTTP status, OpenAI error type)
-_HTTP = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (503, "service_unavailable"),
-    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
-}
+_background: set[asyncio.Future] = set()
+"""Aborts and prefill drains still running after their request ended (kept referenced until done)."""
 
 
 @dataclass(frozen=True)
 class TokenEvent:
+    """New tokens from the decode worker; the last event carries the finish reason."""
+
     token_ids: list[int]
     finish_reason: str | None = None
     prompt_tokens: int = 0
@@ -35,39 +31,30 @@ class TokenEvent:
     cached_tokens: int = 0
 
 
-class UpstreamError(RuntimeError):
-    def __init__(self, status: int, type_: str, message: str):
-        super().__init__(message)
-        self.status, self.type = status, type_
-
-    @classmethod
-    def from_grpc(cls, side: str, address: str, err: grpc.aio.AioRpcError) -> UpstreamError:
-        status, type_ = _HTTP.get(err.code(), (502, "upstream_error"))
-        return cls(status, type_, f"{side} worker {address} failed ({err.code().name}): {err.details()}")
-
-
 async def generate(
     router: Router, prompt_ids: list[int], sampling: pb.SamplingParams, request_id: str
 ) -> AsyncIterator[TokenEvent]:
-    prefill, decode = router.pick()
-    room = router.new_room()
+    """The decode worker's token stream; raises ApiError when no worker can take it or a worker fails."""
+    try:
+        lease = router.lease()
+    except NoWorkers as e:
+        raise ApiError(503, str(e), "service_unavailable") from None
+    prefill, decode = lease.prefill, lease.decode
     request = pb.GenerateRequest(
         request_id=request_id,
         tokenized=pb.TokenizedInput(input_ids=prompt_ids),
         sampling_params=sampling,
         disaggregated_params=pb.DisaggregatedParams(
-            bootstrap_host=prefill.host, bootstrap_port=prefill.port, bootstrap_room=room
+            bootstrap_host=prefill.host, bootstrap_port=prefill.port, bootstrap_room=lease.room
         ),
         stream=True,
     )
-    prefill.inflight += 1
-    decode.inflight += 1
     pcall = dcall = prefill_done = None
     finished = False
     try:
         pcall = prefill.stub.Generate(request, timeout=REQUEST_TIMEOUT_S)
         dcall = decode.stub.Generate(request, timeout=REQUEST_TIMEOUT_S)
-        prefill_done = asyncio.ensure_future(_drain(pcall))
+        prefill_done = _keep(asyncio.ensure_future(_drain(pcall)))
         try:
             async for resp in dcall:
                 if resp.HasField("chunk"):
@@ -82,11 +69,9 @@ async def generate(
                         [], c.finish_reason, c.prompt_tokens, c.completion_tokens, c.cached_tokens
                     )
         except grpc.aio.AioRpcError as e:
-            raise UpstreamError.from_grpc("decode", decode.address, e) from None
+            raise upstream_error("decode", decode.address, e.code(), e.details()) from None
         if not finished:
-            raise UpstreamError(
-                502, "upstream_error", f"decode worker {decode.address} ended the stream early"
-            )
+            raise ApiError(502, f"decode worker {decode.address} ended the stream early", "upstream_error")
     finally:
         if not finished:
             for call in (pcall, dcall):
@@ -94,22 +79,27 @@ async def generate(
                     call.cancel()
             # Belt and braces: the cancellations already abort on the workers.
             for worker in (prefill, decode):
-                task = asyncio.get_running_loop().create_task(worker.abort(request_id))
-                _background.add(task)  # keep a reference until it has run
-                task.add_done_callback(_background.discard)
+                _keep(asyncio.get_running_loop().create_task(worker.abort(request_id)))
+        # The prefill worker may still be sending KV: the lease ends when its call has.
         if prefill_done is None:
-            _leave(router, room, prefill, decode)
+            lease.release()
         else:
-            prefill_done.add_done_callback(lambda _: _leave(router, room, prefill, decode))
+            prefill_done.add_done_callback(lambda _: lease.release())
+
+
+async def settle(timeout: float) -> None:
+    """Waits (at most `timeout` seconds) for the aborts and prefill drains of ended requests."""
+    if _background:
+        await asyncio.wait(set(_background), timeout=timeout)
+
+
+def _keep(task: asyncio.Future) -> asyncio.Future:
+    _background.add(task)  # keep a reference until it has run
+    task.add_done_callback(_background.discard)
+    return task
 
 
 async def _drain(call) -> None:
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
         async for _ in call:
             pass
-
-
-def _leave(router: Router, room: int, prefill, decode) -> None:
-    prefill.inflight -= 1
-    decode.inflight -= 1
-    router.end_room(room)

@@ -1,19 +1,21 @@
-"""OpenAI request bodies (validated with pydantic at the HTTP edge) and response shapes."""
+"""OpenAI request bodies, validated with pydantic at the HTTP edge (responses: `envelopes`)."""
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class StreamOptions(BaseModel):
+    """`stream_options`: whether a streamed response ends with a usage chunk."""
+
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
+    """Fields shared by both endpoints: the model id, sampling and streaming."""
+
     model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored
 
     model: str
@@ -44,6 +46,8 @@ class _Sampling(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """One chat message; content is a string or a list of text parts."""
+
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
@@ -63,6 +67,8 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
+    """The body of POST /v1/chat/completions."""
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
@@ -74,6 +80,8 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
+    """The body of POST /v1/completions: one prompt, as text or token ids."""
+
     prompt: str | list[int] = Field(min_length=1)
     echo: bool = False
 
@@ -87,22 +95,8 @@ class CompletionRequest(_Sampling):
         return v
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+Kind = Literal["chat", "completion"]
+"""Which endpoint a request came in on; it decides the request body and the response shape."""
 
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
-def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def now() -> int:
-    return int(time.time())
+OpenAIRequest = ChatCompletionRequest | CompletionRequest
+BODIES: dict[Kind, type[OpenAIRequest]] = {"chat": ChatCompletionRequest, "completion": CompletionRequest}

@@ -1,15 +1,16 @@
-"""Picks the (prefill, decode) pair for a request and draws its bootstrap room.
+"""Leases a (prefill, decode) pair and a bootstrap room to each request.
 
-Least-load: the healthy worker with the fewest requests in flight from this orchestrator, decode
-chosen first, then prefill; ties go round-robin so idle pools spread work evenly.
+Decode is chosen first, then prefill, each with the shared least-loaded rule (`services.picking`):
+the healthy worker with the fewest requests in flight from this orchestrator, ties in turn.
 """
 
 from __future__ import annotations
 
-import itertools
 import random
+from dataclasses import dataclass, field
 
 from orchestrator.workers import Worker, WorkerPool
+from services.picking import LeastLoaded
 
 ROOM_MAX = 2**31 - 1  # bootstrap_room is an int32 on SGLang's wire
 
@@ -18,32 +19,51 @@ class NoWorkers(RuntimeError):
     """No healthy worker of a role."""
 
 
+@dataclass(eq=False)
+class Lease:
+    """One request's hold on its two workers and its room; `release()` gives them back exactly once."""
+
+    prefill: Worker
+    decode: Worker
+    room: int
+    _router: Router = field(repr=False)
+    released: bool = False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.prefill.inflight -= 1
+        self.decode.inflight -= 1
+        self._router.live_rooms.discard(self.room)
+
+
 class Router:
+    """Hands out leases on the pool's workers, least loaded first."""
+
     def __init__(self, pool: WorkerPool, seed: int | None = None):
         self.pool = pool
-        self._rr = itertools.count()
+        self._pickers = {"prefill": LeastLoaded(), "decode": LeastLoaded()}
         self._rng = random.Random(seed)
         self.live_rooms: set[int] = set()
 
-    def pick(self) -> tuple[Worker, Worker]:
-        decode = self._least_loaded(self.pool.decode, "decode")
-        prefill = self._least_loaded(self.pool.prefill, "prefill")
-        return prefill, decode
+    def lease(self) -> Lease:
+        """Picks decode then prefill and counts the request on both; raises NoWorkers if a role has none."""
+        decode = self._pick(self.pool.decode, "decode")
+        prefill = self._pick(self.pool.prefill, "prefill")
+        prefill.inflight += 1
+        decode.inflight += 1
+        return Lease(prefill, decode, self._new_room(), self)
 
-    def _least_loaded(self, workers: list[Worker], role: str) -> Worker:
+    def _pick(self, workers: list[Worker], role: str) -> Worker:
         healthy = [w for w in workers if w.healthy]
         if not healthy:
             raise NoWorkers(f"no healthy {role} worker ({len(workers)} configured); check the {role} pool")
-        low = min(w.inflight for w in healthy)
-        candidates = [w for w in healthy if w.inflight == low]
-        return candidates[next(self._rr) % len(candidates)]
+        return self._pickers[role].pick(healthy, load=lambda w: w.inflight)
 
-    def new_room(self) -> int:
+    def _new_room(self) -> int:
         while True:
             room = self._rng.randint(1, ROOM_MAX)
             if room not in self.live_rooms:
                 self.live_rooms.add(room)
                 return room
-
-    def end_room(self, room: int) -> None:
-        self.live_rooms.discard(room)

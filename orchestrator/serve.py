@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
-from orchestrator.api import ApiConfig, create_app
+import uvicorn
+
+from orchestrator.api import create_app
+from orchestrator.config import ApiConfig
 from orchestrator.tokenizer import TokenizerError
 from orchestrator.workers import WorkerPool
+
+GRACE_S = 2
+"""After a stop signal, how long connections may take to finish before uvicorn cancels them (the
+app's streams end at once; this only bounds a client that stops reading)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,12 +47,36 @@ def config_from_args(a: argparse.Namespace) -> ApiConfig:
     return ApiConfig(a.model, a.served_model_name, frozenset(keys), a.max_concurrency)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import uvicorn
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also starts the app's orderly stop the moment SIGINT or SIGTERM arrives.
 
+    Without it uvicorn would wait for running streams to end by themselves (up to its graceful
+    timeout) and then cut them off; with it they end at once with a final event.
+    """
+
+    def __init__(self, config: uvicorn.Config, on_stop: Callable[[], None]):
+        super().__init__(config)
+        self._on_stop = on_stop
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if self._loop is not None:  # a signal handler: hand the stop to the event loop
+            self._loop.call_soon_threadsafe(self._on_stop)
+
+
+def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("MOESERVE_LOG_LEVEL", "WARNING"))
-    config = config_from_args(a)
+    try:
+        config = config_from_args(a)
+    except ValueError as e:
+        print(f"moeserve serve: {e}", file=sys.stderr)
+        return 2
     if not config.api_keys:
         print(
             "moeserve serve: no API key configured; the API is open to anyone who can reach it",
@@ -52,7 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     except TokenizerError as e:
         print(f"moeserve serve: {e}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=5)
+    server_config = uvicorn.Config(
+        app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=GRACE_S
+    )
+    server = _Server(server_config, on_stop=app.state.admission.close)
+    # Once stopped, uvicorn re-raises the signal it caught: SIGTERM ends the process with that
+    # status, SIGINT comes back as KeyboardInterrupt.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
     return 0
 
 

@@ -32,6 +32,8 @@ def _token_text(value: Any) -> str | None:
 
 
 class Tokenizer:
+    """The model directory's tokenizer.json and its chat template (from tokenizer_config.json or .jinja)."""
+
     def __init__(self, model_dir: str | Path):
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"

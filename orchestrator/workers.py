@@ -19,6 +19,8 @@ HEALTH_INTERVAL_S = 2.0
 
 @dataclass(eq=False)
 class Worker:
+    """One worker as the orchestrator sees it: its gRPC stub, health and load."""
+
     role: Role
     address: str
     """host:port of the worker's gRPC server (for prefill also its bootstrap address)."""
@@ -76,6 +78,10 @@ class WorkerPool:
     @property
     def ready(self) -> bool:
         return any(w.healthy for w in self.prefill) and any(w.healthy for w in self.decode)
+
+    def context_limit(self) -> int:
+        """The smallest context of the workers that answered GetModelInfo (0 while none has)."""
+        return min((w.info.max_context_length for w in self.all if w.info is not None), default=0)
 
     async def check_all(self) -> None:
         await asyncio.gather(*(w.check() for w in self.all))

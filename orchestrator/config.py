@@ -1,0 +1,28 @@
+"""The orchestrator's HTTP settings (`moeserve serve` flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """What the HTTP edge serves and whom it lets in."""
+
+    model_dir: Path
+    """Model directory: tokenizer and chat template; its name is the default model id."""
+    served_model_name: str = ""
+    """The model id clients send; empty means the model directory's name."""
+    api_keys: frozenset[str] = frozenset()
+    """Bearer keys accepted on /v1/*; empty means no authentication (local use only)."""
+    max_concurrency: int = 256
+    """Requests in flight beyond this get 429 with Retry-After."""
+    max_body_bytes: int = 1 << 20
+    """Larger request bodies get 413."""
+
+    def __post_init__(self) -> None:
+        if not self.served_model_name:
+            object.__setattr__(self, "served_model_name", Path(self.model_dir).name)
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency is {self.max_concurrency}; it must be at least 1")

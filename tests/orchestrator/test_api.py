@@ -1,0 +1,88 @@
+"""The routes and their wiring, called in-process (no server, no workers: the pool has none healthy)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from orchestrator.api import create_app
+from orchestrator.config import ApiConfig
+from orchestrator.workers import WorkerPool
+
+KEY = "k"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def app(ds_dir):
+    config = ApiConfig(ds_dir, "tiny", frozenset({KEY}), max_concurrency=1, max_body_bytes=4096)
+    return create_app(config, WorkerPool(["127.0.0.1:1"], ["127.0.0.1:2"]))
+
+
+def call(app, method: str, path: str, **kw) -> httpx.Response:
+    async def main() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.request(method, path, **kw)
+
+    return asyncio.run(main())
+
+
+def test_v1_needs_the_key_but_health_does_not(app):
+    r = call(app, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert call(app, "GET", "/health").json() == {"status": "ok"}
+
+
+def test_models_lists_the_served_model(app):
+    r = call(app, "GET", "/v1/models", headers=AUTH)
+    assert [m["id"] for m in r.json()["data"]] == ["tiny"]
+
+
+def test_large_bodies_are_refused_before_reading(app):
+    r = call(app, "POST", "/v1/completions", headers=AUTH, content=b"x" * 5000)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
+@pytest.mark.parametrize(
+    "path, body, status, fragment",
+    [
+        ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
+        ("/v1/chat/completions", b'{"model": "nope", "messages": [{"role": "user"}]}', 404, "does not exist"),
+        ("/v1/completions", b'{"model": "tiny", "prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+    ],
+)
+def test_bad_requests_get_openai_errors(app, path, body, status, fragment):
+    r = call(app, "POST", path, headers=AUTH, content=body)
+    assert r.status_code == status and fragment in r.json()["error"]["message"]
+
+
+def test_no_healthy_worker_is_a_503_and_the_slot_comes_back(app):
+    for _ in range(2):  # with one slot, a leaked one would make the second call a 429
+        r = call(app, "POST", "/v1/chat/completions", headers=AUTH, json=CHAT)
+        assert r.status_code == 503 and "no healthy decode worker" in r.json()["error"]["message"]
+    assert app.state.admission.in_flight == 0
+
+
+def test_a_full_server_answers_429(app):
+    slot = app.state.admission.admit()
+    r = call(app, "POST", "/v1/chat/completions", headers=AUTH, json=CHAT)
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    slot.release()
+
+
+def test_a_stopping_server_answers_503_and_is_not_ready(app):
+    app.state.admission.close()
+    r = call(app, "POST", "/v1/chat/completions", headers=AUTH, json={**CHAT, "stream": True})
+    assert r.status_code == 503
+    assert r.json()["error"] == {
+        "message": "the server is shutting down; retry the request",
+        "type": "service_unavailable",
+        "param": None,
+        "code": "server_shutting_down",
+    }
+    ready = call(app, "GET", "/ready")
+    assert ready.status_code == 503 and ready.json()["status"] == "shutting down"

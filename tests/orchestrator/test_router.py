@@ -1,0 +1,74 @@
+"""The router's lease: least loaded (decode, then prefill), ties in turn, counted and ended once."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.router import NoWorkers, Router
+from orchestrator.workers import WorkerPool
+
+
+def pool(prefill: int, decode: int) -> WorkerPool:
+    p = WorkerPool(
+        [f"10.0.0.1:{5000 + i}" for i in range(prefill)], [f"10.0.0.2:{6000 + i}" for i in range(decode)]
+    )
+    for w in p.all:
+        w.healthy = True
+    return p
+
+
+def test_ties_are_taken_in_turn():
+    router = Router(pool(2, 3))
+    ports = []
+    for _ in range(6):
+        lease = router.lease()
+        ports.append((lease.decode.port, lease.prefill.port))
+        lease.release()  # every pick sees an idle pool: all tie
+    assert [d for d, _ in ports] == [6000, 6001, 6002, 6000, 6001, 6002]
+    assert [p for _, p in ports] == [5000, 5001, 5000, 5001, 5000, 5001]
+
+
+def test_held_leases_spread_over_the_pool():
+    router = Router(pool(2, 3))
+    leases = [router.lease() for _ in range(6)]
+    assert len({lease.decode.port for lease in leases[:3]}) == 3
+    assert [w.inflight for w in router.pool.decode] == [2, 2, 2]
+    assert [w.inflight for w in router.pool.prefill] == [3, 3]
+
+
+def test_the_least_loaded_worker_is_picked():
+    p = pool(2, 2)
+    p.decode[0].inflight, p.prefill[1].inflight = 5, 1
+    lease = Router(p).lease()
+    assert (lease.decode, lease.prefill) == (p.decode[1], p.prefill[0])
+
+
+def test_release_gives_back_both_workers_and_the_room_once():
+    p = pool(1, 1)
+    router = Router(p)
+    first, second = router.lease(), router.lease()
+    first.release()
+    first.release()
+    assert (p.prefill[0].inflight, p.decode[0].inflight) == (1, 1)
+    assert router.live_rooms == {second.room}
+    second.release()
+    assert (p.prefill[0].inflight, p.decode[0].inflight) == (0, 0) and router.live_rooms == set()
+
+
+def test_rooms_are_unique_among_live_leases():
+    router = Router(pool(1, 1), seed=0)
+    rooms = [router.lease().room for _ in range(2000)]
+    assert len(set(rooms)) == len(rooms) and all(0 < r < 2**31 for r in rooms)
+
+
+def test_unhealthy_workers_are_skipped_and_none_left_is_an_error():
+    p = pool(2, 2)
+    p.decode[0].healthy = False
+    router = Router(p)
+    assert {router.lease().decode.port for _ in range(3)} == {6001}
+    assert [w.inflight for w in p.decode] == [0, 3]
+    p.decode[1].healthy = False
+    with pytest.raises(NoWorkers, match="no healthy decode worker"):
+        router.lease()
+    assert sum(w.inflight for w in p.prefill) == 3  # a failed lease counts nothing
+    assert len(router.live_rooms) == 3
