@@ -26,8 +26,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from services.engine import Engine, SamplingParams
 from services.ep import ExpertLoadRecorder, ExpertParallel, ExpertPlacement, create
-from services.ep.launch import run_ranks
 from services.tiny import make_tiny_model
+from tests.ranks import run_ranks
 
 HIDDEN, EXPERTS, TOPK = 7168, 256, 8
 

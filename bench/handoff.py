@@ -30,7 +30,8 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from orchestrator.up import Cluster, free_port, wait_worker
+from orchestrator.up import Cluster, wait_worker
+from services.process import free_port
 from services.tiny import make_tiny_model
 
 BENCH_MODEL = dict(

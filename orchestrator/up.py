@@ -2,19 +2,18 @@
 
 Starts one prefill worker, one decode worker and the orchestrator as child processes, all on
 loopback, with the tiny DeepSeek-V3-shaped model built on first use (or `--model DIR`). SIGINT
-or SIGTERM stops everything; children also die with this process (PR_SET_PDEATHSIG).
+or SIGTERM stops everything in order: the orchestrator first (it stops admitting and ends every
+stream with a final event), then the workers (each EP group stops together). Children run in
+sessions of their own, so a terminal's Ctrl-C reaches only this process, which orders the stop;
+they also die with it (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,37 +23,23 @@ import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
-PR_SET_PDEATHSIG = 1
+from services.process import die_with_parent, free_port, port_in_use, stop_on_signals
 
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """Whether a listener holds the port (connections lingering in TIME_WAIT do not count)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
+ORCHESTRATOR_STOP_S = 2.0
+WORKER_STOP_S = 4.0
 
 
 class Cluster:
+    """Child processes started in order and stopped in reverse order."""
+
     def __init__(self) -> None:
         self.children: list[tuple[str, subprocess.Popen]] = []
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen([sys.executable, *args], env=env, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(
+            [sys.executable, *args], env=env, preexec_fn=die_with_parent, start_new_session=True
+        )
         self.children.append((name, proc))
         return proc
 
@@ -65,16 +50,20 @@ class Cluster:
         return None
 
     def stop(self) -> None:
-        for _, proc in reversed(self.children):  # orchestrator first, then workers
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + 10
-        for _, proc in self.children:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        """Stop the children newest first (the orchestrator before the workers it calls)."""
+        started = [proc for _, proc in self.children]
+        orchestrators = [p for name, p in self.children if name == "orchestrator"]
+        for group, grace in ((orchestrators, ORCHESTRATOR_STOP_S), (started, WORKER_STOP_S)):
+            for proc in reversed(group):
+                if proc.poll() is None:
+                    proc.terminate()
+            deadline = time.monotonic() + grace
+            for proc in group:
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def wait_worker(cluster: Cluster, address: str, timeout: float) -> None:
@@ -131,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if port_in_use(a.host, a.port):
         print(f"moeserve up: {a.host}:{a.port} is in use; stop what holds it or pass --port", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     cluster = Cluster()
     try:
         model = a.model or tiny_model(a.arch)

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from services.engine.config import EngineConfig
+from services.engine.handoff import KVHandoffHooks
 from services.engine.model_runner import ModelRunner
 from services.engine.page_pool import KVCache, PagePool
-from services.engine.request import FinishReason, KVListener, Request, RequestOutput
+from services.engine.request import FinishReason, InvalidRequestError, KVListener, Request, RequestOutput
 from services.engine.sampling import SamplingParams, make_generator
 from services.engine.scheduler import Scheduler
 from services.ep import ExpertParallel
@@ -26,12 +27,10 @@ from services.models.base import MoECausalLM
 DEFAULT_KV_POOL_TOKENS = 32768
 
 
-class InvalidRequestError(ValueError):
-    """A request the engine cannot take; nothing was allocated for it."""
-
-
 @dataclass(frozen=True)
 class KVStats:
+    """Page pool occupancy."""
+
     page_size: int
     total_pages: int
     free_pages: int
@@ -41,7 +40,9 @@ class KVStats:
         return self.total_pages - self.free_pages
 
 
-class Engine:
+class Engine(KVHandoffHooks):
+    """One DP rank's engine: model, paged KV cache, scheduler and sampler behind a request API."""
+
     def __init__(self, model: MoECausalLM, model_config: ModelConfig, config: EngineConfig):
         self.model = model
         self.model_config = model_config
@@ -74,6 +75,8 @@ class Engine:
         self._rng = torch.Generator().manual_seed(config.seed)
         self.idle = True
         """The last `step` found no work (on any rank of an expert-parallel group)."""
+        self.stopped = False
+        """A rank of the group asked to stop at the last `step` (all ranks see it at the same step)."""
 
     @classmethod
     def from_pretrained(
@@ -128,56 +131,6 @@ class Engine:
         self.scheduler.add(req)
         return request_id
 
-    def reserve_pages(self, num_tokens: int) -> list[int] | None:
-        """Pages for `num_tokens` of KV written from elsewhere (decode side of a hand-off); None if full."""
-        need = self.pool.pages_for(num_tokens)
-        return self.pool.allocate(need) if need <= self.pool.num_free else None
-
-    def free_pages(self, pages: list[int]) -> None:
-        """Return pages from `reserve_pages` that never became a request."""
-        self.pool.free(pages)
-
-    def add_prefilled_request(
-        self,
-        prompt_token_ids: Sequence[int],
-        first_token: int,
-        pages: list[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-    ) -> RequestOutput:
-        """Admit a request whose prompt KV is already in `pages` and whose first token was sampled
-        elsewhere; it joins the decode batch at the next step. The pages belong to the request from
-        here on (freed when it ends, also on error). Returns the output for the first token."""
-        try:
-            self.validate(prompt_token_ids, params)
-            if len(pages) < self.pool.pages_for(len(prompt_token_ids)):
-                raise InvalidRequestError(
-                    f"{len(pages)} pages cannot hold a {len(prompt_token_ids)}-token prompt"
-                )
-            request_id = self._new_id(request_id)
-        except InvalidRequestError:
-            self.pool.free(pages)
-            raise
-        req = Request(request_id, list(prompt_token_ids), params, make_generator(params, self._rng))
-        req.pages, req.num_computed = pages, len(prompt_token_ids)
-        req.output_ids.append(first_token)
-        reason = self._stop_reason(req, first_token)
-        if reason is not None:
-            self.scheduler.finish(req, reason)
-        else:
-            self._requests[request_id] = req
-            self.scheduler.add_running(req)
-        return self._output(req, [first_token])
-
-    def release(self, request_id: str) -> bool:
-        """Free the pages a finished request kept for its KV listener."""
-        req = self._held.pop(request_id, None)
-        if req is None:
-            return False
-        self.pool.free(req.pages)
-        req.pages = []
-        return True
-
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its pages; None if it is unknown or already done."""
         req = self._requests.pop(request_id, None)
@@ -193,24 +146,33 @@ class Engine:
         """One rank of a group whose MoE layers exchange tokens: all ranks step together."""
         return self.model.parallel.lockstep
 
-    def step(self) -> list[RequestOutput]:
+    def must_step(self) -> bool:
+        """Whether the driver must call `step` now: local work, or a group that steps together."""
+        return self.lockstep or self.scheduler.has_work()
+
+    def idle_wait(self) -> float | None:
+        """How long the driver may wait for new work before the next `step` (None: until it comes)."""
+        if self.scheduler.has_work() or (self.lockstep and not self.idle):
+            return 0.0
+        return self.model.parallel.idle_poll_s
+
+    def step(self, stop: bool = False) -> list[RequestOutput]:
         """Run one scheduler step; returns an output for every request that produced a token.
 
         In an expert-parallel group this is a collective: if any rank has work, every rank runs
         one forward (an empty one where it has nothing), so each MoE exchange has all ranks.
-        `idle` tells whether the group as a whole had nothing to do.
+        `idle` tells whether the group as a whole had nothing to do. `stop` asks the group to
+        stop; `stopped` turns true on every rank at the same step once any rank asked.
         """
+        for req in self.scheduler.reserve_remote():
+            req.kv_source.on_pages(req.request_id, req.pages)  # type: ignore[union-attr]
         batch = self.scheduler.schedule()
-        if self.lockstep:
-            self.idle = not self.model.parallel.dispatcher.any(batch is not None)  # type: ignore[union-attr]
-            if batch is None:
-                if not self.idle:
-                    self.runner.idle()
-                return []
-        elif batch is None:
-            self.idle = True
+        work, self.stopped = self.model.parallel.group_has_work(batch is not None, stop)
+        self.idle = not work
+        if batch is None:
+            if work:
+                self.runner.idle()
             return []
-        self.idle = False
         run = self.runner.prefill if batch.phase == "prefill" else self.runner.decode
         tokens = run(batch)
         recorder = self.model.parallel.recorder
@@ -272,16 +234,13 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        """Requests not in the running batch: queued, or on their way in by KV hand-off."""
+        s = self.scheduler
+        return len(s.waiting) + len(s.kv_waiting) + len(s.kv_transferring) + len(s.kv_ready)
 
     @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
-
-    @property
-    def num_held(self) -> int:
-        """Finished requests whose pages await `release`."""
-        return len(self._held)
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -1,64 +1,77 @@
-"""The engine's own thread. gRPC handler threads never touch the engine directly: they `call`
-into the loop, which runs commands between steps, and they read outputs from per-request
-queues the loop fills. The loop does no network I/O and no logging per step."""
+"""The engine's own thread. Other threads never touch the engine directly: they `call` into the
+loop, which runs commands between steps, and read outputs from per-request streams the loop
+fills. Timers (`call_later`) run between steps too. The loop does no network I/O and no logging
+per step; in an expert-parallel group the engine decides when to step and when to stop together.
+"""
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from services.engine import Engine, RequestOutput
+from services.engine.engine import Engine
+from services.engine.request import RequestOutput
 
 log = logging.getLogger(__name__)
-IDLE_POLL_S = 0.5
-LOCKSTEP_IDLE_POLL_S = 0.02
-"""An idle expert-parallel group re-checks for work this often (each check is a collective)."""
 
 
 class EngineDead(RuntimeError):
-    """The engine loop stopped (a step raised); the worker is out of service."""
+    """The engine loop stopped (a step raised, or the worker is shutting down)."""
 
 
 class RequestStream:
-    """Outputs of one request, filled by the loop and drained by one handler thread."""
+    """Outputs of one request, filled by the loop and drained by one reader thread."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[RequestOutput | BaseException | None] = queue.SimpleQueue()
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self._queue.put(item)
 
-    def get(self, timeout: float) -> RequestOutput | None:
-        """Next output, or None after `timeout` seconds; raises if the engine died."""
-        try:
-            item = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
+    def wake(self) -> None:
+        """Make a blocked `get` return None (its reader went away)."""
+        self._queue.put(None)
+
+    def get(self) -> RequestOutput | None:
+        """Next output, or None after `wake`; raises the error the request ended with."""
+        item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
         return item
 
 
 class EngineLoop:
+    """Runs `engine.step()` on a thread of its own; everything else reaches the engine through it."""
+
     def __init__(self, engine: Engine):
         self.engine = engine
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        self._timers: list[tuple[float, int, Callable[[], Any]]] = []
+        self._timer_ids = itertools.count()
         self._streams: dict[str, RequestStream] = {}
         self._stopping = False
+        self._stop_callbacks: list[Callable[[BaseException], Any]] = []
         self.error: BaseException | None = None
+        """Why the loop is down: EngineDead after a clean stop, the exception that killed it otherwise."""
+        self.crashed = False
+        """The loop died of an error (not a requested stop)."""
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop after the current step (in a group: at the same step as every rank) and wait for it."""
         self._stopping = True
         self._commands.put((lambda: None, Future()))
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=timeout)
 
     @property
     def healthy(self) -> bool:
@@ -71,7 +84,7 @@ class EngineLoop:
             fut.set_exception(EngineDead(f"engine loop is down: {self.error!r}"))
             return fut
         self._commands.put((lambda: fn(*args, **kwargs), fut))
-        if self.error is not None:  # the loop died between the check and the put
+        if not self._thread.is_alive():  # the loop ended between the check and the put
             self._fail_pending(EngineDead(f"engine loop is down: {self.error!r}"))
         return fut
 
@@ -89,8 +102,16 @@ class EngineLoop:
                 raise EngineDead(f"engine loop did not run a command within {timeout:.0f}s") from None
             return fut.result()  # it started just now: commands are short
 
+    def add_stop_callback(self, callback: Callable[[BaseException], Any]) -> None:
+        """Run `callback(error)` on the loop thread when the loop ends (stopped or died)."""
+        self._stop_callbacks.append(callback)
+
+    def call_later(self, delay: float, fn: Callable[[], Any]) -> None:
+        """Run `fn()` on the loop thread, between steps, `delay` seconds from now (loop thread only)."""
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_ids), fn))
+
     def attach_stream(self, request_id: str, stream: RequestStream) -> None:
-        """Route `request_id`'s outputs to `stream` (call on the loop thread, e.g. inside `call`)."""
+        """Route `request_id`'s outputs to `stream` (loop thread only, e.g. inside `call`)."""
         self._streams[request_id] = stream
 
     def deliver(self, out: RequestOutput) -> None:
@@ -101,34 +122,75 @@ class EngineLoop:
             if out.finished:
                 del self._streams[out.request_id]
 
+    def fail(self, request_id: str, error: BaseException) -> bool:
+        """Abort `request_id` and end its stream with `error` instead of an output; loop thread only."""
+        found = self.engine.abort(request_id) is not None
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.put(error)
+        return found
+
+    def abort(self, request_id: str) -> bool:
+        """Abort `request_id` and push the abort output to its stream; loop thread only."""
+        out = self.engine.abort(request_id)
+        if out is None:
+            return False
+        self.deliver(out)
+        return True
+
     def _run(self) -> None:
         try:
-            while not self._stopping:
-                if self.engine.lockstep:
-                    # Every rank steps together: the step itself asks the group whether any rank has work.
-                    self._drain(timeout=None)
-                    for out in self.engine.step():
+            while True:
+                self._drain(self._wait_s())
+                self._fire_timers()
+                if self.engine.must_step():
+                    for out in self.engine.step(stop=self._stopping):
                         self.deliver(out)
-                    if self.engine.idle:
-                        self._drain(timeout=LOCKSTEP_IDLE_POLL_S)
-                    continue
-                self._drain(timeout=None if self.engine.has_unfinished() else IDLE_POLL_S)
-                if self.engine.has_unfinished():
-                    for out in self.engine.step():
-                        self.deliver(out)
+                    if self.engine.stopped:
+                        break
+                elif self._stopping:
+                    break
+            error: BaseException = EngineDead("the worker is shutting down")
         except BaseException as e:  # the loop must report its death, whatever killed it
-            self.error = e
+            self.error = error = e
+            self.crashed = True
             log.exception("engine loop died")
-            dead = EngineDead(f"engine loop died: {e!r}")
-            for stream in self._streams.values():
-                stream.put(dead)
-            self._streams.clear()
-            self._fail_pending(dead)
+        dead = error if isinstance(error, EngineDead) else EngineDead(f"engine loop died: {error!r}")
+        if self.error is None:
+            self.error = dead
+        for stream in self._streams.values():
+            stream.put(dead)
+        self._streams.clear()
+        self._fail_pending(dead)
+        for callback in self._stop_callbacks:
+            try:
+                callback(dead)
+            except Exception:
+                log.exception("engine loop stop callback failed")
+
+    def _wait_s(self) -> float | None:
+        wait = 0.0 if self._stopping else self.engine.idle_wait()
+        if self._timers:
+            due = max(0.0, self._timers[0][0] - time.monotonic())
+            wait = due if wait is None else min(wait, due)
+        return wait
+
+    def _fire_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, fn = heapq.heappop(self._timers)
+            try:
+                fn()
+            except Exception:  # a timer's error belongs to its owner, never the loop
+                log.exception("engine loop timer failed")
 
     def _drain(self, timeout: float | None) -> None:
-        """Run queued commands; wait up to `timeout` seconds for the first (None: do not wait)."""
+        """Run queued commands; wait up to `timeout` seconds for the first (0: do not wait)."""
         try:
-            fn, fut = self._commands.get(timeout=timeout) if timeout else self._commands.get_nowait()
+            if timeout == 0:
+                fn, fut = self._commands.get_nowait()
+            else:
+                fn, fut = self._commands.get(timeout=timeout)
         except queue.Empty:
             return
         while True:

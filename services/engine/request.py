@@ -13,11 +13,19 @@ from services.engine.sampling import SamplingParams
 FinishReason = Literal["stop", "length", "abort"]
 
 
+class InvalidRequestError(ValueError):
+    """A request the engine cannot take; nothing was allocated for it."""
+
+
 class Phase(enum.Enum):
     WAITING = "waiting"
     """Queued; holds no KV pages."""
     PREFILL = "prefill"
     """Admitted; its prompt is being computed chunk by chunk."""
+    WAITING_FOR_KV = "waiting_for_kv"
+    """Its prompt KV comes from another worker (KV hand-off): pages reserved, then filled."""
+    KV_READY = "kv_ready"
+    """Prompt KV in place and first token known; waits for a seat in the running batch."""
     DECODE = "decode"
     """Generating one token per step."""
     FINISHED = "finished"
@@ -36,8 +44,20 @@ class KVListener(Protocol):
         """The request ended; its pages stay allocated until `Engine.release(request_id)`."""
 
 
+class KVSource(Protocol):
+    """Fills a WAITING_FOR_KV request's pages from another worker (the decode side of a hand-off).
+
+    Runs on the engine thread and must only enqueue work, never block.
+    """
+
+    def on_pages(self, request_id: str, pages: list[int]) -> None:
+        """The scheduler reserved `pages` for the prompt: fetch its KV into them."""
+
+
 @dataclass(eq=False)
 class Request:
+    """A request's prompt, outputs, pages and place in the scheduler."""
+
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
@@ -50,14 +70,12 @@ class Request:
     finish_reason: FinishReason | None = None
     listener: KVListener | None = None
     """When set, pages outlive the request until released (they are being read remotely)."""
+    kv_source: KVSource | None = None
+    """When set, the prompt's KV is written into this request's pages by another worker."""
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
-
-    def token_at(self, i: int) -> int:
-        n = len(self.prompt_ids)
-        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
 
     def tokens(self, start: int, end: int) -> list[int]:
         n = len(self.prompt_ids)

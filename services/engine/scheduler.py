@@ -9,6 +9,11 @@ KV pages: admission reserves the pages for the whole prompt, so a prompt's chunk
 for memory. Decode grows a request by one page at a time; when the pool is empty the newest
 running request is preempted (pages freed, recomputed later from prompt + output), so running
 requests are never corrupted and the pool never over-commits.
+
+Requests whose prompt KV comes from another worker (the decode side of a KV hand-off) pass
+through WAITING_FOR_KV: the scheduler reserves their pages when the pool has room (first come,
+first served, at most `max_num_seqs` in transfer at once), the KV connector fills them, and the
+scheduler admits them to the running batch under `max_num_seqs` once the KV has arrived.
 """
 
 from __future__ import annotations
@@ -37,15 +42,53 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         """Requests holding pages, in admission order (prefill or decode phase)."""
+        self.kv_waiting: deque[Request] = deque()
+        """WAITING_FOR_KV requests without pages yet, in arrival order."""
+        self.kv_transferring: list[Request] = []
+        """WAITING_FOR_KV requests whose pages are reserved and being filled from elsewhere."""
+        self.kv_ready: deque[Request] = deque()
+        """KV_READY requests: prompt KV in place, waiting for a seat in the running batch."""
         self.num_preemptions = 0
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
+    def add_remote(self, req: Request) -> None:
+        """Queue a request whose prompt KV will be written into its pages by another worker."""
+        req.phase = Phase.WAITING_FOR_KV
+        self.kv_waiting.append(req)
+
+    def add_ready(self, req: Request) -> None:
+        """A request whose prompt KV is in its pages and first token sampled: it waits for a seat."""
+        if req in self.kv_transferring:
+            self.kv_transferring.remove(req)
+        req.phase = Phase.KV_READY
+        self.kv_ready.append(req)
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Whether a step would compute something or move a request along."""
+        return bool(self.waiting or self.running or self.kv_ready or self._can_reserve())
+
+    def reserve_remote(self) -> list[Request]:
+        """Reserve pages for waiting hand-off requests while the pool has room; returns those served."""
+        served = []
+        while self._can_reserve():
+            req = self.kv_waiting.popleft()
+            req.pages = self.pool.allocate(self.pool.pages_for(len(req.prompt_ids)))
+            self.kv_transferring.append(req)
+            served.append(req)
+        return served
+
+    def _can_reserve(self) -> bool:
+        if not self.kv_waiting or len(self.kv_transferring) + len(self.kv_ready) >= self.max_num_seqs:
+            return False
+        return self.pool.pages_for(len(self.kv_waiting[0].prompt_ids)) <= self.pool.num_free
 
     def schedule(self) -> ScheduledBatch | None:
+        while self.kv_ready and len(self.running) < self.max_num_seqs:
+            req = self.kv_ready.popleft()
+            req.phase = Phase.DECODE
+            self.running.append(req)
         return self._schedule_prefill() or self._schedule_decode()
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
@@ -109,17 +152,11 @@ class Scheduler:
         """The request's prompt is computed and its first token sampled."""
         req.phase = Phase.DECODE
 
-    def add_running(self, req: Request) -> None:
-        """Admit a request whose prompt KV is already in its pages (it arrived by KV hand-off)."""
-        req.phase = Phase.DECODE
-        self.running.append(req)
-
     def finish(self, req: Request, reason: FinishReason, keep_pages: bool = False) -> None:
         """End a request (finished or aborted); its pages go back to the pool unless `keep_pages`."""
-        if req.phase is Phase.WAITING and req in self.waiting:
-            self.waiting.remove(req)
-        if req in self.running:
-            self.running.remove(req)
+        for queue in (self.waiting, self.running, self.kv_waiting, self.kv_transferring, self.kv_ready):
+            if req in queue:
+                queue.remove(req)
         if req.pages and not keep_pages:
             self.pool.free(req.pages)
             req.pages = []

@@ -13,6 +13,7 @@ runs where DeepEP and two or more GPUs are present.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -93,7 +94,8 @@ class DeepEPDispatcher(Dispatcher):
             event.current_stream_wait()
         return out
 
-    def any(self, flag: bool) -> bool:
-        v = torch.tensor([1 if flag else 0], device=torch.device("cuda", torch.cuda.current_device()))
+    def agree(self, flags: Sequence[bool]) -> list[bool]:
+        device = torch.device("cuda", torch.cuda.current_device())
+        v = torch.tensor([1 if f else 0 for f in flags], device=device)
         dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(v.item())
+        return [bool(x) for x in v.tolist()]

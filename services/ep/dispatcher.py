@@ -7,8 +7,9 @@ lives elsewhere) and its routing weights; `combine` sums the rows that came back
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,8 @@ import torch
 
 @dataclass
 class Dispatched:
+    """What a rank received from `dispatch`."""
+
     x: torch.Tensor
     """[N, D] tokens received by this rank."""
     local_slots: torch.Tensor
@@ -44,14 +47,23 @@ class Dispatcher(ABC):
         """y [N, D] (this rank's weighted partial outputs) -> [T, D] summed per original token."""
 
     @abstractmethod
+    def agree(self, flags: Sequence[bool]) -> list[bool]:
+        """Each flag ORed over the ranks (a collective: every rank calls it with as many flags)."""
+
     def any(self, flag: bool) -> bool:
         """True if `flag` is set on any rank (a collective: every rank must call it)."""
+        return self.agree([flag])[0]
 
 
 BACKENDS: dict[str, Callable[..., Dispatcher]] = {}
+"""Registered backends by name (filled when a backend's module is imported)."""
+MODULES = {"torch": "services.ep.torch_a2a", "deepep": "services.ep.deepep"}
+"""Where each backend lives; imported only when chosen (DeepEP needs CUDA)."""
 
 
 def register(name: str):
+    """Class decorator: make a backend available to `create` under `name`."""
+
     def deco(factory: Callable[..., Dispatcher]) -> Callable[..., Dispatcher]:
         BACKENDS[name] = factory
         return factory
@@ -60,10 +72,8 @@ def register(name: str):
 
 
 def create(name: str, **kwargs: Any) -> Dispatcher:
-    if name == "deepep":
-        import services.ep.deepep
-    else:
-        import services.ep.torch_a2a  # noqa: F401
-    if name not in BACKENDS:
-        raise ValueError(f"unknown dispatcher backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
+    """The backend `name` for the default process group (its module is imported now)."""
+    if name not in MODULES:
+        raise ValueError(f"unknown dispatcher backend {name!r}; available: {', '.join(sorted(MODULES))}")
+    importlib.import_module(MODULES[name])
     return BACKENDS[name](**kwargs)

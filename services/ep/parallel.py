@@ -8,9 +8,14 @@ from services.ep.dispatcher import Dispatcher
 from services.ep.load import ExpertLoadRecorder
 from services.ep.placement import ExpertPlacement
 
+IDLE_POLL_S = 0.02
+"""An idle expert-parallel group re-checks for work this often (each check is a collective)."""
+
 
 @dataclass
 class ExpertParallel:
+    """Which expert slots this rank holds, how tokens reach them, and how the group agrees to step."""
+
     placement: ExpertPlacement
     rank: int = 0
     dispatcher: Dispatcher | None = None
@@ -39,6 +44,21 @@ class ExpertParallel:
     def lockstep(self) -> bool:
         """Several ranks: every rank must run every MoE layer in every step, work or not."""
         return self.dispatcher is not None
+
+    @property
+    def idle_poll_s(self) -> float | None:
+        """How long an idle rank may wait before the next step: None alone, a short tick in a group."""
+        return IDLE_POLL_S if self.lockstep else None
+
+    def group_has_work(self, has_work: bool, stop: bool = False) -> tuple[bool, bool]:
+        """(does any rank have work, did any rank ask to stop): one collective in a group.
+
+        Every rank calls it once per step, so all ranks run the same forwards and leave together.
+        """
+        if self.dispatcher is None:
+            return has_work, stop
+        work, stopping = self.dispatcher.agree([has_work, stop])
+        return work, stopping
 
     @property
     def first_local_slot(self) -> int:

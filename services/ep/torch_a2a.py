@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -10,6 +12,8 @@ from services.ep.dispatcher import Dispatched, Dispatcher, register
 
 @register("torch")
 class TorchAllToAll(Dispatcher):
+    """Counts, rows and metadata exchanged with all_to_all_single; combine sums rows per token."""
+
     def __init__(self, group: dist.ProcessGroup | None = None):
         self.group = group
         self.rank = dist.get_rank(group)
@@ -47,7 +51,7 @@ class TorchAllToAll(Dispatcher):
         out = y.new_zeros(t, y.shape[1])
         return out.index_add_(0, send_tok, back)
 
-    def any(self, flag: bool) -> bool:
-        v = torch.tensor([1 if flag else 0])
+    def agree(self, flags: Sequence[bool]) -> list[bool]:
+        v = torch.tensor([1 if f else 0 for f in flags])
         dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(v.item())
+        return [bool(x) for x in v.tolist()]

@@ -1,7 +1,21 @@
-"""KV transfer between workers: layout fingerprints, the Mooncake transfer engine, page address math."""
+"""The KV hand-off between prefill and decode: layouts, page address math, the Mooncake transfer
+engine, bootstrap rooms, the prefill sender and the decode side's WAITING_FOR_KV source."""
 
 from services.kv.layout import KVLayout, LayoutMismatch
 from services.kv.pages import KVRegion, copy_descriptors
+from services.kv.rooms import AttachResult, AttachSpec
+from services.kv.status import Caller, HandoffError
 from services.kv.transfer import TransferEngine, TransferError
 
-__all__ = ["KVLayout", "KVRegion", "LayoutMismatch", "TransferEngine", "TransferError", "copy_descriptors"]
+__all__ = [
+    "AttachResult",
+    "AttachSpec",
+    "Caller",
+    "HandoffError",
+    "KVLayout",
+    "KVRegion",
+    "LayoutMismatch",
+    "TransferEngine",
+    "TransferError",
+    "copy_descriptors",
+]

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from services.engine.config import EngineConfig, EngineConfigError
 from services.worker.config import WorkerConfig
 
 
@@ -47,7 +48,7 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads in this process")
     a = ap.parse_args(argv)
-    engine = dict(
+    engine = EngineConfig(
         dtype=a.dtype,
         device=a.device,
         page_size=a.page_size,
@@ -77,19 +78,18 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("MOESERVE_LOG_LEVEL", "WARNING"))
-    config = parse(argv)
     try:
-        if config.ep_size > 1:
-            from services.worker.ep import serve_ep
+        config = parse(argv)
+    except (EngineConfigError, ValueError) as e:
+        print(f"moeserve worker: {e}", file=sys.stderr)
+        return 2
+    from services.worker.instance import serve  # heavy imports after argument errors are reported
 
-            return serve_ep(config)
-        from services.worker.server import serve  # heavy imports after argument errors are reported
-
-        serve(config)
+    try:
+        return serve(config)
     except (ValueError, OSError) as e:
         print(f"moeserve worker: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

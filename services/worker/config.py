@@ -1,4 +1,4 @@
-"""Worker options (one instance = one engine for now; EP groups come with expert parallelism)."""
+"""Options of one worker instance: its role, ports, KV hand-off, expert parallelism and engine."""
 
 from __future__ import annotations
 
@@ -6,11 +6,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from services.engine import EngineConfig
+
 Role = Literal["prefill", "decode"]
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
+    """How one instance (an EP group of `ep_size` ranks, rank 0 serving its port) runs."""
+
     role: Role
     """prefill: computes prompts and hands KV off; decode: receives KV and generates."""
     model: Path
@@ -37,8 +41,8 @@ class WorkerConfig:
     """Physical expert slots across the group (0: one per routed expert); extra slots hold replicas."""
     dispatcher: Literal["torch", "deepep"] = "torch"
     """Token exchange backend for expert parallelism."""
-    engine: dict[str, Any] = field(default_factory=dict)
-    """EngineConfig options (page_size, kv_pool_tokens, max_num_seqs, dtype, ...)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Each rank's engine (page_size, kv_pool_tokens, max_num_seqs, dtype, ...)."""
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -53,4 +57,5 @@ class WorkerConfig:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["model"] = str(self.model)
+        d["engine"] = {k: v for k, v in d["engine"].items() if v is not None}
         return d

@@ -1,10 +1,12 @@
-"""SGLang scheduler protocol messages <-> engine types."""
+"""Proto messages <-> engine and KV types, in one place: SGLang's scheduler protocol and our KV hand-off."""
 
 from __future__ import annotations
 
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
 from services.engine import InvalidRequestError, RequestOutput, SamplingParams
+from services.kv import AttachResult, AttachSpec, KVLayout
+from services.proto.moeserve.v1 import kv_handoff_pb2 as kvpb
 
 
 def sampling_params(sp: pb.SamplingParams, prompt_len: int, max_model_len: int) -> SamplingParams:
@@ -38,6 +40,7 @@ def _seed(sp: pb.SamplingParams) -> int | None:
 
 
 def chunk(out: RequestOutput, cached_tokens: int = 0) -> pb.GenerateResponse:
+    """A streamed chunk with the tokens the last step produced."""
     return pb.GenerateResponse(
         request_id=out.request_id,
         chunk=pb.GenerateStreamChunk(
@@ -50,6 +53,7 @@ def chunk(out: RequestOutput, cached_tokens: int = 0) -> pb.GenerateResponse:
 
 
 def complete(out: RequestOutput, cached_tokens: int = 0) -> pb.GenerateResponse:
+    """The final message of a Generate: every output token and why it stopped."""
     done = pb.GenerateComplete(
         output_ids=out.output_token_ids,
         finish_reason=out.finish_reason or "abort",
@@ -60,3 +64,57 @@ def complete(out: RequestOutput, cached_tokens: int = 0) -> pb.GenerateResponse:
     if out.finish_reason == "stop" and out.output_token_ids:
         done.matched_token_id = out.output_token_ids[-1]
     return pb.GenerateResponse(request_id=out.request_id, complete=done)
+
+
+def layout_to_proto(layout: KVLayout) -> kvpb.KVLayout:
+    return kvpb.KVLayout(
+        architecture=layout.architecture,
+        num_layers=layout.num_layers,
+        entry_shape=list(layout.entry_shape),
+        dtype=layout.dtype,
+        page_size=layout.page_size,
+        fingerprint=layout.fingerprint,
+    )
+
+
+def layout_from_proto(msg: kvpb.KVLayout) -> KVLayout:
+    return KVLayout(msg.architecture, msg.num_layers, tuple(msg.entry_shape), msg.dtype, msg.page_size)
+
+
+def attach_to_proto(spec: AttachSpec) -> kvpb.AttachRequest:
+    return kvpb.AttachRequest(
+        room=spec.room,
+        request_id=spec.request_id,
+        layout=layout_to_proto(spec.layout),
+        transfer_session=spec.transfer_session,
+        kv_base_address=spec.kv_base,
+        layer_stride_bytes=spec.layer_stride,
+        page_ids=list(spec.page_ids),
+        num_prompt_tokens=spec.num_prompt_tokens,
+    )
+
+
+def attach_from_proto(msg: kvpb.AttachRequest) -> AttachSpec:
+    return AttachSpec(
+        room=msg.room,
+        request_id=msg.request_id,
+        layout=layout_from_proto(msg.layout),
+        transfer_session=msg.transfer_session,
+        kv_base=msg.kv_base_address,
+        layer_stride=msg.layer_stride_bytes,
+        page_ids=tuple(msg.page_ids),
+        num_prompt_tokens=msg.num_prompt_tokens,
+    )
+
+
+def result_to_proto(res: AttachResult) -> kvpb.AttachResponse:
+    return kvpb.AttachResponse(
+        first_token_id=res.first_token_id,
+        prompt_tokens=res.prompt_tokens,
+        cached_tokens=res.cached_tokens,
+        transferred_bytes=res.transferred_bytes,
+    )
+
+
+def result_from_proto(msg: kvpb.AttachResponse) -> AttachResult:
+    return AttachResult(msg.first_token_id, msg.prompt_tokens, msg.cached_tokens, msg.transferred_bytes)

@@ -1,12 +1,13 @@
-"""The SGLang scheduler gRPC service (`SglangScheduler`) served by every worker.
+"""The SGLang scheduler gRPC service (`SglangScheduler`) of an instance, served by rank 0.
 
-Implemented: Generate, Abort, HealthCheck, GetModelInfo, GetServerInfo, GetLoads, GetTokenizer.
-Everything else answers UNIMPLEMENTED (the generated base class does that). A Generate with
-`disaggregated_params` goes to the role's hand-off side; one without runs on this worker alone.
+Implemented: Generate, Abort, HealthCheck, GetModelInfo, GetServerInfo, GetLoads, GetTokenizer;
+everything else answers UNIMPLEMENTED. A thin adapter: each call is placed on a DP rank and
+handed to it through the DP controller; the rank's answer (or failure status) comes back as is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -15,7 +16,6 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
 
 import grpc
 from google.protobuf import struct_pb2
@@ -23,11 +23,10 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 from smg_grpc_proto.generated import common_pb2
 
-from services.engine import InvalidRequestError
-from services.worker import convert
+from services.engine import Engine
+from services.worker import messages as msg
 from services.worker.config import WorkerConfig
-from services.worker.engine_loop import EngineLoop, RequestStream
-from services.worker.streams import abort_and_deliver, start_stream, stream_outputs
+from services.worker.dp_controller import CallFailed, DPController
 
 VERSION = "moeserve-0.1.0"
 TOKENIZER_FILES = (
@@ -39,22 +38,7 @@ TOKENIZER_FILES = (
     "config.json",
 )
 CHUNK_BYTES = 1 << 20
-
-
-class DisaggSide(Protocol):
-    """The role-specific half of a disaggregated Generate (prefill or decode)."""
-
-    def generate(
-        self, request: pb.GenerateRequest, params, context: grpc.ServicerContext
-    ) -> Iterator[pb.GenerateResponse]: ...
-
-    def abort(self, request_id: str) -> bool: ...
-
-    def transfer_stats(self): ...
-
-    def queue_depths(self) -> dict[str, int]: ...
-
-
+INFO_TIMEOUT_S = 5.0
 UNIMPLEMENTED_RPCS = (
     "Embed",
     "FlushCache",
@@ -77,54 +61,77 @@ def unimplemented_rpc(name: str):
     return rpc
 
 
+def abort_with(context: grpc.ServicerContext, e: CallFailed):
+    """End the RPC with the rank's status."""
+    context.abort(grpc.StatusCode[e.code], e.message)
+
+
 class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
+    """SGLang's scheduler service for the whole instance."""
+
     # Explicit UNIMPLEMENTED answers (the generated defaults also log a traceback per call).
     locals().update({name: unimplemented_rpc(name) for name in UNIMPLEMENTED_RPCS})
 
-    def __init__(self, config: WorkerConfig, loop: EngineLoop, side: DisaggSide):
-        self.config = config
-        self.loop = loop
-        self.side = side
+    def __init__(self, config: WorkerConfig, engine: Engine, controller: DPController, calls):
+        self.config, self.engine, self.ctl = config, engine, controller
+        self.calls = calls
+        """gRPC calls served, per method (`server.CallCounter`)."""
         self.started = time.time()
 
     # -- generation ------------------------------------------------------------------------------
 
-    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
-        engine = self.loop.engine
-        prompt = list(request.tokenized.input_ids)
+    def Generate(
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateResponse]:
+        ctl = self.ctl
+        pinned = request.data_parallel_rank if request.HasField("data_parallel_rank") else None
+        dp = request.disaggregated_params if request.HasField("disaggregated_params") else None
+        room = (
+            dp.bootstrap_room
+            if dp is not None and dp.bootstrap_host and self.config.role == "prefill"
+            else None
+        )
         try:
-            params = convert.sampling_params(request.sampling_params, len(prompt), engine.max_model_len)
-            engine.validate(prompt, params)
-        except (InvalidRequestError, ValueError) as e:
+            rank = ctl.place(pinned) if room is None else ctl.enter_room(room, lambda: ctl.place(pinned))
+        except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if request.HasField("disaggregated_params") and request.disaggregated_params.bootstrap_host:
-            yield from self.side.generate(request, params, context)
-            return
+        ctl.started(rank)
+        try:
+            call = ctl.call(rank, lambda cid: msg.Generate(cid, request.SerializeToString()))
+            context.add_callback(call.cancel)
+            try:
+                for data in call:
+                    yield pb.GenerateResponse.FromString(data)
+            except CallFailed as e:
+                abort_with(context, e)
+        finally:
+            ctl.finished(rank)
+            if room is not None:
+                ctl.leave_room(room)
 
-        def start(stream: RequestStream) -> str:
-            rid = engine.add_request(prompt, params, request.request_id or None)
-            self.loop.attach_stream(rid, stream)
-            return rid
-
-        rid, stream = start_stream(self.loop, start, context)
-        yield from stream_outputs(self.loop, stream, rid, context, want_chunks=request.stream)
-
-    def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortResponse:
+    def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         rid = request.request_id
-        found = self.side.abort(rid)
-        found = self.loop.run(abort_and_deliver, self.loop, rid) or found
+        calls = [self.ctl.call(r, lambda cid: msg.Abort(cid, rid)) for r in range(self.ctl.size)]
+        found = False
+        for call in calls:
+            with contextlib.suppress(CallFailed):  # a rank that is down holds nothing to abort
+                found |= bool(call.result(INFO_TIMEOUT_S))
         return pb.AbortResponse(success=found, message="aborted" if found else f"no live request {rid!r}")
 
     # -- information -----------------------------------------------------------------------------
 
     def HealthCheck(self, request, context) -> pb.HealthCheckResponse:
-        if self.loop.healthy:
-            return pb.HealthCheckResponse(healthy=True, message="ok")
-        return pb.HealthCheckResponse(healthy=False, message=f"engine loop is down: {self.loop.error!r}")
+        try:
+            health = self.ctl.ask_all("health", timeout=2.0)
+        except CallFailed as e:
+            return pb.HealthCheckResponse(healthy=False, message=e.message)
+        for rank, h in enumerate(health):
+            if not h.healthy:
+                return pb.HealthCheckResponse(healthy=False, message=f"EP rank {rank}: {h.message}")
+        return pb.HealthCheckResponse(healthy=True, message=f"ok ({self.ctl.size} ranks)")
 
     def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
-        engine = self.loop.engine
-        mc = engine.model_config
+        engine, mc = self.engine, self.engine.model_config
         return pb.GetModelInfoResponse(
             model_path=str(self.config.model),
             tokenizer_path=str(self.config.model),
@@ -141,79 +148,79 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
         )
 
     def GetServerInfo(self, request, context) -> pb.GetServerInfoResponse:
+        loads = self._loads(context)
         args = struct_pb2.Struct()
         args.update(self.config.as_dict())
-        # The running window routers (SMG) read for admission control.
+        # The running window routers (SMG) read for admission control, and the group's shape.
+        max_seqs = self.engine.config.max_num_seqs
         args.update(
             {
                 "pid": os.getpid(),
-                "max_running_requests": self.loop.engine.config.max_num_seqs,
-                "max_num_seqs": self.loop.engine.config.max_num_seqs,
+                "max_running_requests": max_seqs,
+                "max_num_seqs": max_seqs,
+                "ep_size": self.ctl.size,
+                "dp_size": self.ctl.size,
+                "rank_pids": list(self.ctl.pids),
             }
         )
-        started = dt.datetime.fromtimestamp(self.started, tz=dt.UTC)
         info = pb.GetServerInfoResponse(
             server_args=args,
-            active_requests=self.loop.engine.num_running + self.loop.engine.num_waiting,
+            active_requests=sum(ld.running + ld.waiting for ld in loads),
             uptime_seconds=time.time() - self.started,
             sglang_version=VERSION,
             server_type="grpc",
-            max_total_num_tokens=self.loop.engine.kv_stats().total_pages
-            * self.loop.engine.kv_stats().page_size,
+            max_total_num_tokens=sum(ld.total_tokens for ld in loads),
         )
-        info.start_time.FromDatetime(started)
-        stats = self.side.transfer_stats()
-        if stats is not None:
+        info.start_time.FromDatetime(dt.datetime.fromtimestamp(self.started, tz=dt.UTC))
+        sent, seconds, rooms, failed = (sum(x) for x in zip(*(ld.transfer for ld in loads), strict=True))
+        info.scheduler_info.update({"grpc_calls": dict(self.calls.counts)})
+        if self.config.role == "prefill":
             info.scheduler_info.update(
                 {
-                    "kv_transfer_bytes": stats.bytes,
-                    "kv_transfer_seconds": stats.seconds,
-                    "kv_transfer_rooms": stats.rooms,
-                    "kv_transfer_failed_rooms": stats.failed_rooms,
+                    "kv_transfer_bytes": sent,
+                    "kv_transfer_seconds": seconds,
+                    "kv_transfer_rooms": rooms,
+                    "kv_transfer_failed_rooms": failed,
                 }
             )
         return info
 
     def GetLoads(self, request: pb.GetLoadsRequest, context) -> pb.GetLoadsResponse:
-        engine = self.loop.engine
-        kv = engine.kv_stats()
-        total_tokens = kv.total_pages * kv.page_size
-        used_tokens = kv.used_pages * kv.page_size
-        running, waiting = engine.num_running, engine.num_waiting
-        depths = self.side.queue_depths()
-        stats = self.side.transfer_stats()
-        load = pb.SchedulerLoad(
-            dp_rank=0,
-            num_running_reqs=running,
-            num_waiting_reqs=waiting,
-            num_total_reqs=running + waiting,
-            num_used_tokens=used_tokens,
-            max_total_num_tokens=total_tokens,
-            token_usage=used_tokens / total_tokens,
-            max_running_requests=engine.config.max_num_seqs,
-            memory=pb.MemoryMetrics(token_capacity=total_tokens),
-            disaggregation=pb.DisaggregationMetrics(
-                mode=self.config.role,
-                prefill_inflight_queue_reqs=depths.get("prefill_inflight", 0),
-                decode_prealloc_queue_reqs=depths.get("decode_prealloc", 0),
-                decode_transfer_queue_reqs=depths.get("decode_transfer", 0),
-                kv_transfer_speed_gb_s=stats.speed_gb_s if stats else 0.0,
-                kv_transfer_latency_ms=stats.latency_ms if stats else 0.0,
-            ),
-            queues=pb.QueueMetrics(waiting=waiting),
+        out = pb.GetLoadsResponse(
+            timestamp=dt.datetime.now(dt.UTC).isoformat(), version=VERSION, dp_rank_count=self.ctl.size
         )
-        return pb.GetLoadsResponse(
-            timestamp=dt.datetime.now(dt.UTC).isoformat(),
-            version=VERSION,
-            dp_rank_count=1,
-            loads=[load],
-            aggregate=pb.AggregateMetrics(
-                total_running_reqs=running,
-                total_waiting_reqs=waiting,
-                total_reqs=running + waiting,
-                avg_token_usage=used_tokens / total_tokens,
-            ),
-        )
+        agg = out.aggregate
+        for rank, ld in enumerate(self._loads(context)):
+            if request.HasField("dp_rank") and request.dp_rank != rank:
+                continue
+            sent, seconds, rooms, _ = ld.transfer
+            load = pb.SchedulerLoad(
+                dp_rank=rank,
+                num_running_reqs=ld.running,
+                num_waiting_reqs=ld.waiting,
+                num_total_reqs=ld.running + ld.waiting,
+                num_used_tokens=ld.used_tokens,
+                max_total_num_tokens=ld.total_tokens,
+                token_usage=ld.used_tokens / ld.total_tokens,
+                max_running_requests=ld.max_num_seqs,
+                memory=pb.MemoryMetrics(token_capacity=ld.total_tokens),
+                disaggregation=pb.DisaggregationMetrics(
+                    mode=self.config.role,
+                    prefill_inflight_queue_reqs=ld.queues.get("prefill_inflight", 0),
+                    decode_prealloc_queue_reqs=ld.queues.get("decode_prealloc", 0),
+                    decode_transfer_queue_reqs=ld.queues.get("decode_transfer", 0),
+                    kv_transfer_speed_gb_s=sent / seconds / 1e9 if seconds else 0.0,
+                    kv_transfer_latency_ms=1000 * seconds / rooms if rooms else 0.0,
+                ),
+                queues=pb.QueueMetrics(waiting=ld.waiting),
+            )
+            out.loads.append(load)
+            agg.total_running_reqs += load.num_running_reqs
+            agg.total_waiting_reqs += load.num_waiting_reqs
+            agg.total_reqs += load.num_total_reqs
+        if out.loads:
+            agg.avg_token_usage = sum(ld.token_usage for ld in out.loads) / len(out.loads)
+        return out
 
     def GetTokenizer(self, request, context) -> Iterator[common_pb2.GetTokenizerChunk]:
         buf = io.BytesIO()
@@ -227,3 +234,10 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
         chunks = [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
         for i, piece in enumerate(chunks):
             yield common_pb2.GetTokenizerChunk(data=piece, sha256=digest if i == len(chunks) - 1 else "")
+
+    def _loads(self, context) -> list[msg.RankLoad]:
+        try:
+            return self.ctl.ask_all("load", INFO_TIMEOUT_S)
+        except CallFailed as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"EP instance rank unreachable: {e.message}")
+            raise AssertionError("unreachable") from None

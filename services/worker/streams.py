@@ -1,67 +1,43 @@
-"""Turning a request's engine outputs into the Generate response stream."""
+"""Turning a request's engine outputs into the serialized Generate responses a rank replies with."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-import grpc
-from smg_grpc_proto import sglang_scheduler_pb2 as pb
-
-from services.engine import InvalidRequestError
-from services.worker import convert
-from services.worker.engine_loop import EngineDead, EngineLoop, RequestStream
-
-POLL_S = 0.1
+from services.engine.loop import EngineLoop, RequestStream
+from services.kv import Caller
+from services.worker import proto_convert
 
 
 def stream_outputs(
     loop: EngineLoop,
     stream: RequestStream,
     request_id: str,
-    context: grpc.ServicerContext,
+    caller: Caller,
     want_chunks: bool,
-    cached_tokens: int = 0,
-) -> Iterator[pb.GenerateResponse]:
+    abort: Callable[[str], bool],
+    cached_tokens: Callable[[], int] = lambda: 0,
+) -> Iterator[bytes]:
     """Yield chunks (when streaming) and the final GenerateComplete of `request_id`.
 
-    If the caller goes away, the request is aborted so that its pages come back. The RPC's
-    done-callback covers a cancel while this generator is parked at a `yield`, which gRPC never
-    resumes; aborting a finished request is a no-op.
+    If the caller goes away, `abort(request_id)` runs on the loop (so the pages come back) and the
+    reader is woken; aborting a finished request is a no-op. Engine errors and hand-off failures
+    raise out of here with their status.
     """
-    context.add_callback(lambda: loop.call(abort_and_deliver, loop, request_id))
-    try:
-        while True:
-            out = stream.get(timeout=POLL_S)
-            if out is None:
-                if not context.is_active():
-                    loop.call(abort_and_deliver, loop, request_id)
-                    return
-                continue
-            if want_chunks and out.new_token_ids:
-                yield convert.chunk(out, cached_tokens)
-            if out.finished:
-                yield convert.complete(out, cached_tokens)
+
+    def gone() -> None:
+        loop.call(abort, request_id)
+        stream.wake()
+
+    caller.add_callback(gone)
+    while True:
+        out = stream.get()
+        if out is None:
+            if not caller.is_active():
                 return
-    except EngineDead as e:
-        context.abort(grpc.StatusCode.UNAVAILABLE, f"worker engine is down: {e}")
-
-
-def start_stream(loop: EngineLoop, start, context: grpc.ServicerContext) -> tuple[str, RequestStream]:
-    """Run `start(stream) -> request_id` on the loop; map its errors to gRPC statuses."""
-    stream = RequestStream()
-    try:
-        return loop.run(start, stream), stream
-    except InvalidRequestError as e:
-        context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
-    except EngineDead as e:
-        context.abort(grpc.StatusCode.UNAVAILABLE, f"worker engine is down: {e}")
-    raise AssertionError("unreachable")  # context.abort raises
-
-
-def abort_and_deliver(loop: EngineLoop, request_id: str) -> bool:
-    """Loop thread: abort `request_id` and push the abort output to its stream."""
-    out = loop.engine.abort(request_id)
-    if out is None:
-        return False
-    loop.deliver(out)
-    return True
+            continue
+        if want_chunks and out.new_token_ids:
+            yield proto_convert.chunk(out, cached_tokens()).SerializeToString()
+        if out.finished:
+            yield proto_convert.complete(out, cached_tokens()).SerializeToString()
+            return

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchestrator.up import free_port
 from services.engine import Engine, SamplingParams
+from services.process import free_port
 from tests.cluster import LocalCluster
 
 SMG = shutil.which("smg") or str(Path(sys.executable).with_name("smg"))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import openai
 
-from orchestrator.up import free_port, port_in_use
+from services.process import free_port, port_in_use
 
 MOESERVE = str(Path(sys.executable).with_name("moeserve"))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from services.ep import create
-from services.ep.launch import run_ranks
+from tests.ranks import run_ranks
 
 SLOTS_PER_RANK = 3
 K = 4

@@ -8,7 +8,7 @@ import transformers
 
 from services.engine import Engine, SamplingParams
 from services.ep import ExpertLoadRecorder, ExpertParallel, ExpertPlacement, create
-from services.ep.launch import run_ranks
+from tests.ranks import run_ranks
 
 PARAMS = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
 

@@ -1,14 +1,13 @@
 """Run a function on W local processes joined by torch.distributed (gloo on loopback).
 
-For tests, benchmarks and tools that need a real group on one machine; serving instances are
-launched by `services.worker.ep` instead.
+For tests and benchmarks that need a real group on one machine; serving instances are launched
+by `services.worker.instance`.
 """
 
 from __future__ import annotations
 
 import os
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -19,11 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from services.process import free_port
 
 
 def _entry(rank: int, world: int, port: int, backend: str, fn: Callable, args: tuple, results) -> None:

@@ -1,0 +1,169 @@
+"""Decode side of the KV hand-off on one rank: the scheduler reserves, prefill writes, decode runs.
+
+A disaggregated request enters the engine WAITING_FOR_KV with a `RemotePrefill` as its KV source.
+When the scheduler has reserved its pages (pool room, at most `max_num_seqs` in transfer), the
+source attaches them to the room on the prefill instance; the Attach answers once prefill has
+written the prompt's KV, with the first token, and the request joins the running batch when a
+seat is free. Failures end the request's stream with a `HandoffError`; pages are freed only
+once no write can land any more (prefill answered, or a Release returned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from services.engine import SamplingParams
+from services.engine.loop import EngineLoop, RequestStream
+from services.kv.layout import KVLayout
+from services.kv.pages import KVRegion
+from services.kv.rooms import AttachResult, AttachSpec
+from services.kv.status import HandoffError
+
+GIVE_UP_CODES = ("DEADLINE_EXCEEDED", "CANCELLED")
+"""Attach outcomes after which prefill may still be writing: release the room before freeing."""
+
+
+class AttachClient(Protocol):
+    """Reaches the KV hand-off service of prefill instances (gRPC in the worker)."""
+
+    def attach(
+        self,
+        prefill: str,
+        spec: AttachSpec,
+        timeout: float,
+        on_done: Callable[[AttachResult | HandoffError], None],
+    ) -> Callable[[], None]:
+        """Start an Attach; `on_done` gets the result or the error. Returns a cancel function."""
+
+    def release(self, prefill: str, room: int, reason: str) -> None:
+        """Give up on a room; returns once prefill writes no more into its pages (or is gone)."""
+
+
+class RemotePrefill:
+    """The KV source of one disaggregated request (callbacks from the engine and the client)."""
+
+    def __init__(self, side: DecodeHandoff, request_id: str, room: int, prefill: str, prompt_len: int):
+        self.side, self.request_id, self.room, self.prefill = side, request_id, room, prefill
+        self.prompt_len = prompt_len
+        self.result: AttachResult | None = None
+        self._cancel: Callable[[], None] | None = None
+        self.cancelled = False
+
+    def on_pages(self, request_id: str, pages: list[int]) -> None:
+        side = self.side
+        spec = AttachSpec(
+            room=self.room,
+            request_id=request_id,
+            layout=side.layout,
+            transfer_session=side.transfer_session,
+            kv_base=side.region.base,
+            layer_stride=side.region.layer_stride,
+            page_ids=tuple(pages),
+            num_prompt_tokens=self.prompt_len,
+        )
+        self._cancel = side.client.attach(self.prefill, spec, side.prefill_timeout_s, self._done)
+
+    def cancel(self) -> bool:
+        """Stop waiting for the KV (engine thread); the request fails once the room is released."""
+        if self._cancel is None or self.cancelled:
+            return False
+        self.cancelled = True
+        self._cancel()
+        return True
+
+    def _done(self, outcome: AttachResult | HandoffError) -> None:
+        if isinstance(outcome, AttachResult):
+            self.result = outcome
+            self.side.loop.call(self._arrived, outcome)
+        else:
+            self.side.settle.submit(self._failed, outcome)
+
+    def _arrived(self, res: AttachResult) -> None:
+        loop = self.side.loop
+        self.side.attaching.pop(self.request_id, None)
+        out = loop.engine.kv_arrived(self.request_id, res.first_token_id)
+        if out is not None:
+            loop.deliver(out)
+            if self.cancelled:  # aborted just as the KV arrived: prefill is done, the pages are free to go
+                loop.abort(self.request_id)
+
+    def _failed(self, err: HandoffError) -> None:
+        side = self.side
+        if self.cancelled or err.code in GIVE_UP_CODES:
+            side.client.release(self.prefill, self.room, "aborted" if self.cancelled else err.code.lower())
+        if self.cancelled:
+            err = HandoffError("ABORTED", f"request {self.request_id} aborted while waiting for KV")
+        else:
+            err = HandoffError(
+                err.code, f"KV hand-off from prefill {self.prefill} (room {self.room}) failed: {err.message}"
+            )
+
+        def fail() -> None:
+            side.attaching.pop(self.request_id, None)
+            side.loop.fail(self.request_id, err)
+
+        side.loop.call(fail)
+
+
+class DecodeHandoff:
+    """Disaggregated requests of one decode rank, from WAITING_FOR_KV to the running batch."""
+
+    def __init__(
+        self,
+        loop: EngineLoop,
+        layout: KVLayout,
+        region: KVRegion,
+        transfer_session: str,
+        client: AttachClient,
+        handoff_timeout_s: float,
+        prefill_timeout_s: float,
+    ):
+        self.loop, self.layout, self.region = loop, layout, region
+        self.transfer_session, self.client = transfer_session, client
+        self.handoff_timeout_s, self.prefill_timeout_s = handoff_timeout_s, prefill_timeout_s
+        self.attaching: dict[str, RemotePrefill] = {}
+        """Requests whose KV source exists, by request id (engine thread)."""
+        self.settle = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-release")
+        """Releases rooms that ended badly (a blocking call to prefill) off the client's threads."""
+
+    def start(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        room: int,
+        prefill: str,
+        stream: RequestStream,
+    ) -> RemotePrefill:
+        """Queue the request WAITING_FOR_KV (engine thread); its outputs go to `stream`."""
+        source = RemotePrefill(self, request_id, room, prefill, len(prompt))
+        rid = self.loop.engine.add_remote_request(prompt, params, request_id, source)
+        self.attaching[rid] = source
+        self.loop.attach_stream(rid, stream)
+        self.loop.call_later(self.handoff_timeout_s, lambda: self._expire(rid, len(prompt)))
+        return source
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request (engine thread): one whose KV is in flight is released first."""
+        source = self.attaching.get(request_id)
+        if source is not None and source.cancel():
+            return True
+        return self.loop.abort(request_id)
+
+    def queue_depths(self) -> dict[str, int]:
+        sched = self.loop.engine.scheduler
+        return {"decode_prealloc": len(sched.kv_waiting), "decode_transfer": len(sched.kv_transferring)}
+
+    def _expire(self, request_id: str, prompt_len: int) -> None:
+        if self.loop.engine.awaiting_pages(request_id):
+            self.attaching.pop(request_id, None)
+            self.loop.fail(
+                request_id,
+                HandoffError(
+                    "RESOURCE_EXHAUSTED",
+                    f"decode KV pool has no room for a {prompt_len}-token prompt after "
+                    f"{self.handoff_timeout_s:.0f}s; retry later or add decode capacity",
+                ),
+            )

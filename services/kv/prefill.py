@@ -1,0 +1,219 @@
+"""Prefill side of the KV hand-off on one rank: rooms meet, the prompt runs, its KV goes out.
+
+For a room, prefill waits until both the Generate and the decode's Attach have arrived, then
+queues the prompt with a `RoomListener` on it. After every layer of every prompt chunk the
+listener queues a `Write` of that layer's new KV into the decode pages; the sender does the
+writes in order, then the `Finish` answers both calls with the first token and lets the engine
+free the prefill pages (prefill requests hold their pages until sent). A failed write, an abort
+or a release ends the room with an error; the error is answered only once writes have settled.
+"""
+
+from __future__ import annotations
+
+from services.engine import RequestOutput, SamplingParams
+from services.engine.loop import EngineDead, EngineLoop
+from services.kv.layout import KVLayout, LayoutMismatch
+from services.kv.pages import KVRegion, copy_descriptors
+from services.kv.rooms import AttachResult, AttachSpec, Room, RoomTable
+from services.kv.sender import Finish, KVSender, Write
+from services.kv.status import Caller, HandoffError
+
+
+class RoomListener:
+    """KVListener for one room: turns finished layers into queued page writes (engine thread)."""
+
+    def __init__(self, side: PrefillHandoff, room: Room, spec: AttachSpec):
+        self.side, self.room = side, room
+        self.dst = KVRegion(spec.kv_base, spec.layer_stride, side.region.entry_bytes, side.region.page_size)
+        self.dst_pages = list(spec.page_ids)
+        self.deferred: list[tuple[list[int], list[int], list[int]]] | None = (
+            [] if side.push == "complete" else None
+        )
+
+    def on_layer(self, layer: int, start: int, end: int, pages: list[int]) -> None:
+        try:
+            descs = copy_descriptors(layer, start, end, self.side.region, pages, self.dst, self.dst_pages)
+        except Exception as e:  # a bad destination must fail this room, never the engine loop
+            self.room.fail("INTERNAL", f"room {self.room.room_id}: bad KV destination: {e!r}")
+            return
+        if self.deferred is not None:
+            self.deferred.append(descs)
+        else:
+            self.side.sender.put(Write(self.room, descs))
+
+    def on_finish(self, output: RequestOutput) -> None:
+        if self.deferred and output.finish_reason != "abort":
+            merged = tuple([x for d in self.deferred for x in d[i]] for i in range(3))
+            self.side.sender.put(Write(self.room, merged))  # type: ignore[arg-type]
+        self.side.sender.put(Finish(self.room, lambda: self._finish(output)))
+
+    def _finish(self, output: RequestOutput) -> None:
+        room = self.room
+        if output.finish_reason == "abort":
+            room.fail("ABORTED", f"room {room.room_id} was aborted on prefill")
+        else:
+            room.succeed(
+                AttachResult(
+                    first_token_id=output.output_token_ids[0],
+                    prompt_tokens=len(output.prompt_token_ids),
+                    transferred_bytes=self.side.sender.sent.get(room.room_id, 0),
+                )
+            )
+        # Every write for this request is done (jobs run in order): its pages may be reused now.
+        self.side.loop.call(self.side.loop.engine.release, output.request_id)
+
+
+class PrefillHandoff:
+    """The rooms of one prefill rank and what each side of a room waits for."""
+
+    def __init__(
+        self,
+        loop: EngineLoop,
+        layout: KVLayout,
+        region: KVRegion,
+        sender: KVSender,
+        handoff_timeout_s: float,
+        push: str = "layerwise",
+    ):
+        self.loop, self.layout, self.region, self.sender = loop, layout, region, sender
+        self.handoff_timeout_s = handoff_timeout_s
+        self.push = push
+        """layerwise: write each layer's KV as soon as it is computed (overlaps transfer with
+        compute); complete: write everything once the prompt is done (for hosts where the copy
+        itself needs the CPU that prefill is using, e.g. TCP on a small machine)."""
+        self.rooms = RoomTable()
+        loop.add_stop_callback(self._engine_stopped)
+
+    def _engine_stopped(self, error: BaseException) -> None:
+        for room in self.rooms.all():
+            room.fail("UNAVAILABLE", f"room {room.room_id}: prefill engine is down: {error}")
+
+    def generate(
+        self, room_id: int, request_id: str, prompt: list[int], params: SamplingParams, caller: Caller
+    ) -> AttachResult:
+        """The prefill half of a disaggregated Generate: returns once the KV is in the decode pages."""
+        room = self.rooms.enter(room_id)
+        try:
+            with room.changed:
+                if room.request_id is not None:
+                    raise HandoffError("ALREADY_EXISTS", f"room {room_id} is already in use")
+                room.request_id, room.prompt = request_id, prompt
+                room.changed.notify_all()
+            if not self._wait(room, lambda: room.attach is not None, self.handoff_timeout_s, caller):
+                room.fail(
+                    "DEADLINE_EXCEEDED",
+                    f"no decode attached to room {room_id} within {self.handoff_timeout_s:.0f}s",
+                )
+            if not room.done:
+                self._start(room, params)
+            self._wait(room, lambda: False, None, caller)
+            if room.error is not None:
+                raise room.error
+            assert room.result is not None
+            return room.result
+        finally:
+            self.rooms.leave(room)
+
+    def attach(self, spec: AttachSpec, caller: Caller) -> AttachResult:
+        """The decode's Attach: returns once the prompt KV is in `spec`'s pages."""
+        room = self.rooms.enter(spec.room)
+        try:
+            try:
+                self.layout.check_compatible(spec.layout)
+            except LayoutMismatch as e:
+                room.fail("FAILED_PRECONDITION", str(e))
+                raise HandoffError("FAILED_PRECONDITION", str(e)) from None
+            with room.changed:
+                if room.attach is not None:
+                    raise HandoffError("ALREADY_EXISTS", f"room {spec.room} already has a decode")
+                room.attach = spec
+                room.changed.notify_all()
+            if not self._wait(room, lambda: room.prompt is not None, self.handoff_timeout_s, caller):
+                room.fail(
+                    "DEADLINE_EXCEEDED",
+                    f"prefill received no Generate for room {spec.room} within {self.handoff_timeout_s:.0f}s",
+                )
+            self._wait(room, lambda: False, None, caller)
+            if room.error is not None:
+                self._settle(room)  # decode frees its pages when it hears this: nothing may land after
+                raise room.error
+            assert room.result is not None
+            return room.result
+        finally:
+            self.rooms.leave(room)
+
+    def release(self, room_id: int, reason: str) -> bool:
+        """Decode gives up on a room: stop it and return once no write can land any more."""
+        room = self.rooms.get(room_id)
+        if room is None or room.done:
+            return False
+        self._abort_room(room, f"released by decode ({reason or 'no reason given'})")
+        if not self._settle(room):
+            raise HandoffError("UNAVAILABLE", f"room {room_id}: KV writes did not settle in 10 s")
+        return True
+
+    def abort(self, request_id: str) -> bool:
+        """Abort the room serving `request_id` (Abort RPC); False if there is none."""
+        room = self.rooms.by_request(request_id)
+        if room is None or room.done:
+            return False
+        self._abort_room(room, "Abort RPC")
+        return True
+
+    def queue_depths(self) -> dict[str, int]:
+        return {"prefill_inflight": len(self.rooms)}
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _start(self, room: Room, params: SamplingParams) -> None:
+        spec, prompt = room.attach, room.prompt
+        assert spec is not None and prompt is not None
+        if spec.num_prompt_tokens != len(prompt):
+            room.fail(
+                "INVALID_ARGUMENT",
+                f"room {room.room_id}: decode attached pages for {spec.num_prompt_tokens} tokens, "
+                f"the prompt has {len(prompt)}",
+            )
+            return
+        needed = -(-len(prompt) // self.region.page_size)
+        if len(spec.page_ids) < needed:
+            room.fail(
+                "INVALID_ARGUMENT",
+                f"room {room.room_id}: decode attached {len(spec.page_ids)} pages, a "
+                f"{len(prompt)}-token prompt needs {needed}",
+            )
+            return
+        # Prefill samples exactly the first token; decode samples the rest with the same params.
+        first = SamplingParams(**{**params.__dict__, "max_tokens": 1})
+        listener = RoomListener(self, room, spec)
+
+        def start() -> None:
+            if room.done:  # aborted or released while this command waited in the queue
+                return
+            self.loop.engine.add_request(prompt, first, room.request_id, listener=listener)
+            room.in_engine = True
+
+        try:
+            self.loop.run(start)
+        except EngineDead as e:
+            room.fail("UNAVAILABLE", f"room {room.room_id}: prefill engine is down: {e}")
+        except Exception as e:
+            room.fail("INVALID_ARGUMENT", f"room {room.room_id}: {e}")
+
+    def _wait(self, room: Room, predicate, timeout: float | None, caller: Caller) -> bool:
+        """Wait for `predicate` (or the room's end); the caller going away aborts the room."""
+        if room.wait_for(predicate, timeout, caller):
+            return True
+        if not caller.is_active():
+            self._abort_room(room, "the caller went away")
+            return True
+        return False
+
+    def _abort_room(self, room: Room, why: str) -> None:
+        room.fail("ABORTED", f"room {room.room_id} aborted: {why}")
+        if room.request_id:
+            # Queued after any pending start (commands run in order), so it cannot miss it.
+            self.loop.call(self.loop.abort, room.request_id)
+
+    def _settle(self, room: Room) -> bool:
+        return True if not room.in_engine else self.sender.settle()

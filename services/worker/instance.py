@@ -1,0 +1,197 @@
+"""An instance: one expert-parallel group of W ranks, rank 0 serving the instance's gRPC port.
+
+With W = 1 the worker process is rank 0. With W > 1 it is a launcher: it starts W rank processes
+(joined by torch.distributed for the MoE exchanges, and by ZeroMQ for the calls rank 0 hands the
+others), reports when all are ready, and supervises them. The group fails as a unit: when a rank
+exits, the instance turns unhealthy, in-flight calls fail with a status, and all ranks stop.
+Stop is ordered: the engines agree to stop at the same step (no collective is left hanging),
+calls still running end with UNAVAILABLE, then the gRPC server closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing as mp
+import os
+import sys
+import threading
+import time
+from datetime import timedelta
+from multiprocessing.connection import Connection, wait
+
+from services.process import die_with_parent, free_port, stop_on_signals
+from services.worker.config import WorkerConfig
+
+READY_TIMEOUT_S = 300.0
+FAILURE_GRACE_S = 2.0
+"""After a rank dies, how long the survivors keep answering (unhealthy) before the group stops."""
+STOP_TIMEOUT_S = 3.0
+SERVER_GRACE_S = 0.5
+
+
+def serve(config: WorkerConfig) -> int:
+    """Run the instance until SIGINT/SIGTERM (0) or a rank failure (1)."""
+    if config.ep_size == 1:
+        stop = stop_on_signals()
+        return run_rank(config, 0, None, stop, None)
+    return supervise(config)
+
+
+def run_rank(
+    config: WorkerConfig, rank: int, dist_init: str | None, stop: threading.Event, report: Connection | None
+) -> int:
+    """Build and run one rank until `stop` (or its group stops); rank 0 serves the public port."""
+    import torch.distributed as dist
+    import zmq
+
+    from services.engine import Engine
+    from services.ep import ExpertLoadRecorder, ExpertParallel, ExpertPlacement, create
+    from services.worker.channels import LocalLink, ZmqReceiver, ZmqSender
+    from services.worker.decode import GrpcAttachClient
+    from services.worker.dp_controller import DPController
+    from services.worker.rank import Rank
+    from services.worker.server import add_services, bind_server
+
+    world = config.ep_size
+    server = None
+    if rank == 0:  # take the public port first: ports drawn later (ZeroMQ, Mooncake) cannot collide
+        server, counter, port = bind_server(config)
+    parallel = None
+    if dist_init is not None:
+        dist.init_process_group(
+            "gloo", init_method=dist_init, rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        )
+        dispatcher = create(config.dispatcher)
+
+        def parallel(cfg):
+            slots = config.ep_slots or cfg.num_experts
+            placement = ExpertPlacement.default(len(cfg.moe_layers), cfg.num_experts, slots, world)
+            recorder = ExpertLoadRecorder(len(cfg.moe_layers), cfg.num_experts)
+            return ExpertParallel(placement, rank, dispatcher, recorder)
+
+    engine = Engine.from_pretrained(config.model, parallel=parallel, **dataclasses.asdict(config.engine))
+    me = Rank(config, engine, GrpcAttachClient())
+    zctx = zmq.Context()
+    controller: DPController | None = None
+    receiver = None
+    peers = [{"pid": os.getpid()}]
+    if world > 1:
+        if rank == 0:
+            receiver = ZmqReceiver(zctx, config.host, lambda e: controller.on_event(e), "rank0-events")
+        else:
+            receiver = ZmqReceiver(zctx, config.host, me.handle, f"rank{rank}-calls")
+        peers = [{} for _ in range(world)]
+        dist.all_gather_object(peers, {"address": receiver.address, "pid": os.getpid()})
+    if server is not None:
+        links = [LocalLink(me.handle)] + [ZmqSender(zctx, p["address"]) for p in peers[1:]]
+        controller = DPController(links, [p["pid"] for p in peers])
+        me.reply = controller.on_event
+        me.loop.add_stop_callback(lambda e: controller.fail_all(f"the instance's engine stopped: {e}"))
+        add_services(server, counter, config, engine, controller)
+    else:
+        me.reply = ZmqSender(zctx, peers[0]["address"]).send
+    me.loop.add_stop_callback(lambda e: stop.set())  # the group stopped (or died): leave too
+    if receiver is not None:
+        receiver.start()
+    me.start()
+    if server is not None:
+        server.start()
+    detail = f"kv={me.layout.describe()} transfer={me.transfer.session_id}/{config.transfer_protocol}"
+    if report is not None:
+        report.send(("ready", rank, detail))
+    elif rank == 0:
+        print(f"moeserve worker ready: role={config.role} grpc={config.host}:{port} {detail}", flush=True)
+    stop.wait()
+    me.loop.stop(timeout=STOP_TIMEOUT_S)  # every rank leaves at the same step
+    if server is not None:
+        server.stop(SERVER_GRACE_S).wait()
+    if receiver is not None:
+        receiver.close()
+    return 1 if me.loop.crashed else 0
+
+
+def rank_process(config: WorkerConfig, rank: int, dist_init: str, report: Connection) -> None:
+    """Entry point of one rank process of a group."""
+    die_with_parent()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    stop = stop_on_signals()
+    try:
+        code = run_rank(config, rank, dist_init, stop, report)
+    except BaseException as e:  # tell the launcher why, then exit non-zero
+        with contextlib.suppress(OSError):
+            report.send(("error", rank, f"{type(e).__name__}: {e}"))
+        code = 1
+    report.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Threads of finished calls may linger in their pools; the work is done, leave now.
+    os._exit(code)
+
+
+def supervise(config: WorkerConfig) -> int:
+    """Launch the group's rank processes and watch them until a signal or a rank failure."""
+    ctx = mp.get_context("spawn")
+    dist_init = f"tcp://127.0.0.1:{free_port()}"
+    pipes = [ctx.Pipe(duplex=False) for _ in range(config.ep_size)]
+    procs = [
+        ctx.Process(target=rank_process, args=(config, r, dist_init, pipes[r][1]), name=f"ep-rank-{r}")
+        for r in range(config.ep_size)
+    ]
+    stop = stop_on_signals()
+    for p in procs:
+        p.start()
+    for _, sender in pipes:
+        sender.close()
+    try:
+        ready = wait_ready(config, procs, [reader for reader, _ in pipes], stop)
+        if ready is None:
+            return 1
+        print(
+            f"moeserve worker ready: role={config.role} grpc={config.host}:{config.port} ep={config.ep_size} "
+            f"slots={config.ep_slots or 'experts'} dispatcher={config.dispatcher} {ready}",
+            flush=True,
+        )
+        while not stop.wait(0.2):
+            dead = [p for p in procs if p.exitcode is not None]
+            if dead:
+                names = ", ".join(f"{p.name} (exit {p.exitcode})" for p in dead)
+                print(f"moeserve worker: {names} died; the EP group fails as a unit", file=sys.stderr)
+                time.sleep(FAILURE_GRACE_S)
+                return 1
+        return 0
+    finally:
+        for p in procs:
+            if p.exitcode is None:
+                p.terminate()  # each rank asks its engine to stop; they agree and leave together
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for p in procs:
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+
+
+def wait_ready(config: WorkerConfig, procs, readers: list[Connection], stop: threading.Event) -> str | None:
+    """Rank 0's description once every rank reported ready; None (after saying why) otherwise."""
+    ready: dict[int, str] = {}
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while len(ready) < config.ep_size:
+        if time.monotonic() > deadline or stop.is_set():
+            print("moeserve worker: EP ranks did not come up in time", file=sys.stderr)
+            return None
+        for reader in wait([r for r in readers if not r.closed], timeout=0.5):
+            try:
+                kind, rank, detail = reader.recv()
+            except EOFError:
+                reader.close()
+                continue
+            if kind == "error":
+                print(f"moeserve worker: EP rank {rank} failed to start: {detail}", file=sys.stderr)
+                return None
+            ready[rank] = detail
+        dead = [p.name for p in procs if p.exitcode is not None]
+        if dead and len(ready) < config.ep_size:
+            print(f"moeserve worker: {', '.join(dead)} exited during start-up", file=sys.stderr)
+            return None
+    return ready[0]

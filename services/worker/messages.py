@@ -1,0 +1,126 @@
+"""What crosses the boundary between an instance's DP controller (rank 0) and its ranks.
+
+Every call the controller hands a rank is a `Command` with a call id; the rank answers with
+`Reply` values (a stream for Generate, one value otherwise), then `End`, or with one `Failure`.
+`Cancel` tells the rank that the caller went away. Messages are plain frozen dataclasses, pickled
+on the wire between processes (instance ranks trust each other, as torch.distributed ranks do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from services.kv import AttachSpec
+
+
+@dataclass(frozen=True)
+class Command:
+    """A call handed to one rank."""
+
+    call_id: int
+
+
+@dataclass(frozen=True)
+class Generate(Command):
+    """SGLang's GenerateRequest, serialized: replies are serialized GenerateResponses."""
+
+    request: bytes = b""
+
+
+@dataclass(frozen=True)
+class Attach(Command):
+    """A decode rank attaches its pages to a room on this (prefill) rank: replies an AttachResult."""
+
+    spec: AttachSpec | None = None
+
+
+@dataclass(frozen=True)
+class Release(Command):
+    """Decode gives up on a room: replies whether the room was live."""
+
+    room: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Abort(Command):
+    """Abort a request wherever it is on this rank: replies whether it was found."""
+
+    request_id: str = ""
+
+
+Query = Literal["load", "health", "expert_load"]
+
+
+@dataclass(frozen=True)
+class Ask(Command):
+    """A read-only question: replies a `RankLoad`, a `RankHealth` or an `ExpertLoad`."""
+
+    what: Query = "health"
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """The caller of `call_id` went away: stop the call and free what it holds."""
+
+    call_id: int
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One value of a call's answer."""
+
+    call_id: int
+    value: Any
+
+
+@dataclass(frozen=True)
+class End:
+    """The call answered everything."""
+
+    call_id: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The call failed: a canonical status name and what to do."""
+
+    call_id: int
+    code: str
+    message: str
+
+
+Event = Reply | End | Failure
+
+
+@dataclass(frozen=True)
+class RankLoad:
+    """One DP rank's load, as GetLoads reports it."""
+
+    running: int
+    waiting: int
+    used_tokens: int
+    total_tokens: int
+    max_num_seqs: int
+    queues: dict[str, int] = field(default_factory=dict)
+    """Hand-off queue depths: prefill_inflight, decode_prealloc, decode_transfer."""
+    transfer: tuple[int, float, int, int] = (0, 0.0, 0, 0)
+    """Prefill KV transfer totals: bytes, seconds, rooms, failed rooms."""
+
+
+@dataclass(frozen=True)
+class RankHealth:
+    """Whether the rank's engine loop runs."""
+
+    healthy: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class ExpertLoad:
+    """Tokens per logical expert per MoE layer over the rank's window."""
+
+    counts: list[list[int]]
+    tokens: int
+    steps: int
