@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import signal
 import time
+from pathlib import Path
 
 import grpc
 import openai
 import pytest
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
+from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
 from services.proto.moeserve.v1 import worker_control_pb2 as ctl
 from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
@@ -53,6 +56,53 @@ def test_prefill_ep2_to_decode_ep2_is_exact(ep2_ep2, ds_dir):
     with cf.ThreadPoolExecutor(4) as ex:  # concurrent requests spread over both DP ranks
         got = list(ex.map(stream, prompts))
     assert got == [greedy(ds_dir, encode(ds_dir, p), 12)[0] for p in prompts]
+    c.assert_idle()
+
+
+def grpc_calls(c: LocalCluster, name: str) -> dict[str, int]:
+    """gRPC calls the instance's server (rank 0) has received, per method."""
+    info = c.stub(name).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+    return {m: int(n) for m, n in info.scheduler_info["grpc_calls"].items()}
+
+
+def listening_ports(pid: int) -> list[int]:
+    """TCP ports the process listens on (its socket inodes matched against /proc/net/tcp*)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    ports = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.append(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_one_grpc_call_per_side_and_none_between_ranks(ep2_ep2, ds_dir):
+    c, url = ep2_ep2
+    counted = ("Generate", "Attach", "Release", "Abort")
+    before = {n: grpc_calls(c, n) for n in ("prefill", "decode")}
+    res = client_for(url).completions.create(model=ds_dir.name, prompt="one hop", max_tokens=4, temperature=0)
+    assert res.choices[0].finish_reason == "length"
+    after = {n: grpc_calls(c, n) for n in ("prefill", "decode")}
+    delta = {n: {m: after[n].get(m, 0) - before[n].get(m, 0) for m in counted} for n in after}
+    # The orchestrator calls each side once; the decode rank attaches to the prefill instance once.
+    assert delta["prefill"] == {"Generate": 1, "Attach": 1, "Release": 0, "Abort": 0}
+    assert delta["decode"] == {"Generate": 1, "Attach": 0, "Release": 0, "Abort": 0}
+    # The other ranks serve no gRPC at all: rank 0 hands them calls over ZeroMQ.
+    for name in ("prefill", "decode"):
+        info = c.stub(name).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+        for pid in [int(p) for p in info.server_args["rank_pids"]][1:]:
+            ports = listening_ports(pid)
+            assert ports  # its ZeroMQ and transfer-engine sockets
+            for port in ports:
+                stub = pb_grpc.SglangSchedulerStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+                with pytest.raises(grpc.RpcError):
+                    stub.HealthCheck(pb.HealthCheckRequest(), timeout=0.5)
     c.assert_idle()
 
 

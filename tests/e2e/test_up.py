@@ -6,9 +6,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
 
 from services.process import free_port, port_in_use
@@ -52,14 +54,43 @@ def greedy_reference(model_dir: Path, messages: list[dict], max_new: int) -> str
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+def start_streams(url: str, model: str, n: int) -> tuple[list[list[str]], list[threading.Thread]]:
+    """`n` long SSE completions, each read line by line into its own list; returns once all stream."""
+    lines: list[list[str]] = [[] for _ in range(n)]
+    started = threading.Barrier(n + 1, timeout=60)
+
+    def one(i: int) -> None:
+        body = {
+            "model": model,
+            "prompt": f"stream {i}",
+            "max_tokens": 1500,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        with httpx.Client(timeout=60) as http, http.stream("POST", f"{url}/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                started.abort()  # fail the test now, not at the barrier's timeout
+            for line in r.iter_lines():
+                lines[i].append(line)
+                if line.startswith("data: ") and sum(ln.startswith("data: ") for ln in lines[i]) == 3:
+                    started.wait()
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    started.wait()
+    return lines, threads
+
+
 def test_up_serves_the_tiny_model_and_stops_cleanly(tmp_path):
     port = free_port()
     env = {**os.environ, "MOESERVE_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    errors = tmp_path / "stderr.txt"
     proc = subprocess.Popen(
         [MOESERVE, "up", "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=errors.open("w"),
         text=True,
     )
     try:
@@ -83,8 +114,22 @@ def test_up_serves_the_tiny_model_and_stops_cleanly(tmp_path):
         )
         assert res.choices[0].finish_reason in ("stop", "length")
 
+        # Ctrl-C with four streams running: an ordered stop in under 3 s, a final event for every
+        # client, nothing printed on the way out, no process left.
+        lines, readers = start_streams(f"http://127.0.0.1:{port}", model, 4)
+        printed = errors.stat().st_size
+        start = time.monotonic()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - start < 3.0
+        for t in readers:
+            t.join(timeout=10)
+        for got in lines:
+            events = [ln for ln in got if ln.startswith("data: ")]
+            assert events[-1] == "data: [DONE]"
+            assert "shutting down" in events[-2]  # an OpenAI error event says why the stream ended
+        said = errors.read_text()[printed:]
+        assert "Traceback" not in said and "warning" not in said.lower(), said
         deadline = time.monotonic() + 10
         while any(alive(k) for k in kids) and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -85,3 +85,48 @@ def test_reservation_fails_cleanly_when_full_and_prefilled_stop_frees(ds_dir):
     with pytest.raises(InvalidRequestError, match="prompt is empty"):
         engine.add_prefilled_request([], 1, pages, SamplingParams())
     assert engine.kv_stats().used_pages == 0  # the reserved pages went back with the error
+
+
+class ReservedPages:
+    """KVSource that records the pages the scheduler reserved; the test plays the transfer."""
+
+    def __init__(self):
+        self.pages: dict[str, list[int]] = {}
+
+    def on_pages(self, request_id, pages):
+        self.pages[request_id] = pages
+
+
+def test_hand_off_requests_wait_for_seats_under_max_num_seqs(ds_dir):
+    """More hand-off requests than max_num_seqs: the extra wait for pages and seats, all finish exactly."""
+    prompts = [list(range(3 + i, 30 + 2 * i)) for i in range(5)]
+    expected = Engine.from_pretrained(ds_dir).generate(prompts, GREEDY)
+    prefill = Engine.from_pretrained(ds_dir, page_size=4)
+    decode = Engine.from_pretrained(ds_dir, page_size=4, max_num_seqs=2)
+    source = ReservedPages()
+    ids = [decode.add_remote_request(p, GREEDY, f"r{i}", source) for i, p in enumerate(prompts)]
+    tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+    running, in_transfer, queued = [], [], []
+    while decode.has_unfinished() or source.pages:
+        for out in decode.step():
+            tokens[out.request_id] += out.new_token_ids
+        sched = decode.scheduler
+        running.append(len(sched.running))
+        in_transfer.append(len(sched.kv_transferring) + len(sched.kv_ready))
+        queued.append(len(sched.kv_waiting))
+        for rid, pages in list(source.pages.items()):  # prefill computes the prompt, KV lands in `pages`
+            del source.pages[rid]
+            listener = CopyListener(prefill, decode, pages)
+            pid = prefill.add_request(
+                prompts[ids.index(rid)], SamplingParams(max_tokens=1, temperature=0.0), listener=listener
+            )
+            while prefill.has_unfinished():
+                prefill.step()
+            prefill.release(pid)
+            out = decode.kv_arrived(rid, listener.output.output_token_ids[0])
+            tokens[rid] += out.new_token_ids
+    assert max(running) == 2 and max(in_transfer) == 2  # never more than max_num_seqs
+    assert queued[0] == 3  # the extra requests waited without pages
+    assert [tokens[rid] for rid in ids] == [e.output_token_ids for e in expected]
+    assert decode.kv_stats().used_pages == 0 and not decode.has_unfinished()
+    assert not decode.kv_arrived("r0", 1)  # a finished request takes no KV

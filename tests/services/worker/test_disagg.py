@@ -84,6 +84,33 @@ def test_non_streaming_and_concurrent_rooms(pair, expected):
     pair.assert_idle()
 
 
+def test_more_rooms_than_decode_seqs_wait_and_all_finish_exactly(pair, expected, ds_dir):
+    """max_num_seqs holds for requests arriving by hand-off: the extra wait, none is dropped."""
+    pair.worker("decode-2seqs", "decode", ds_dir, "--max-num-seqs", "2", "--handoff-timeout", "3")
+    reqs = [request(pair.addresses["prefill"], next(rooms)) for _ in range(6)]
+    seen = []
+
+    def one(req):
+        with cf.ThreadPoolExecutor(1) as ex:
+            pf = ex.submit(lambda: list(pair.stub("prefill").Generate(req, timeout=60)))
+            out = list(pair.stub("decode-2seqs").Generate(req, timeout=60))
+            pf.result()
+        return out
+
+    with cf.ThreadPoolExecutor(6) as ex:
+        futures = [ex.submit(one, r) for r in reqs]
+        while not all(f.done() for f in futures):
+            load = pair.load("decode-2seqs")
+            seen.append((load.num_running_reqs, load.num_waiting_reqs))
+            time.sleep(0.01)
+        outs = [f.result() for f in futures]
+    for out in outs:
+        assert [t for r in out if r.HasField("chunk") for t in r.chunk.token_ids] == expected.output_token_ids
+    assert max(running for running, _ in seen) == 2  # never more than max_num_seqs in the batch
+    assert max(waiting for _, waiting in seen) >= 1  # the others waited
+    pair.assert_idle("prefill", "decode-2seqs")
+
+
 def test_room_without_decode_times_out_and_frees(pair):
     req = request(pair.addresses["prefill"], next(rooms))
     start = time.monotonic()
