@@ -1,0 +1,1 @@
+"""moeserve's worker side: engine, models, expert parallelism, KV hand-off, worker processes."""

@@ -13,6 +13,8 @@ from services.models.base import MoECausalLM
 
 
 class ModelRunner:
+    """Runs one scheduled batch through the model and samples its next tokens."""
+
     def __init__(self, model: MoECausalLM, kv: KVCache, page_size: int, device: torch.device | str):
         self.model = model
         self.kv = kv

@@ -18,6 +18,8 @@ class InvalidRequestError(ValueError):
 
 
 class Phase(enum.Enum):
+    """Where a request is in its life."""
+
     WAITING = "waiting"
     """Queued; holds no KV pages."""
     PREFILL = "prefill"

@@ -28,6 +28,8 @@ from services.engine.request import FinishReason, Phase, Request
 
 @dataclass(frozen=True)
 class ScheduledBatch:
+    """What one step computes: a prefill (prompt chunks) or a decode (one token each)."""
+
     phase: Literal["prefill", "decode"]
     requests: list[Request]
     num_new: list[int]
@@ -35,6 +37,8 @@ class ScheduledBatch:
 
 
 class Scheduler:
+    """Continuous batching of one DP rank: admission, chunked prefill, decode, preemption, hand-off."""
+
     def __init__(self, pool: PagePool, max_num_seqs: int, max_prefill_tokens: int):
         self.pool = pool
         self.max_num_seqs = max_num_seqs

@@ -27,6 +27,8 @@ V1_NVL_BUFFER_BYTES = 1 << 30
 
 @register("deepep")
 class DeepEPDispatcher(Dispatcher):
+    """DeepEP V2 `ElasticBuffer` (or V1 `Buffer` normal mode) dispatch and combine."""
+
     def __init__(
         self, group: dist.ProcessGroup | None = None, max_tokens_per_rank: int = MAX_TOKENS_PER_RANK
     ):

@@ -12,6 +12,8 @@ import torch
 
 
 class ExpertLoadRecorder:
+    """Counts tokens per logical expert per MoE layer, step by step, over a sliding window."""
+
     def __init__(
         self, num_layers: int, num_experts: int, window_steps: int = 1000, device: str | torch.device = "cpu"
     ):

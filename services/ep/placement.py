@@ -18,6 +18,8 @@ class PlacementError(ValueError):
 
 @dataclass(frozen=True)
 class ExpertPlacement:
+    """Which logical expert each physical slot holds, per layer, and how tokens pick a replica."""
+
     num_experts: int
     ep_size: int
     phys_to_log: torch.Tensor

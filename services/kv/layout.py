@@ -13,6 +13,8 @@ class LayoutMismatch(ValueError):
 
 @dataclass(frozen=True)
 class KVLayout:
+    """The shape of one worker's KV pages; its fingerprint must match across a hand-off."""
+
     architecture: str
     num_layers: int
     entry_shape: tuple[int, ...]

@@ -19,6 +19,8 @@ class TransferError(RuntimeError):
 
 
 class TransferEngine:
+    """One rank's Mooncake transfer engine: registers its KV storage, writes into peers'."""
+
     def __init__(self, hostname: str = "127.0.0.1", protocol: str = "tcp", device: str = ""):
         os.environ.setdefault("GLOG_minloglevel", "2")  # Mooncake logs through glog; keep errors only
         try:

@@ -21,6 +21,8 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class DecoderLayer(nn.Module):
+    """Attention + (dense MLP or MoE block), each behind an RMSNorm with a residual."""
+
     def __init__(
         self, cfg: ModelConfig, layer_idx: int, attention: AttentionFactory, parallel: ExpertParallel
     ):

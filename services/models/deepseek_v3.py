@@ -18,6 +18,8 @@ from services.models.layers import RMSNorm, apply_rotary, yarn_softmax_scale
 
 
 class MLAttention(nn.Module):
+    """Multi-head latent attention: caches the compressed latent + rope key, absorbed for decode."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.h = cfg.num_heads
@@ -86,5 +88,7 @@ class MLAttention(nn.Module):
 
 
 class DeepseekV3ForCausalLM(MoECausalLM):
+    """DeepSeek-V3/R1 and Kimi K2: MLA attention, DeepSeekMoE with shared experts."""
+
     def __init__(self, cfg: ModelConfig, parallel: ExpertParallel | None = None):
         super().__init__(cfg, MLAttention, parallel)

@@ -13,6 +13,8 @@ from services.models.layers import RMSNorm, apply_rotary
 
 
 class GQAttention(nn.Module):
+    """Grouped-query attention with per-head q/k RMSNorm (Qwen3)."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.h, self.kv_h, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -40,5 +42,7 @@ class GQAttention(nn.Module):
 
 
 class Qwen3MoeForCausalLM(MoECausalLM):
+    """Qwen3-MoE: GQA attention and softmax top-k routed experts."""
+
     def __init__(self, cfg: ModelConfig, parallel: ExpertParallel | None = None):
         super().__init__(cfg, GQAttention, parallel)
