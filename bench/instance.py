@@ -100,7 +100,8 @@ class Pair:
             info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10).scheduler_info
             if "grpc_calls" not in info:
                 return None
-            total += sum(int(info["grpc_calls"].get(m, 0)) for m in COUNTED)
+            calls = info["grpc_calls"]
+            total += sum(int(calls[m]) for m in COUNTED if m in calls)
         return total
 
     def stop(self) -> None:

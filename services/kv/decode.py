@@ -149,7 +149,8 @@ class DecodeHandoff:
         """Abort a request (engine thread): one whose KV is in flight is released first."""
         source = self.attaching.get(request_id)
         if source is not None and source.cancel():
-            return True
+            return True  # the source releases the room, then fails the request
+        self.attaching.pop(request_id, None)
         return self.loop.abort(request_id)
 
     def queue_depths(self) -> dict[str, int]:

@@ -19,6 +19,8 @@ import zmq
 
 log = logging.getLogger(__name__)
 POLL_MS = 200
+SEND_TIMEOUT_MS = 2000
+"""A send that cannot be queued for this long fails (the peer is gone and its queue is full)."""
 
 
 class Link(Protocol):
@@ -40,13 +42,18 @@ class ZmqSender:
     def __init__(self, context: zmq.Context, address: str):
         self._socket = context.socket(zmq.PUSH)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
         self._socket.connect(address)
+        self.address = address
         self._lock = threading.Lock()
 
     def send(self, message: Any) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         with self._lock:
-            self._socket.send(data)
+            try:
+                self._socket.send(data)
+            except zmq.Again:
+                raise ConnectionError(f"{self.address} takes no messages (its rank is gone?)") from None
 
     def close(self) -> None:
         with self._lock:

@@ -9,6 +9,7 @@ no gRPC between ranks. If the instance's engine stops, every call in flight fail
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -70,7 +71,8 @@ class RankCallHandle:
 
     def cancel(self) -> None:
         if not self.done:
-            self.controller.links[self.rank].send(msg.Cancel(self.call_id))
+            with contextlib.suppress(ConnectionError):  # a rank that is gone has nothing to stop
+                self.controller.links[self.rank].send(msg.Cancel(self.call_id))
 
 
 @dataclass
@@ -152,8 +154,11 @@ class DPController:
             down = self.down
         if down is not None:
             handle.events.put(msg.Failure(call_id, "UNAVAILABLE", down))
-        else:
+            return handle
+        try:
             self.links[rank].send(make(call_id))
+        except ConnectionError as e:
+            handle.events.put(msg.Failure(call_id, "UNAVAILABLE", f"DP rank {rank} is unreachable: {e}"))
         return handle
 
     def ask_all(self, what: msg.Query, timeout: float) -> list[Any]:

@@ -92,9 +92,9 @@ def run_rank(
     else:
         me.reply = ZmqSender(zctx, peers[0]["address"]).send
     me.loop.add_stop_callback(lambda e: stop.set())  # the group stopped (or died): leave too
+    me.start()  # before any call can arrive
     if receiver is not None:
         receiver.start()
-    me.start()
     if server is not None:
         server.start()
     detail = f"kv={me.layout.describe()} transfer={me.transfer.session_id}/{config.transfer_protocol}"

@@ -149,8 +149,11 @@ class Rank:
     def _generate(self, request: pb.GenerateRequest, call: RankCall) -> Iterator[bytes]:
         engine = self.engine
         prompt = list(request.tokenized.input_ids)
-        params = proto_convert.sampling_params(request.sampling_params, len(prompt), engine.max_model_len)
-        engine.validate(prompt, params)
+        try:
+            params = proto_convert.sampling_params(request.sampling_params, len(prompt), engine.max_model_len)
+            engine.validate(prompt, params)
+        except ValueError as e:  # bad prompt or sampling parameters
+            raise HandoffError("INVALID_ARGUMENT", str(e)) from None
         dp = request.disaggregated_params if request.HasField("disaggregated_params") else None
         if dp is not None and dp.bootstrap_host:
             request_id = request.request_id or f"room-{dp.bootstrap_room}"
@@ -163,9 +166,12 @@ class Rank:
             assert decode is not None
             prefill = f"{dp.bootstrap_host}:{dp.bootstrap_port}"
             stream = RequestStream()
-            source = self.loop.run(
-                decode.start, request_id, prompt, params, dp.bootstrap_room, prefill, stream
-            )
+            try:
+                source = self.loop.run(
+                    decode.start, request_id, prompt, params, dp.bootstrap_room, prefill, stream
+                )
+            except InvalidRequestError as e:  # the request id is in use
+                raise HandoffError("ALREADY_EXISTS", str(e)) from None
             yield from stream_outputs(
                 self.loop,
                 stream,
