@@ -122,14 +122,11 @@ class Engine(KVHandoffHooks):
         listener: KVListener | None = None,
     ) -> str:
         """Queue a request; `listener` watches its KV layer by layer and defers freeing its pages."""
-        params = params or SamplingParams()
-        self.validate(prompt_token_ids, params)
-        request_id = self._new_id(request_id)
-        req = Request(request_id, list(prompt_token_ids), params, make_generator(params, self._rng))
+        req = self._new_request(prompt_token_ids, params or SamplingParams(), request_id)
         req.listener = listener
-        self._requests[request_id] = req
+        self._requests[req.request_id] = req
         self.scheduler.add(req)
-        return request_id
+        return req.request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its pages; None if it is unknown or already done."""
@@ -243,6 +240,14 @@ class Engine(KVHandoffHooks):
         return len(self.scheduler.running)
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _new_request(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None
+    ) -> Request:
+        """A validated request with a fresh id and its own sampler (nothing queued or allocated)."""
+        self.validate(prompt_token_ids, params)
+        request_id = self._new_id(request_id)
+        return Request(request_id, list(prompt_token_ids), params, make_generator(params, self._rng))
 
     def _new_id(self, request_id: str | None) -> str:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"

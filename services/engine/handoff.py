@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from services.engine.request import InvalidRequestError, KVSource, Phase, Request, RequestOutput
-from services.engine.sampling import SamplingParams, make_generator
+from services.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from services.engine.engine import Engine
@@ -30,13 +30,11 @@ class KVHandoffHooks:
         source: KVSource,
     ) -> str:
         """Queue a request whose prompt KV `source` will write into the pages the scheduler reserves."""
-        self.validate(prompt_token_ids, params)
-        request_id = self._new_id(request_id)
-        req = Request(request_id, list(prompt_token_ids), params, make_generator(params, self._rng))
+        req = self._new_request(prompt_token_ids, params, request_id)
         req.kv_source = source
-        self._requests[request_id] = req
+        self._requests[req.request_id] = req
         self.scheduler.add_remote(req)
-        return request_id
+        return req.request_id
 
     def awaiting_pages(self: Engine, request_id: str) -> bool:
         """The request still waits for the scheduler to reserve its pages (nothing is in flight)."""
@@ -75,18 +73,16 @@ class KVHandoffHooks:
         token was sampled elsewhere; it joins the decode batch when a seat is free. The pages belong
         to the request from here on (freed when it ends, also on error)."""
         try:
-            self.validate(prompt_token_ids, params)
+            req = self._new_request(prompt_token_ids, params, request_id)
             if len(pages) < self.pool.pages_for(len(prompt_token_ids)):
                 raise InvalidRequestError(
                     f"{len(pages)} pages cannot hold a {len(prompt_token_ids)}-token prompt"
                 )
-            request_id = self._new_id(request_id)
         except InvalidRequestError:
             self.pool.free(pages)
             raise
-        req = Request(request_id, list(prompt_token_ids), params, make_generator(params, self._rng))
         req.pages = pages
-        self._requests[request_id] = req
+        self._requests[req.request_id] = req
         return self._arrive(req, first_token)
 
     def release(self: Engine, request_id: str) -> bool:
