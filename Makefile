@@ -44,6 +44,7 @@ bench: setup
 	OMP_NUM_THREADS=1 $(BIN)/python bench/engine.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/handoff.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/dispatch.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/instance.py --rounds 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
