@@ -71,6 +71,8 @@ class Engine(KVHandoffHooks):
         self._requests: dict[str, Request] = {}
         self._held: dict[str, Request] = {}
         """Finished requests whose pages a KV listener still reads; freed by `release`."""
+        self._stranded: list[int] = []
+        """Pages a remote writer may still reach: never reused (`strand`)."""
         self._ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
         self.idle = True

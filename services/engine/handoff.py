@@ -94,6 +94,18 @@ class KVHandoffHooks:
         req.pages = []
         return True
 
+    def strand(self: Engine, request_id: str) -> int:
+        """Take a request's pages out of use for good (a remote writer may still reach them).
+
+        Returns how many; the request itself can then be aborted as usual. They show as used pages.
+        """
+        req = self._requests.get(request_id)
+        if req is None:
+            return 0
+        pages, req.pages = req.pages, []
+        self._stranded.extend(pages)
+        return len(pages)
+
     @property
     def num_held(self: Engine) -> int:
         """Finished requests whose pages await `release`."""

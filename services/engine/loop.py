@@ -84,7 +84,7 @@ class EngineLoop:
             fut.set_exception(EngineDead(f"engine loop is down: {self.error!r}"))
             return fut
         self._commands.put((lambda: fn(*args, **kwargs), fut))
-        if not self._thread.is_alive():  # the loop ended between the check and the put
+        if self.error is not None:  # the loop ended between the check and the put
             self._fail_pending(EngineDead(f"engine loop is down: {self.error!r}"))
         return fut
 

@@ -71,7 +71,13 @@ class Scheduler:
 
     def has_work(self) -> bool:
         """Whether a step would compute something or move a request along."""
-        return bool(self.waiting or self.running or self.kv_ready or self._can_reserve())
+        return bool(self.running or self.kv_ready or self._can_admit() or self._can_reserve())
+
+    def _can_admit(self) -> bool:
+        """The head of the queue fits the pool now (otherwise only a freed page can change that)."""
+        if not self.waiting or len(self.running) >= self.max_num_seqs:
+            return False
+        return self.pool.pages_for(self.waiting[0].num_tokens) <= self.pool.num_free
 
     def reserve_remote(self) -> list[Request]:
         """Reserve pages for waiting hand-off requests while the pool has room; returns those served."""

@@ -10,6 +10,7 @@ once no write can land any more (prefill answered, or a Release returned).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -21,8 +22,10 @@ from services.kv.pages import KVRegion
 from services.kv.rooms import AttachResult, AttachSpec
 from services.kv.status import HandoffError
 
-GIVE_UP_CODES = ("DEADLINE_EXCEEDED", "CANCELLED")
-"""Attach outcomes after which prefill may still be writing: release the room before freeing."""
+log = logging.getLogger(__name__)
+
+RELEASE_TRIES = 3
+"""Releases tried before a room's pages are given up as stranded (never reused, counted)."""
 
 
 class AttachClient(Protocol):
@@ -37,8 +40,8 @@ class AttachClient(Protocol):
     ) -> Callable[[], None]:
         """Start an Attach; `on_done` gets the result or the error. Returns a cancel function."""
 
-    def release(self, prefill: str, room: int, reason: str) -> None:
-        """Give up on a room; returns once prefill writes no more into its pages (or is gone)."""
+    def release(self, prefill: str, room: int, reason: str) -> bool:
+        """Give up on a room: True once prefill confirms no write can land any more (or is gone)."""
 
 
 class RemotePrefill:
@@ -52,6 +55,12 @@ class RemotePrefill:
         self.cancelled = False
 
     def on_pages(self, request_id: str, pages: list[int]) -> None:
+        try:
+            self._attach(request_id, pages)
+        except Exception as e:  # never into the engine's step: fail this request alone
+            self.side.loop.call(self.side.fail, request_id, HandoffError("INTERNAL", f"cannot attach: {e!r}"))
+
+    def _attach(self, request_id: str, pages: list[int]) -> None:
         side = self.side
         spec = AttachSpec(
             room=self.room,
@@ -91,8 +100,10 @@ class RemotePrefill:
 
     def _failed(self, err: HandoffError) -> None:
         side = self.side
-        if self.cancelled or err.code in GIVE_UP_CODES:
-            side.client.release(self.prefill, self.room, "aborted" if self.cancelled else err.code.lower())
+        # Whatever ended the Attach, prefill may still be writing into the pages (its rank may not
+        # have heard yet): free them only once it confirms no write can land, or is gone.
+        reason = "aborted" if self.cancelled else err.code.lower()
+        settled = any(side.client.release(self.prefill, self.room, reason) for _ in range(RELEASE_TRIES))
         if self.cancelled:
             err = HandoffError("ABORTED", f"request {self.request_id} aborted while waiting for KV")
         else:
@@ -100,11 +111,7 @@ class RemotePrefill:
                 err.code, f"KV hand-off from prefill {self.prefill} (room {self.room}) failed: {err.message}"
             )
 
-        def fail() -> None:
-            side.attaching.pop(self.request_id, None)
-            side.loop.fail(self.request_id, err)
-
-        side.loop.call(fail)
+        side.loop.call(side.fail, self.request_id, err, settled)
 
 
 class DecodeHandoff:
@@ -125,7 +132,9 @@ class DecodeHandoff:
         self.handoff_timeout_s, self.prefill_timeout_s = handoff_timeout_s, prefill_timeout_s
         self.attaching: dict[str, RemotePrefill] = {}
         """Requests whose KV source exists, by request id (engine thread)."""
-        self.settle = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-release")
+        self.stranded_pages = 0
+        """Pages given up because no prefill confirmed that its writes into them had stopped."""
+        self.settle = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kv-release")
         """Releases rooms that ended badly (a blocking call to prefill) off the client's threads."""
 
     def start(
@@ -148,10 +157,20 @@ class DecodeHandoff:
     def abort(self, request_id: str) -> bool:
         """Abort a request (engine thread): one whose KV is in flight is released first."""
         source = self.attaching.get(request_id)
-        if source is not None and source.cancel():
-            return True  # the source releases the room, then fails the request
+        if source is not None and (source.cancelled or source.cancel()):
+            return True  # the source releases the room, then fails the request: never free here
         self.attaching.pop(request_id, None)
         return self.loop.abort(request_id)
+
+    def fail(self, request_id: str, error: HandoffError, settled: bool = True) -> None:
+        """End a request with `error` (engine thread); its pages are freed only if `settled`."""
+        self.attaching.pop(request_id, None)
+        if not settled:
+            self.stranded_pages += self.loop.engine.strand(request_id)
+            log.error(
+                "request %s: prefill did not confirm its KV writes stopped; pages kept out of use", request_id
+            )
+        self.loop.fail(request_id, error)
 
     def queue_depths(self) -> dict[str, int]:
         sched = self.loop.engine.scheduler
@@ -159,8 +178,7 @@ class DecodeHandoff:
 
     def _expire(self, request_id: str, prompt_len: int) -> None:
         if self.loop.engine.awaiting_pages(request_id):
-            self.attaching.pop(request_id, None)
-            self.loop.fail(
+            self.fail(
                 request_id,
                 HandoffError(
                     "RESOURCE_EXHAUSTED",

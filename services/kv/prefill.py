@@ -18,6 +18,9 @@ from services.kv.rooms import AttachResult, AttachSpec, Room, RoomTable
 from services.kv.sender import Finish, KVSender, Write
 from services.kv.status import Caller, HandoffError
 
+SETTLE_S = 10.0
+"""Longest a room's error or release waits for the writes queued before it."""
+
 
 class RoomListener:
     """KVListener for one room: turns finished layers into queued page writes (engine thread)."""
@@ -87,6 +90,9 @@ class PrefillHandoff:
     def _engine_stopped(self, error: BaseException) -> None:
         for room in self.rooms.all():
             room.fail("UNAVAILABLE", f"room {room.room_id}: prefill engine is down: {error}")
+        # Runs before the instance fails its calls (registered first): decode hears of it only
+        # once no write can land any more.
+        self.sender.settle(SETTLE_S)
 
     def generate(
         self, room_id: int, request_id: str, prompt: list[int], params: SamplingParams, caller: Caller
@@ -145,12 +151,16 @@ class PrefillHandoff:
     def release(self, room_id: int, reason: str) -> bool:
         """Decode gives up on a room: stop it and return once no write can land any more."""
         room = self.rooms.get(room_id)
-        if room is None or room.done:
-            return False
-        self._abort_room(room, f"released by decode ({reason or 'no reason given'})")
-        if not self._settle(room):
-            raise HandoffError("UNAVAILABLE", f"room {room_id}: KV writes did not settle in 10 s")
-        return True
+        if room is None:
+            return False  # never seen, or every call on it has finished (and settled)
+        live = not room.done
+        if live:
+            self._abort_room(room, f"released by decode ({reason or 'no reason given'})")
+        if not self._settle(room):  # an ended room's writes may still be draining too
+            raise HandoffError(
+                "DEADLINE_EXCEEDED", f"room {room_id}: KV writes did not settle in {SETTLE_S:.0f} s"
+            )
+        return live
 
     def abort(self, request_id: str) -> bool:
         """Abort the room serving `request_id` (Abort RPC); False if there is none."""
@@ -216,4 +226,4 @@ class PrefillHandoff:
             self.loop.call(self.loop.abort, room.request_id)
 
     def _settle(self, room: Room) -> bool:
-        return True if not room.in_engine else self.sender.settle()
+        return True if not room.in_engine else self.sender.settle(SETTLE_S)

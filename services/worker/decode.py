@@ -3,7 +3,6 @@ the transport `services.kv.decode` attaches pages and releases rooms through."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable
 
@@ -14,7 +13,8 @@ from services.proto.moeserve.v1 import kv_handoff_pb2 as kvpb
 from services.proto.moeserve.v1 import kv_handoff_pb2_grpc as kvpb_grpc
 from services.worker import proto_convert
 
-RELEASE_TIMEOUT_S = 15.0
+RELEASE_TIMEOUT_S = 30.0
+"""Longer than the prefill's own wait for its writes to settle (services.worker.prefill)."""
 
 
 class GrpcAttachClient:
@@ -51,8 +51,12 @@ class GrpcAttachClient:
         future.add_done_callback(done)
         return future.cancel
 
-    def release(self, prefill: str, room: int, reason: str) -> None:
-        with contextlib.suppress(grpc.RpcError):  # prefill gone too: nothing left to release there
+    def release(self, prefill: str, room: int, reason: str) -> bool:
+        try:
             self._stub(prefill).Release(
                 kvpb.ReleaseRequest(room=room, reason=reason), timeout=RELEASE_TIMEOUT_S
             )
+        except grpc.RpcError as e:
+            # Unreachable: the prefill is gone and writes nothing. Anything else: it could not confirm.
+            return e.code() == grpc.StatusCode.UNAVAILABLE
+        return True

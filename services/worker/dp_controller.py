@@ -165,11 +165,15 @@ class DPController:
         """Ask every rank the same question; CallFailed names the first rank that did not answer."""
         handles = [self.call(r, lambda cid: msg.Ask(cid, what)) for r in range(self.size)]
         out = []
-        for handle in handles:
-            try:
-                out.append(handle.result(timeout))
-            except CallFailed as e:
-                raise CallFailed(e.code, f"EP rank {handle.rank}: {e.message}") from None
+        try:
+            for handle in handles:
+                try:
+                    out.append(handle.result(timeout))
+                except CallFailed as e:
+                    raise CallFailed(e.code, f"EP rank {handle.rank}: {e.message}") from None
+        finally:
+            for handle in handles:
+                self._forget(handle.call_id)
         return out
 
     def on_event(self, event: msg.Event) -> None:

@@ -11,7 +11,8 @@ from services.worker import messages as msg
 from services.worker import proto_convert
 from services.worker.dp_controller import CallFailed, DPController
 
-RELEASE_TIMEOUT_S = 30.0
+RELEASE_TIMEOUT_S = 20.0
+"""Longer than a rank's wait for a room's writes to settle, shorter than decode's wait for us."""
 
 
 class KVHandoffServicer(kvpb_grpc.KVHandoffServicer):
@@ -26,7 +27,8 @@ class KVHandoffServicer(kvpb_grpc.KVHandoffServicer):
         try:
             spec = proto_convert.attach_from_proto(request)
             call = ctl.call(rank, lambda cid: msg.Attach(cid, spec))
-            context.add_callback(call.cancel)
+            if not context.add_callback(call.cancel):
+                call.cancel()  # the caller went away before the callback was in place
             try:
                 return proto_convert.result_to_proto(call.result())
             except CallFailed as e:

@@ -25,8 +25,10 @@ from services.worker import proto_convert
 from services.worker.config import WorkerConfig
 from services.worker.streams import stream_outputs
 
-MAX_CALLS = 256
-"""Calls one rank serves at once (each streaming Generate holds a thread for its lifetime)."""
+MAX_CALLS = 1024
+"""Generate and Attach calls one rank serves at once (each holds a thread while it runs)."""
+QUICK_CALLS = 16
+"""Threads for short calls (Release, Abort, questions), apart, so long calls cannot starve them."""
 
 
 class RankCall:
@@ -97,6 +99,7 @@ class Rank:
         """Where events go (set by the instance: the controller, directly or over ZeroMQ)."""
         self._calls: dict[int, RankCall] = {}
         self._pool = ThreadPoolExecutor(max_workers=MAX_CALLS, thread_name_prefix="rank-call")
+        self._quick = ThreadPoolExecutor(max_workers=QUICK_CALLS, thread_name_prefix="rank-quick")
 
     def start(self) -> None:
         self.loop.start()
@@ -109,7 +112,8 @@ class Rank:
                 call.cancel()
             return
         call = self._calls[message.call_id] = RankCall()
-        self._pool.submit(self._serve, message, call)
+        long = isinstance(message, (msg.Generate, msg.Attach))
+        (self._pool if long else self._quick).submit(self._serve, message, call)
 
     def _serve(self, command: msg.Command, call: RankCall) -> None:
         cid = command.call_id

@@ -18,7 +18,9 @@ from services.worker.dp_controller import DPController
 from services.worker.prefill import KVHandoffServicer
 from services.worker.servicer import SchedulerServicer
 
-MAX_RPC_THREADS = 256  # each streaming Generate holds one thread for its lifetime
+MAX_RPC_THREADS = 2048
+"""Each streaming Generate and each Attach holds a thread for its lifetime (well above the
+orchestrator's default admission limit, so short calls still find one)."""
 
 
 class CallCounter(grpc.ServerInterceptor):

@@ -98,7 +98,8 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
         ctl.started(rank)
         try:
             call = ctl.call(rank, lambda cid: msg.Generate(cid, request.SerializeToString()))
-            context.add_callback(call.cancel)
+            if not context.add_callback(call.cancel):
+                call.cancel()  # the caller went away before the callback was in place
             try:
                 for data in call:
                     yield pb.GenerateResponse.FromString(data)
