@@ -174,7 +174,11 @@ class DecodeHandoff:
 
     def queue_depths(self) -> dict[str, int]:
         sched = self.loop.engine.scheduler
-        return {"decode_prealloc": len(sched.kv_waiting), "decode_transfer": len(sched.kv_transferring)}
+        return {
+            "decode_prealloc": len(sched.kv_waiting),
+            "decode_transfer": len(sched.kv_transferring),
+            "stranded_pages": self.stranded_pages,
+        }
 
     def _expire(self, request_id: str, prompt_len: int) -> None:
         if self.loop.engine.awaiting_pages(request_id):

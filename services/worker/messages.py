@@ -104,7 +104,7 @@ class RankLoad:
     total_tokens: int
     max_num_seqs: int
     queues: dict[str, int] = field(default_factory=dict)
-    """Hand-off queue depths: prefill_inflight, decode_prealloc, decode_transfer."""
+    """Hand-off queue depths (prefill_inflight, decode_prealloc, decode_transfer) and stranded_pages."""
     transfer: tuple[int, float, int, int] = (0, 0.0, 0, 0)
     """Prefill KV transfer totals: bytes, seconds, rooms, failed rooms."""
 

@@ -174,7 +174,13 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
         )
         info.start_time.FromDatetime(dt.datetime.fromtimestamp(self.started, tz=dt.UTC))
         sent, seconds, rooms, failed = (sum(x) for x in zip(*(ld.transfer for ld in loads), strict=True))
-        info.scheduler_info.update({"grpc_calls": dict(self.calls.counts)})
+        info.scheduler_info.update(
+            {
+                "grpc_calls": dict(self.calls.counts),
+                # Pages kept out of use because no prefill confirmed its writes into them had stopped.
+                "kv_stranded_pages": sum(ld.queues.get("stranded_pages", 0) for ld in loads),
+            }
+        )
         if self.config.role == "prefill":
             info.scheduler_info.update(
                 {

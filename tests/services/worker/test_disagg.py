@@ -211,6 +211,7 @@ def test_info_rpcs_and_unimplemented(pair, ds_dir):
     assert list(info.eos_token_ids) == [cfg["eos_token_id"]]
     server = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
     assert server.server_type == "grpc" and server.server_args["role"] == "decode"
+    assert server.scheduler_info["kv_stranded_pages"] == 0
     loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=5)
     assert loads.dp_rank_count == 1 and loads.loads[0].disaggregation.mode == "decode"
     data = b"".join(c.data for c in stub.GetTokenizer(common_pb2.GetTokenizerRequest(), timeout=5))
