@@ -14,13 +14,15 @@ import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 
-from services.process import die_with_parent, free_port, stop_on_signals
+from services.process import die_with_parent, stop_on_signals
 from services.worker.config import WorkerConfig
 
 READY_TIMEOUT_S = 300.0
@@ -132,7 +134,9 @@ def rank_process(config: WorkerConfig, rank: int, dist_init: str, report: Connec
 def supervise(config: WorkerConfig) -> int:
     """Launch the group's rank processes and watch them until a signal or a rank failure."""
     ctx = mp.get_context("spawn")
-    dist_init = f"tcp://127.0.0.1:{free_port()}"
+    # The ranks of a one-host group meet through a file: no port to pick, so none to lose to a race.
+    rendezvous = tempfile.mkdtemp(prefix="moeserve-ep-")
+    dist_init = f"file://{rendezvous}/store"
     pipes = [ctx.Pipe(duplex=False) for _ in range(config.ep_size)]
     procs = [
         ctx.Process(target=rank_process, args=(config, r, dist_init, pipes[r][1]), name=f"ep-rank-{r}")
@@ -170,6 +174,7 @@ def supervise(config: WorkerConfig) -> int:
             if p.exitcode is None:
                 p.kill()
                 p.join()
+        shutil.rmtree(rendezvous, ignore_errors=True)
 
 
 def wait_ready(config: WorkerConfig, procs, readers: list[Connection], stop: threading.Event) -> str | None:
