@@ -31,6 +31,19 @@ class LocalCluster:
         self.addresses[name] = address
         return address
 
+    def group(self, name: str, role: str, model, hosts: tuple[str, ...], *extra: str, ep: int = 4) -> str:
+        """One instance over len(hosts) "nodes", node k on hosts[k]; the leader's address once healthy."""
+        port, store = free_port(hosts[0]), free_port(hosts[0])
+        for node, host in enumerate(hosts):
+            args = ["-m", "services.worker", "--role", role, "--model", str(model), "--host", host]
+            args += ["--port", str(port), "--ep", str(ep), "--nnodes", str(len(hosts))]
+            args += ["--node-rank", str(node), "--dist-init-addr", f"{hosts[0]}:{store}", *extra]
+            self.procs[f"{name}-node{node}"] = self.cluster.spawn(f"{name} node {node}", args)
+        address = f"{hosts[0]}:{port}"
+        wait_worker(self.cluster, address, READY_TIMEOUT_S)
+        self.addresses[name] = address
+        return address
+
     def orchestrator(self, model, prefill: list[str], decode: list[str], *extra: str) -> str:
         port = free_port()
         args = [

@@ -35,3 +35,11 @@ def greedy(model_dir: Path, prompt_ids: list[int], max_new: int) -> tuple[str, s
 
 def encode(model_dir: Path, text: str) -> list[int]:
     return _load(str(model_dir))[0].encode(text)
+
+
+def greedy_ids(model_dir: Path, prompt_ids: list[int], max_new: int) -> list[int]:
+    """transformers' greedy continuation as token ids (ending with EOS where it stopped)."""
+    _, model = _load(str(model_dir))
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False)
+    return out[0, len(prompt_ids) :].tolist()

@@ -16,7 +16,8 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     ap = argparse.ArgumentParser(prog="moeserve worker", description=__doc__)
     ap.add_argument("--role", required=True, choices=["prefill", "decode"])
     ap.add_argument("--model", required=True, type=Path, help="Hugging Face style model directory")
-    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--host", default="127.0.0.1", help="address this node binds and peers reach it at")
+    ap.add_argument("--advertise-host", default="", help="address peers reach this node at (default: --host)")
     ap.add_argument("--port", type=int, default=30001)
     ap.add_argument("--served-model-name", default="")
     ap.add_argument("--transfer-protocol", choices=["tcp", "rdma"], default="tcp")
@@ -37,6 +38,12 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     ap.add_argument(
         "--dispatcher", choices=["torch", "deepep"], default="torch", help="EP token exchange backend"
     )
+    ap.add_argument(
+        "--nnodes", type=int, default=1, help="nodes the instance spans (--ep ranks split evenly)"
+    )
+    ap.add_argument("--node-rank", type=int, default=0, help="this node's index; node 0 serves --port")
+    ap.add_argument("--dist-init-addr", default="", help="HOST:PORT of node 0 where the group meets")
+    ap.add_argument("--dist-timeout", type=float, default=60.0, help="seconds to wait for every node to join")
     ap.add_argument("--handoff-timeout", type=float, default=30.0, help="seconds to wait for a room's peer")
     ap.add_argument("--prefill-timeout", type=float, default=300.0, help="seconds decode waits for prompt KV")
     ap.add_argument("--dtype", default="float32")
@@ -68,6 +75,11 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         transfer_device=a.transfer_device,
         kv_push=a.kv_push,
         ep_size=a.ep,
+        nnodes=a.nnodes,
+        node_rank=a.node_rank,
+        dist_init_addr=a.dist_init_addr,
+        dist_timeout_s=a.dist_timeout,
+        advertise_host=a.advertise_host,
         ep_slots=a.ep_slots,
         dispatcher=a.dispatcher,
         handoff_timeout_s=a.handoff_timeout,

@@ -61,16 +61,18 @@ class ZmqSender:
 
 
 class ZmqReceiver:
-    """A PULL socket bound on `host` (a free port); its thread hands each message to `handle`."""
+    """A PULL socket bound on `host` (a free port), reached at `advertise`; its thread hands each
+    message to `handle`."""
 
-    def __init__(self, context: zmq.Context, host: str, handle: Callable[[Any], None], name: str):
+    def __init__(
+        self, context: zmq.Context, host: str, advertise: str, handle: Callable[[Any], None], name: str
+    ):
         self._socket = context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.LINGER, 0)
-        bracketed = f"[{host}]" if ":" in host else host
-        if ":" in host:
+        if ":" in host or ":" in advertise:
             self._socket.setsockopt(zmq.IPV6, 1)
-        port = self._socket.bind_to_random_port(f"tcp://{bracketed}")
-        self.address = f"tcp://{bracketed}:{port}"
+        port = self._socket.bind_to_random_port(f"tcp://{_bracket(host)}")
+        self.address = f"tcp://{_bracket(advertise)}:{port}"
         self._handle = handle
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -92,3 +94,7 @@ class ZmqReceiver:
                 self._handle(message)
             except Exception:  # one bad message must not stop the channel
                 log.exception("handling %s failed", type(message).__name__)
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

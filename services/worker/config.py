@@ -39,6 +39,16 @@ class WorkerConfig:
     """Ranks in this instance's expert-parallel group (one process each)."""
     ep_slots: int = 0
     """Physical expert slots across the group (0: one per routed expert); extra slots hold replicas."""
+    nnodes: int = 1
+    """Nodes the instance spans; each runs the same command but for --node-rank and --host."""
+    node_rank: int = 0
+    """This node's index; node 0 holds global rank 0, the leader that serves the instance's port."""
+    dist_init_addr: str = ""
+    """HOST:PORT on node 0 where the group's ranks meet (required with more than one node)."""
+    dist_timeout_s: float = 60.0
+    """Longest wait for every node to join the group at start-up."""
+    advertise_host: str = ""
+    """Address peers reach this node at, where it differs from `host` (e.g. a pod binding 0.0.0.0)."""
     dispatcher: Literal["torch", "deepep"] = "torch"
     """Token exchange backend for expert parallelism."""
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -49,13 +59,38 @@ class WorkerConfig:
             raise ValueError(f"role must be prefill or decode, got {self.role!r}")
         if self.ep_size < 1:
             raise ValueError(f"--ep must be >= 1, got {self.ep_size}")
+        if self.nnodes < 1 or self.ep_size % self.nnodes:
+            raise ValueError(f"--ep {self.ep_size} must split evenly over --nnodes {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank must be in [0, {self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and not _is_host_port(self.dist_init_addr):
+            raise ValueError(
+                f"an instance over {self.nnodes} nodes needs --dist-init-addr HOST:PORT on node 0, "
+                f"got {self.dist_init_addr!r}"
+            )
         if self.kv_push not in ("layerwise", "complete"):
             raise ValueError(f"kv_push must be layerwise or complete, got {self.kv_push!r}")
         if not self.served_model_name:
             object.__setattr__(self, "served_model_name", Path(self.model).name)
+
+    @property
+    def advertised(self) -> str:
+        """The address peers use for this node's sockets (ZeroMQ, KV transfer)."""
+        return self.advertise_host or self.host
+
+    @property
+    def local_ranks(self) -> range:
+        """Global ranks that run on this node."""
+        per_node = self.ep_size // self.nnodes
+        return range(self.node_rank * per_node, (self.node_rank + 1) * per_node)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["model"] = str(self.model)
         d["engine"] = {k: v for k, v in d["engine"].items() if v is not None}
         return d
+
+
+def _is_host_port(value: str) -> bool:
+    host, _, port = value.rpartition(":")
+    return bool(host) and port.isdigit()

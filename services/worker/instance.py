@@ -19,7 +19,6 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 
 from services.process import die_with_parent, stop_on_signals
@@ -53,6 +52,7 @@ def run_rank(
     from services.worker.decode import GrpcAttachClient
     from services.worker.dp_controller import DPController
     from services.worker.rank import Rank
+    from services.worker.rendezvous import join_group
     from services.worker.server import add_services, bind_server
 
     world = config.ep_size
@@ -60,10 +60,8 @@ def run_rank(
     if rank == 0:  # take the public port first: ports drawn later (ZeroMQ, Mooncake) cannot collide
         server, counter, port = bind_server(config)
     parallel = None
-    if dist_init is not None:
-        dist.init_process_group(
-            "gloo", init_method=dist_init, rank=rank, world_size=world, timeout=timedelta(seconds=60)
-        )
+    if world > 1:
+        join_group(config, rank, dist_init)
         dispatcher = create(config.dispatcher)
 
         def parallel(cfg):
@@ -79,10 +77,9 @@ def run_rank(
     receiver = None
     peers = [{"pid": os.getpid()}]
     if world > 1:
-        if rank == 0:
-            receiver = ZmqReceiver(zctx, config.host, lambda e: controller.on_event(e), "rank0-events")
-        else:
-            receiver = ZmqReceiver(zctx, config.host, me.handle, f"rank{rank}-calls")
+        # Rank 0 receives events for its controller (made below); the others receive calls.
+        handle = (lambda e: controller.on_event(e)) if rank == 0 else me.handle
+        receiver = ZmqReceiver(zctx, config.host, config.advertised, handle, f"rank{rank}")
         peers = [{} for _ in range(world)]
         dist.all_gather_object(peers, {"address": receiver.address, "pid": os.getpid()})
     if server is not None:
@@ -132,15 +129,16 @@ def rank_process(config: WorkerConfig, rank: int, dist_init: str, report: Connec
 
 
 def supervise(config: WorkerConfig) -> int:
-    """Launch the group's rank processes and watch them until a signal or a rank failure."""
+    """Launch this node's rank processes and watch them until a signal or a rank failure."""
     ctx = mp.get_context("spawn")
     # The ranks of a one-host group meet through a file: no port to pick, so none to lose to a race.
     rendezvous = tempfile.mkdtemp(prefix="moeserve-ep-")
     dist_init = f"file://{rendezvous}/store"
-    pipes = [ctx.Pipe(duplex=False) for _ in range(config.ep_size)]
+    ranks = config.local_ranks
+    pipes = [ctx.Pipe(duplex=False) for _ in ranks]
     procs = [
-        ctx.Process(target=rank_process, args=(config, r, dist_init, pipes[r][1]), name=f"ep-rank-{r}")
-        for r in range(config.ep_size)
+        ctx.Process(target=rank_process, args=(config, r, dist_init, pipe[1]), name=f"ep-rank-{r}")
+        for r, pipe in zip(ranks, pipes, strict=True)
     ]
     stop = stop_on_signals()
     for p in procs:
@@ -151,11 +149,19 @@ def supervise(config: WorkerConfig) -> int:
         ready = wait_ready(config, procs, [reader for reader, _ in pipes], stop)
         if ready is None:
             return 1
-        print(
-            f"moeserve worker ready: role={config.role} grpc={config.host}:{config.port} ep={config.ep_size} "
-            f"slots={config.ep_slots or 'experts'} dispatcher={config.dispatcher} {ready}",
-            flush=True,
-        )
+        if config.node_rank == 0:
+            print(
+                f"moeserve worker ready: role={config.role} grpc={config.host}:{config.port} "
+                f"ep={config.ep_size} nodes={config.nnodes} slots={config.ep_slots or 'experts'} "
+                f"dispatcher={config.dispatcher} {ready}",
+                flush=True,
+            )
+        else:
+            print(
+                f"moeserve worker ready: node {config.node_rank} of {config.nnodes} (EP ranks "
+                f"{ranks.start}-{ranks.stop - 1}) joined the group at {config.dist_init_addr}",
+                flush=True,
+            )
         while not stop.wait(0.2):
             dead = [p for p in procs if p.exitcode is not None]
             if dead:
@@ -178,10 +184,10 @@ def supervise(config: WorkerConfig) -> int:
 
 
 def wait_ready(config: WorkerConfig, procs, readers: list[Connection], stop: threading.Event) -> str | None:
-    """Rank 0's description once every rank reported ready; None (after saying why) otherwise."""
+    """This node's first rank's description once all its ranks are ready; None (after saying why)."""
     ready: dict[int, str] = {}
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while len(ready) < config.ep_size:
+    while len(ready) < len(procs):
         if time.monotonic() > deadline or stop.is_set():
             print("moeserve worker: EP ranks did not come up in time", file=sys.stderr)
             return None
@@ -196,7 +202,7 @@ def wait_ready(config: WorkerConfig, procs, readers: list[Connection], stop: thr
                 return None
             ready[rank] = detail
         dead = [p.name for p in procs if p.exitcode is not None]
-        if dead and len(ready) < config.ep_size:
+        if dead and len(ready) < len(procs):
             print(f"moeserve worker: {', '.join(dead)} exited during start-up", file=sys.stderr)
             return None
-    return ready[0]
+    return ready[config.local_ranks.start]

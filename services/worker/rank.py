@@ -75,7 +75,7 @@ class Rank:
         self.region = KVRegion(
             storage.data_ptr(), storage[0].nbytes, self.layout.entry_bytes, self.layout.page_size
         )
-        self.transfer = TransferEngine(config.host, config.transfer_protocol, config.transfer_device)
+        self.transfer = TransferEngine(config.advertised, config.transfer_protocol, config.transfer_device)
         self.transfer.register(storage.data_ptr(), storage.nbytes)
         self.sender: KVSender | None = None
         if config.role == "prefill":
