@@ -1,18 +1,23 @@
-"""Dispatcher on DeepEP (CUDA GPUs only; `deep_ep` is imported only when this backend is chosen).
+"""Dispatcher on DeepEP (CUDA GPUs; `deep_ep` is imported only when this backend is chosen).
 
-DeepEP V2's `ElasticBuffer` serves prefill- and decode-sized batches through one dispatch/combine
-pair whose contract is ours: each token reaches each rank holding one of its top-k slots once,
-with local slot ids (-1 elsewhere) and weights, and combine sums the rows per token. With DeepEP
-V1 (no `ElasticBuffer`) the classic `Buffer` normal mode is used for every batch; V1's
-low-latency kernels, whose packed per-expert layout differs, are not used.
+Targets DeepEP 2.1.0 (github deepseek-ai/DeepEP at dd758ca): `ElasticBuffer` dispatch and combine
+in normal (non-expanded) mode, whose contract is ours: each token reaches each rank holding one of
+its top-k slots once, with local slot ids (-1 elsewhere) and weights, and combine sums the rows
+that come back per token. What DeepEP forbids is checked up front with an error naming the limit
+(`validate`): bf16 rows only, hidden a multiple of 256 (its combine kernel), at most
+`max_tokens_per_rank` tokens per call, the same cap on every rank. Calls are synchronous, so the
+returned `EventOverlap` carries no event and is not waited on. A rank without tokens still joins
+each call with one padded token that selects nothing. For `deep_ep` < 2 the classic `Buffer`
+normal mode is used.
 
-Status: written against DeepEP's documented Python API and NOT yet run on hardware — no GPU was
-available to the sessions that built it. Its conformance test (tests/services/ep, marked `gpu`)
-runs where DeepEP and two or more GPUs are present.
+Status: exercised in every CI run against the contract double in `tests/doubles/deep_ep` (gloo on
+CPU); NOT yet run on GPU hardware. The expanded per-expert layout (decode without a host sync per
+layer) is not used yet.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +27,13 @@ import torch.distributed as dist
 from services.ep.dispatcher import Dispatched, Dispatcher, register
 
 MAX_TOKENS_PER_RANK = 4096
+HIDDEN_ALIGNMENT = 256
+"""DeepEP 2.1 combine: kHidden % (32 lanes x 8 bf16 per int4) == 0."""
 V1_NVL_BUFFER_BYTES = 1 << 30
+
+
+class DeepEPLimit(ValueError):
+    """A shape or type DeepEP's kernels do not take; the message names the limit."""
 
 
 @register("deepep")
@@ -38,35 +49,65 @@ class DeepEPDispatcher(Dispatcher):
             raise RuntimeError(
                 "dispatcher 'deepep' needs the deep_ep package and CUDA GPUs; use 'torch'"
             ) from e
+        # The group's own NCCL communicator is null under lazy NCCL init; DeepEP must make its own
+        # (SGLang sets the same).
+        os.environ.setdefault("EP_REUSE_NCCL_COMM", "0")
         self._deep_ep = deep_ep
         self.group = group or dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.size = dist.get_world_size(self.group)
         self.max_tokens_per_rank = max_tokens_per_rank
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self._buffer: Any = None
         self._v2 = hasattr(deep_ep, "ElasticBuffer")
 
+    def validate(self, hidden: int, dtype: str, num_slots: int) -> None:
+        if dtype != "bfloat16":
+            raise DeepEPLimit(
+                f"DeepEP moves bfloat16 rows only; run the engine with dtype bfloat16, not {dtype}"
+            )
+        if hidden % HIDDEN_ALIGNMENT:
+            raise DeepEPLimit(
+                f"DeepEP's combine needs a hidden size that is a multiple of {HIDDEN_ALIGNMENT}; "
+                f"this model's is {hidden}: use the torch dispatcher"
+            )
+        if num_slots % self.size:
+            raise DeepEPLimit(
+                f"DeepEP needs the {num_slots} expert slots to split evenly over {self.size} ranks"
+            )
+
     def _buffer_for(self, hidden: int, topk: int) -> Any:
+        if self._buffer is not None:
+            return self._buffer
         if self._v2:
-            eb = self._deep_ep.ElasticBuffer
-            need = eb.get_buffer_size_hint(self.group, self.max_tokens_per_rank, hidden, num_topk=topk)
-            if self._buffer is None or self._buffer.num_bytes < need:
-                self._buffer = eb(
-                    self.group, num_max_tokens_per_rank=self.max_tokens_per_rank, hidden=hidden, num_topk=topk
-                )
-        elif self._buffer is None:
+            self._buffer = self._deep_ep.ElasticBuffer(
+                self.group, num_max_tokens_per_rank=self.max_tokens_per_rank, hidden=hidden, num_topk=topk
+            )
+        else:
             self._buffer = self._deep_ep.Buffer(self.group, V1_NVL_BUFFER_BYTES, 0)
         return self._buffer
 
     def dispatch(
         self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, slots_per_rank: int
     ) -> Dispatched:
-        buf = self._buffer_for(x.shape[1], slots.shape[1])
+        num_tokens, hidden = x.shape
+        self.validate(hidden, str(x.dtype).removeprefix("torch."), slots_per_rank * self.size)
+        if num_tokens > self.max_tokens_per_rank:
+            raise DeepEPLimit(
+                f"{num_tokens} tokens in one step exceed DeepEP's per-rank cap of "
+                f"{self.max_tokens_per_rank}; lower max_prefill_tokens"
+            )
+        if num_tokens == 0:  # DeepEP's kernels need every rank with at least one token
+            x = x.new_zeros(1, hidden)
+            slots = torch.full((1, slots.shape[1]), -1, dtype=slots.dtype, device=slots.device)
+            weights = weights.new_zeros(1, slots.shape[1])
+        buf = self._buffer_for(hidden, slots.shape[1])
+        topk_idx = slots.to(self._deep_ep.topk_idx_t).contiguous()
+        topk_w = weights.to(torch.float32).contiguous()
         num_slots = slots_per_rank * self.size  # DeepEP's "experts" are our physical slots
-        topk_idx, topk_w = slots.to(torch.int64), weights.to(torch.float32)
         if self._v2:
-            recv_x, recv_idx, recv_w, handle, event = buf.dispatch(
-                x,
+            recv_x, recv_idx, recv_w, handle, _ = buf.dispatch(
+                x.contiguous(),
                 topk_idx=topk_idx,
                 topk_weights=topk_w,
                 num_experts=num_slots,
@@ -74,8 +115,8 @@ class DeepEPDispatcher(Dispatcher):
             )
         else:
             per_rank, per_rdma_rank, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, num_slots)
-            recv_x, recv_idx, recv_w, _, handle, event = buf.dispatch(
-                x,
+            recv_x, recv_idx, recv_w, _, handle, _ = buf.dispatch(
+                x.contiguous(),
                 topk_idx=topk_idx,
                 topk_weights=topk_w,
                 num_tokens_per_rank=per_rank,
@@ -83,21 +124,16 @@ class DeepEPDispatcher(Dispatcher):
                 is_token_in_rank=in_rank,
                 num_tokens_per_expert=per_expert,
             )
-        if event is not None:
-            event.current_stream_wait()
-        return Dispatched(recv_x, recv_idx.long(), recv_w.float(), handle)
+        # Synchronous calls: the returned EventOverlap has no event to wait on.
+        return Dispatched(recv_x, recv_idx.long(), recv_w.float(), (handle, num_tokens))
 
     def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
-        if self._v2:
-            out, _, event = self._buffer.combine(y, handle=handle)
-        else:
-            out, _, event = self._buffer.combine(y, handle)
-        if event is not None:
-            event.current_stream_wait()
-        return out
+        handle, num_tokens = handle
+        # Weighted expert outputs may have been promoted to fp32; DeepEP's combine takes bf16 rows.
+        out, _, _ = self._buffer.combine(y.to(torch.bfloat16).contiguous(), handle)  # V1 and V2 alike
+        return out[:num_tokens]  # drop the padded token of an empty rank
 
     def agree(self, flags: Sequence[bool]) -> list[bool]:
-        device = torch.device("cuda", torch.cuda.current_device())
-        v = torch.tensor([1 if f else 0 for f in flags], device=device)
+        v = torch.tensor([1 if f else 0 for f in flags], device=self.device)
         dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.group)
         return [bool(x) for x in v.tolist()]

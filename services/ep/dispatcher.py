@@ -50,6 +50,9 @@ class Dispatcher(ABC):
     def agree(self, flags: Sequence[bool]) -> list[bool]:
         """Each flag ORed over the ranks (a collective: every rank calls it with as many flags)."""
 
+    def validate(self, hidden: int, dtype: str, num_slots: int) -> None:  # noqa: B027 (optional hook)
+        """Raise ValueError naming the limit if this backend cannot move such rows (checked at start-up)."""
+
     def any(self, flag: bool) -> bool:
         """True if `flag` is set on any rank (a collective: every rank must call it)."""
         return self.agree([flag])[0]

@@ -66,6 +66,7 @@ def run_rank(
 
         def parallel(cfg):
             slots = config.ep_slots or cfg.num_experts
+            dispatcher.validate(cfg.hidden_size, config.engine.dtype, slots)
             placement = ExpertPlacement.default(len(cfg.moe_layers), cfg.num_experts, slots, world)
             recorder = ExpertLoadRecorder(len(cfg.moe_layers), cfg.num_experts)
             return ExpertParallel(placement, rank, dispatcher, recorder)

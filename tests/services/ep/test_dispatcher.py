@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,9 +15,12 @@ SLOTS_PER_RANK = 3
 K = 4
 HIDDEN = 8
 CASES = ("uneven", "empty_rank", "all_empty", "duplicates", "one_rank_has_all")
+DEEPEP_FORBIDS = ("duplicates",)
+"""Skipped for DeepEP: its kernels need one token's experts to be distinct (our router never repeats one)."""
+DOUBLES = Path(__file__).resolve().parents[2] / "doubles"
 
 
-def case_inputs(rank: int, world: int, case: str):
+def case_inputs(rank: int, world: int, case: str, hidden: int = HIDDEN):
     g = torch.Generator().manual_seed(1000 * rank + CASES.index(case))
     tokens = {
         "uneven": 3 + 5 * rank,
@@ -24,7 +30,7 @@ def case_inputs(rank: int, world: int, case: str):
         "one_rank_has_all": 40 if rank == 0 else 0,
     }[case]
     slots_total = SLOTS_PER_RANK * world
-    x = torch.randn(tokens, HIDDEN, generator=g)
+    x = torch.randn(tokens, hidden, generator=g)
     if case == "duplicates":
         # Several choices on the same rank, and the same slot chosen twice.
         slots = torch.tensor([[0, 1, 2, 0]] * tokens) % slots_total
@@ -38,15 +44,21 @@ def case_inputs(rank: int, world: int, case: str):
     return x, slots, weights
 
 
-def conformance(rank: int, world: int, backend: str):
+def conformance(rank: int, world: int, backend: str, double: bool = False):
+    if double:  # the contract double of deep_ep 2.1 stands in for DeepEP (gloo on CPU)
+        sys.path.insert(0, str(DOUBLES))
     d = create(backend)
-    # DeepEP moves bf16 rows between GPUs; the torch backend is checked in fp32 on CPU.
-    device, dtype, tol = (
-        ("cuda", torch.bfloat16, 3e-2) if backend == "deepep" else ("cpu", torch.float32, 1e-5)
+    # DeepEP moves bf16 rows (hidden a multiple of 256); the torch backend is checked in fp32.
+    device, dtype, tol, hidden = (
+        ("cpu" if double else "cuda", torch.bfloat16, 3e-2, 256)
+        if backend == "deepep"
+        else ("cpu", torch.float32, 1e-5, HIDDEN)
     )
     results = {}
     for case in CASES:
-        x, slots, weights = (t.to(device) for t in case_inputs(rank, world, case))
+        if backend == "deepep" and case in DEEPEP_FORBIDS:
+            continue
+        x, slots, weights = (t.to(device) for t in case_inputs(rank, world, case, hidden))
         x = x.to(dtype)
         got = d.dispatch(x, slots, weights, SLOTS_PER_RANK)
         # This rank's "experts": slot s multiplies by (s + 1); partial outputs weighted here.
@@ -82,3 +94,67 @@ def test_deepep_dispatcher_conformance():
         for case in CASES:
             assert res[case][0] and res[case][1], case
         assert res["any"] == (True, False)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_deepep_backend_against_the_contract_double(world):
+    """The deepep backend's calls, checked against tests/doubles/deep_ep (DeepEP 2.1's contract)."""
+    for rank, res in enumerate(run_ranks(world, conformance, "deepep", True)):
+        for case in CASES:
+            if case in DEEPEP_FORBIDS:
+                continue
+            close, shape_ok, _ = res[case]
+            assert close and shape_ok, f"rank {rank}, case {case}"
+        assert res["any"] == (True, False)
+
+
+def double_rejects(rank: int, world: int) -> dict[str, str]:
+    """Feed the double what DeepEP rejects; every rank gets the same bad input, so none hangs."""
+    sys.path.insert(0, str(DOUBLES))
+    import deep_ep
+    import torch.distributed as dist
+
+    from services.ep.deepep import DeepEPLimit
+
+    buf = deep_ep.ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=4, hidden=256, num_topk=2)
+    idx = torch.tensor([[0, 1], [1, 2]], dtype=deep_ep.topk_idx_t)
+    w = torch.ones(2, 2)
+    bad = {
+        "float32": dict(x=torch.zeros(2, 256), topk_idx=idx),
+        "hidden 8": dict(x=torch.zeros(2, 8, dtype=torch.bfloat16), topk_idx=idx),
+        "over the cap": dict(x=torch.zeros(5, 256, dtype=torch.bfloat16), topk_idx=idx.repeat(3, 1)[:5]),
+        "non-contiguous topk_idx": dict(
+            x=torch.zeros(2, 256, dtype=torch.bfloat16), topk_idx=idx.t().contiguous().t()
+        ),
+        "repeated expert": dict(
+            x=torch.zeros(2, 256, dtype=torch.bfloat16), topk_idx=torch.tensor([[1, 1], [0, 2]])
+        ),
+    }
+    out = {}
+    for name, args in bad.items():
+        n = args["x"].shape[0]
+        try:
+            buf.dispatch(topk_weights=w[:1].expand(n, 2).contiguous(), num_experts=2 * world, **args)
+            out[name] = "accepted"
+        except AssertionError:
+            out[name] = "rejected"
+    d = create("deepep")
+    for name, (hidden, dtype) in {
+        "backend float32": (256, "float32"),
+        "backend hidden": (64, "bfloat16"),
+    }.items():
+        try:
+            d.validate(hidden, dtype, 2 * world)
+            out[name] = "accepted"
+        except DeepEPLimit as e:
+            out[name] = str(e)
+    return out
+
+
+def test_the_double_rejects_what_deepep_rejects():
+    for res in run_ranks(2, double_rejects):
+        assert {k: v for k, v in res.items() if not k.startswith("backend")} == dict.fromkeys(
+            ("float32", "hidden 8", "over the cap", "non-contiguous topk_idx", "repeated expert"), "rejected"
+        )
+        assert "bfloat16 rows only" in res["backend float32"]
+        assert "multiple of 256" in res["backend hidden"] and "64" in res["backend hidden"]
