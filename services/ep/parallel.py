@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.distributed as dist
+
 from services.ep.dispatcher import Dispatcher
 from services.ep.load import ExpertLoadRecorder
 from services.ep.placement import ExpertPlacement
@@ -21,6 +24,8 @@ class ExpertParallel:
     dispatcher: Dispatcher | None = None
     """None for a single-rank group: every slot is local and nothing is exchanged."""
     recorder: ExpertLoadRecorder | None = None
+    control: dist.ProcessGroup | None = None
+    """A CPU group for the per-step agreement when the dispatcher's group is on GPUs (None: use it)."""
 
     def __post_init__(self) -> None:
         if self.dispatcher is not None and self.dispatcher.size != self.placement.ep_size:
@@ -57,6 +62,10 @@ class ExpertParallel:
         """
         if self.dispatcher is None:
             return has_work, stop
+        if self.control is not None:
+            flags = torch.tensor([int(has_work), int(stop)])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
+            return bool(flags[0]), bool(flags[1])
         work, stopping = self.dispatcher.agree([has_work, stop])
         return work, stopping
 

@@ -46,7 +46,9 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     ap.add_argument("--dist-timeout", type=float, default=60.0, help="seconds to wait for every node to join")
     ap.add_argument("--handoff-timeout", type=float, default=30.0, help="seconds to wait for a room's peer")
     ap.add_argument("--prefill-timeout", type=float, default=300.0, help="seconds decode waits for prompt KV")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument(
+        "--dtype", default=None, help="float32|bfloat16|float16 (default: bfloat16 on CUDA, else float32)"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--kv-pool-tokens", type=int, default=None)
@@ -56,7 +58,7 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     ap.add_argument("--threads", type=int, default=1, help="torch threads in this process")
     a = ap.parse_args(argv)
     engine = EngineConfig(
-        dtype=a.dtype,
+        dtype=a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"),
         device=a.device,
         page_size=a.page_size,
         kv_pool_tokens=a.kv_pool_tokens,

@@ -43,6 +43,7 @@ def run_rank(
     config: WorkerConfig, rank: int, dist_init: str | None, stop: threading.Event, report: Connection | None
 ) -> int:
     """Build and run one rank until `stop` (or its group stops); rank 0 serves the public port."""
+    import torch
     import torch.distributed as dist
     import zmq
 
@@ -52,16 +53,21 @@ def run_rank(
     from services.worker.decode import GrpcAttachClient
     from services.worker.dp_controller import DPController
     from services.worker.rank import Rank
-    from services.worker.rendezvous import join_group
+    from services.worker.rendezvous import join_group, rank_device
     from services.worker.server import add_services, bind_server
 
     world = config.ep_size
     server = None
     if rank == 0:  # take the public port first: ports drawn later (ZeroMQ, Mooncake) cannot collide
         server, counter, port = bind_server(config)
-    parallel = None
+    engine_config = config.engine
+    device = rank_device(config, rank)
+    if device.type == "cuda":  # one GPU per rank
+        torch.cuda.set_device(device)
+        engine_config = dataclasses.replace(engine_config, device=str(device))
+    parallel, control = None, None
     if world > 1:
-        join_group(config, rank, dist_init)
+        control = join_group(config, rank, dist_init)
         dispatcher = create(config.dispatcher)
 
         def parallel(cfg):
@@ -69,9 +75,9 @@ def run_rank(
             dispatcher.validate(cfg.hidden_size, config.engine.dtype, slots)
             placement = ExpertPlacement.default(len(cfg.moe_layers), cfg.num_experts, slots, world)
             recorder = ExpertLoadRecorder(len(cfg.moe_layers), cfg.num_experts)
-            return ExpertParallel(placement, rank, dispatcher, recorder)
+            return ExpertParallel(placement, rank, dispatcher, recorder, control)
 
-    engine = Engine.from_pretrained(config.model, parallel=parallel, **dataclasses.asdict(config.engine))
+    engine = Engine.from_pretrained(config.model, parallel=parallel, **dataclasses.asdict(engine_config))
     me = Rank(config, engine, GrpcAttachClient())
     zctx = zmq.Context()
     controller: DPController | None = None
@@ -82,7 +88,7 @@ def run_rank(
         handle = (lambda e: controller.on_event(e)) if rank == 0 else me.handle
         receiver = ZmqReceiver(zctx, config.host, config.advertised, handle, f"rank{rank}")
         peers = [{} for _ in range(world)]
-        dist.all_gather_object(peers, {"address": receiver.address, "pid": os.getpid()})
+        dist.all_gather_object(peers, {"address": receiver.address, "pid": os.getpid()}, group=control)
     if server is not None:
         links = [LocalLink(me.handle)] + [ZmqSender(zctx, p["address"]) for p in peers[1:]]
         controller = DPController(links, [p["pid"] for p in peers])

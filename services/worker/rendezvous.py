@@ -10,22 +10,40 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 from services.worker.config import WorkerConfig
+
+
+def rank_device(config: WorkerConfig, rank: int) -> torch.device:
+    """The rank's device: `cuda:{local rank}` when the engine runs on CUDA (one GPU per rank), else CPU."""
+    if not config.engine.device.startswith("cuda"):
+        return torch.device("cpu")
+    return torch.device("cuda", rank - config.local_ranks.start)
 
 
 class RendezvousError(RuntimeError):
     """The group could not form: which node is missing, or which store could not be reached."""
 
 
-def join_group(config: WorkerConfig, rank: int, file_store: str | None) -> None:
-    """Form the instance's default process group (gloo) as global rank `rank`."""
+def join_group(config: WorkerConfig, rank: int, file_store: str | None) -> dist.ProcessGroup | None:
+    """Form the instance's default process group as global rank `rank`.
+
+    On CPU that is one gloo group for everything. On GPUs the default group is NCCL, initialised
+    eagerly on the rank's own device (DeepEP cannot reuse a lazily created communicator), and the
+    returned gloo group carries the control traffic (the per-step agreement, address exchange).
+    Returns None when the default group serves for control too.
+    """
     world = config.ep_size
     timeout = timedelta(seconds=config.dist_timeout_s)
+    device = rank_device(config, rank)
+    backend, eager = ("nccl", {"device_id": device}) if device.type == "cuda" else ("gloo", {})
     if config.nnodes == 1:
-        dist.init_process_group("gloo", init_method=file_store, rank=rank, world_size=world, timeout=timeout)
-        return
+        dist.init_process_group(
+            backend, init_method=file_store, rank=rank, world_size=world, timeout=timeout, **eager
+        )
+        return dist.new_group(backend="gloo") if backend == "nccl" else None
     addr = config.dist_init_addr
     host, port = addr.rsplit(":", 1)
     try:
@@ -50,8 +68,9 @@ def join_group(config: WorkerConfig, rank: int, file_store: str | None) -> None:
                 f"group at {addr} within {config.dist_timeout_s:.0f}s; start them with --node-rank"
             ) from None
     dist.init_process_group(
-        "gloo", store=dist.PrefixStore("group", store), rank=rank, world_size=world, timeout=timeout
+        backend, store=dist.PrefixStore("group", store), rank=rank, world_size=world, timeout=timeout, **eager
     )
+    return dist.new_group(backend="gloo") if backend == "nccl" else None
 
 
 def _key(rank: int) -> str:
