@@ -18,6 +18,7 @@ from orchestrator.api import create_app
 from orchestrator.config import ApiConfig
 from orchestrator.tokenizer import TokenizerError
 from orchestrator.workers import WorkerPool
+from services.process import die_with_parent_if_asked
 
 GRACE_S = 2
 """After a stop signal, how long connections may take to finish before uvicorn cancels them (the
@@ -70,6 +71,7 @@ class _Server(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent_if_asked()
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("MOESERVE_LOG_LEVEL", "WARNING"))
     try:

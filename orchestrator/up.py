@@ -23,7 +23,7 @@ import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
-from services.process import die_with_parent, free_port, port_in_use, stop_on_signals
+from services.process import free_port, port_in_use, spawn_env, stop_on_signals
 
 ORCHESTRATOR_STOP_S = 2.0
 WORKER_STOP_S = 4.0
@@ -36,10 +36,8 @@ class Cluster:
         self.children: list[tuple[str, subprocess.Popen]] = []
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(
-            [sys.executable, *args], env=env, preexec_fn=die_with_parent, start_new_session=True
-        )
+        env = spawn_env({**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen([sys.executable, *args], env=env, start_new_session=True)
         self.children.append((name, proc))
         return proc
 

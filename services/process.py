@@ -4,6 +4,7 @@ free loopback ports, children that die with their parent, signals that ask for a
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import socket
 import threading
@@ -29,9 +30,32 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+PARENT_ENV = "MOESERVE_PARENT_PID"
+"""Set by a parent that wants its children to die with it (see `spawn_env`)."""
+
+
 def die_with_parent() -> None:
     """This process gets SIGTERM when its parent dies (Linux PR_SET_PDEATHSIG)."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a child that should die with this process (it calls `die_with_parent_if_asked`).
+
+    The child arms the signal itself, first thing: a `preexec_fn` would run Python between fork
+    and exec, which can deadlock in a parent with threads.
+    """
+    return {**env, PARENT_ENV: str(os.getpid())}
+
+
+def die_with_parent_if_asked() -> None:
+    """Arm the parent-death signal when started by `spawn_env`; leave at once if that parent is gone."""
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is None:
+        return
+    die_with_parent()
+    if os.getppid() != int(parent):  # it died before the signal was armed
+        os._exit(1)
 
 
 def stop_on_signals() -> threading.Event:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from services.engine.config import EngineConfig, EngineConfigError
+from services.process import die_with_parent_if_asked
 from services.worker.config import WorkerConfig
 
 
@@ -91,6 +92,7 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent_if_asked()
     logging.basicConfig(level=os.environ.get("MOESERVE_LOG_LEVEL", "WARNING"))
     try:
         config = parse(argv)
