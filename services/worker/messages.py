@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from services.kv import AttachSpec
+from services.kv.sender import TransferStats
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,8 @@ class RankLoad:
     max_num_seqs: int
     queues: dict[str, int] = field(default_factory=dict)
     """Hand-off queue depths (prefill_inflight, decode_prealloc, decode_transfer) and stranded_pages."""
-    transfer: tuple[int, float, int, int] = (0, 0.0, 0, 0)
-    """Prefill KV transfer totals: bytes, seconds, rooms, failed rooms."""
+    transfer: TransferStats = field(default_factory=TransferStats)
+    """Prefill KV transfer totals (zero on decode)."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Each call runs on a thread of the rank's pool, like a gRPC handler: it replies v
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from services.engine.loop import EngineDead, EngineLoop, RequestStream
 from services.kv import HandoffError, KVLayout, KVRegion, TransferEngine
 from services.kv.decode import AttachClient, DecodeHandoff
 from services.kv.prefill import PrefillHandoff
-from services.kv.sender import KVSender
+from services.kv.sender import KVSender, TransferStats
 from services.worker import messages as msg
 from services.worker import proto_convert
 from services.worker.config import WorkerConfig
@@ -216,7 +217,6 @@ class Rank:
             return msg.ExpertLoad(counts.tolist(), tokens, steps)
         kv = engine.kv_stats()
         half = self.prefill or self.decode
-        stats = self.sender.stats if self.sender is not None else None
         return msg.RankLoad(
             running=engine.num_running,
             waiting=engine.num_waiting,
@@ -224,7 +224,6 @@ class Rank:
             total_tokens=kv.total_pages * kv.page_size,
             max_num_seqs=engine.config.max_num_seqs,
             queues=half.queue_depths() if half is not None else {},
-            transfer=(stats.bytes, stats.seconds, stats.rooms, stats.failed_rooms)
-            if stats
-            else (0, 0.0, 0, 0),
+            # A copy: the sender thread keeps adding to its own.
+            transfer=dataclasses.replace(self.sender.stats) if self.sender is not None else TransferStats(),
         )

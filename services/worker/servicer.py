@@ -15,6 +15,7 @@ import os
 import time
 import zipfile
 from collections.abc import Iterator
+from dataclasses import astuple
 from pathlib import Path
 
 import grpc
@@ -24,6 +25,7 @@ from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 from smg_grpc_proto.generated import common_pb2
 
 from services.engine import Engine
+from services.kv.sender import TransferStats
 from services.worker import messages as msg
 from services.worker.config import WorkerConfig
 from services.worker.dp_controller import CallFailed, DPController
@@ -173,7 +175,7 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
             max_total_num_tokens=sum(ld.total_tokens for ld in loads),
         )
         info.start_time.FromDatetime(dt.datetime.fromtimestamp(self.started, tz=dt.UTC))
-        sent, seconds, rooms, failed = (sum(x) for x in zip(*(ld.transfer for ld in loads), strict=True))
+        total = TransferStats(*(sum(x) for x in zip(*(astuple(ld.transfer) for ld in loads), strict=True)))
         info.scheduler_info.update(
             {
                 "grpc_calls": dict(self.calls.counts),
@@ -184,10 +186,10 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
         if self.config.role == "prefill":
             info.scheduler_info.update(
                 {
-                    "kv_transfer_bytes": sent,
-                    "kv_transfer_seconds": seconds,
-                    "kv_transfer_rooms": rooms,
-                    "kv_transfer_failed_rooms": failed,
+                    "kv_transfer_bytes": total.bytes,
+                    "kv_transfer_seconds": total.seconds,
+                    "kv_transfer_rooms": total.rooms,
+                    "kv_transfer_failed_rooms": total.failed_rooms,
                 }
             )
         return info
@@ -200,7 +202,6 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
         for rank, ld in enumerate(self._loads(context)):
             if request.HasField("dp_rank") and request.dp_rank != rank:
                 continue
-            sent, seconds, rooms, _ = ld.transfer
             load = pb.SchedulerLoad(
                 dp_rank=rank,
                 num_running_reqs=ld.running,
@@ -216,8 +217,8 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
                     prefill_inflight_queue_reqs=ld.queues.get("prefill_inflight", 0),
                     decode_prealloc_queue_reqs=ld.queues.get("decode_prealloc", 0),
                     decode_transfer_queue_reqs=ld.queues.get("decode_transfer", 0),
-                    kv_transfer_speed_gb_s=sent / seconds / 1e9 if seconds else 0.0,
-                    kv_transfer_latency_ms=1000 * seconds / rooms if rooms else 0.0,
+                    kv_transfer_speed_gb_s=ld.transfer.speed_gb_s,
+                    kv_transfer_latency_ms=ld.transfer.latency_ms,
                 ),
                 queues=pb.QueueMetrics(waiting=ld.waiting),
             )
