@@ -1,14 +1,21 @@
-"""EP token exchange: dispatch + combine vs a bare all_to_all_single of the same bytes, and
-decode tokens/s of one instance at EP1 vs EP2.
+"""EP token exchange: dispatch + combine vs a bare all_to_all_single of the same bytes, host
+syncs per decode step for each backend, and decode tokens/s of one instance at EP1 vs EP2.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/dispatch.py
 
-Part 1 (2 ranks, gloo on loopback): DeepSeek-V3 shapes — hidden 7168, top-8 of 256 experts
-(128 slots per rank), bf16 activations — for decode-sized (128 tokens per rank) and
-prefill-sized (2048 tokens per rank) batches. Achieved bandwidth = bytes that cross ranks /
-time. The baseline sends exactly those rows with the same split sizes, once each way.
+Part 1 (2 ranks, gloo): DeepSeek-V3 shapes — hidden 7168, top-8 of 256 experts (128 slots per
+rank), bf16 activations — for decode-sized (128 tokens per rank) and prefill-sized (2048 tokens
+per rank) batches, once with both ranks on one node and once as two nodes (127.0.0.1 and
+127.0.0.2, meeting at node 0's store as a multi-node instance does). Achieved bandwidth = bytes
+that cross ranks / time. The baseline sends exactly those rows with the same split sizes, once
+each way, on the same group.
 
-Part 2: the tiny DeepSeek-V3 model, 16 decode requests; EP1 = one rank with all of them, EP2 =
+Part 2: host synchronisations in the decode steps of an EP2 engine (tiny DeepSeek-V3 at hidden
+256, bf16), per MoE layer and per step, counted by `services.ep.syncs.HostSyncCounter` (the
+calls that would stall a GPU's host), for the `torch` backend and for `deepep` (its expanded
+layout, run here against the contract double in tests/doubles).
+
+Part 3: the tiny DeepSeek-V3 model, 16 decode requests; EP1 = one rank with all of them, EP2 =
 two ranks (data-parallel attention) with 8 each. Decode tokens/s isolated as in bench/engine.py.
 """
 
@@ -28,6 +35,7 @@ from services.engine import Engine, SamplingParams
 from services.ep import ExpertLoadRecorder, ExpertParallel, ExpertPlacement, create
 from services.tiny import make_tiny_model
 from tests.ranks import run_ranks
+from tests.services.ep.test_deepep_engine import decode_rank as synced_decode_rank
 
 HIDDEN, EXPERTS, TOPK = 7168, 256, 8
 
@@ -109,16 +117,31 @@ def main() -> None:
         f"dispatch + combine vs bare all_to_all_single, 2 ranks, gloo, hidden {HIDDEN}, "
         f"top-{TOPK} of {EXPERTS}"
     )
-    print(f"{'tokens/rank':>12}{'MB crossing':>13}{'ours GB/s':>11}{'bare GB/s':>11}{'ratio':>8}")
-    for tokens in (128, 2048):
-        res = run_ranks(2, exchange, tokens, args.repeats, args.dtype)
-        ours = max(r["ours"] for r in res)
-        bare = max(r["bare"] for r in res)
-        nbytes = sum(r["cross_bytes"] for r in res)
-        print(
-            f"{tokens:>12}{nbytes / 1e6:>13.1f}{nbytes / ours / 1e9:>11.2f}{nbytes / bare / 1e9:>11.2f}"
-            f"{bare / ours:>8.2f}"
-        )
+    print(f"{'nodes':>6}{'tokens/rank':>12}{'MB crossing':>13}{'ours GB/s':>11}{'bare GB/s':>11}{'ratio':>8}")
+    for nodes in (1, 2):
+        for tokens in (128, 2048):
+            res = run_ranks(2, exchange, tokens, args.repeats, args.dtype, nodes=nodes)
+            ours = max(r["ours"] for r in res)
+            bare = max(r["bare"] for r in res)
+            nbytes = sum(r["cross_bytes"] for r in res)
+            print(
+                f"{nodes:>6}{tokens:>12}{nbytes / 1e6:>13.1f}{nbytes / ours / 1e9:>11.2f}"
+                f"{nbytes / bare / 1e9:>11.2f}{bare / ours:>8.2f}"
+            )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(make_tiny_model(f"{tmp}/m256", "deepseek_v3", overrides={"hidden_size": 256}))
+        print("host syncs in decode steps, EP2, 2 MoE layers (mean over steps of both ranks)")
+        print(f"{'backend':>28}{'steps':>7}{'per MoE layer':>15}{'per step':>10}")
+        for backend in ("torch", "deepep"):
+            ranks = run_ranks(2, synced_decode_rank, model, backend, [4, 4])
+            mode = "expanded" if backend == "deepep" else "normal"
+            steps = [s for r in ranks for s in r["syncs"][mode]]  # decode-only steps
+            label = f"{backend} ({mode})" + (" [double]" if backend == "deepep" else "")
+            print(
+                f"{label:>28}{len(steps):>7}{sum(a for a, _ in steps) / len(steps):>15.1f}"
+                f"{sum(b for _, b in steps) / len(steps):>10.1f}"
+            )
 
     with tempfile.TemporaryDirectory() as tmp:
         model = str(make_tiny_model(f"{tmp}/m", "deepseek_v3"))

@@ -166,7 +166,8 @@ class Engine(KVHandoffHooks):
         for req in self.scheduler.reserve_remote():
             req.kv_source.on_pages(req.request_id, req.pages)  # type: ignore[union-attr]
         batch = self.scheduler.schedule()
-        work, self.stopped = self.model.parallel.group_has_work(batch is not None, stop)
+        prefill = batch is not None and batch.phase == "prefill"
+        work, self.stopped = self.model.parallel.group_has_work(batch is not None, stop, prefill)
         self.idle = not work
         if batch is None:
             if work:

@@ -3,6 +3,10 @@
 The contract is DeepEP's normal mode: a token travels once to each rank that holds any of its
 chosen slots, with its slot list translated to that rank's local slot indices (-1 where a choice
 lives elsewhere) and its routing weights; `combine` sums the rows that came back per token.
+
+A backend may also offer DeepEP's expanded layout (`dispatch_expanded`): one row per (token,
+local slot) grouped by slot, with the group boundaries left on the device, so the expert GEMMs
+run without the host learning how many rows arrived (no host sync, as decode needs).
 """
 
 from __future__ import annotations
@@ -30,11 +34,28 @@ class Dispatched:
     """What `combine` needs to send results back."""
 
 
+@dataclass
+class Expanded:
+    """What a rank received from `dispatch_expanded`: rows grouped by local slot, sizes on the device."""
+
+    x: torch.Tensor
+    """[R, D] one row per (token, local slot); R is a worst case fixed by the group's shape, and
+    rows at or past `offsets[-1]` are padding with unspecified contents."""
+    offsets: torch.Tensor
+    """[S] int32 on x's device: slot s owns rows [offsets[s-1], offsets[s]) (offsets[-1] = 0)."""
+    weights: torch.Tensor
+    """[R] fp32 routing weight of each row."""
+    handle: Any
+    """What `combine_expanded` needs to send results back."""
+
+
 class Dispatcher(ABC):
     """One EP group's token exchange; every rank calls dispatch and combine, in the same order."""
 
     rank: int
     size: int
+    expanded: bool = False
+    """Offers `dispatch_expanded` / `combine_expanded` (used for decode steps)."""
 
     @abstractmethod
     def dispatch(
@@ -49,6 +70,16 @@ class Dispatcher(ABC):
     @abstractmethod
     def agree(self, flags: Sequence[bool]) -> list[bool]:
         """Each flag ORed over the ranks (a collective: every rank calls it with as many flags)."""
+
+    def dispatch_expanded(
+        self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, slots_per_rank: int
+    ) -> Expanded:
+        """Like `dispatch`, into the expanded per-slot layout (only where `expanded` is True)."""
+        raise NotImplementedError(f"{type(self).__name__} has no expanded layout")
+
+    def combine_expanded(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
+        """y [R, D] weighted expert outputs per expanded row -> [T, D] summed per original token."""
+        raise NotImplementedError(f"{type(self).__name__} has no expanded layout")
 
     def validate(self, hidden: int, dtype: str, num_slots: int) -> None:  # noqa: B027 (optional hook)
         """Raise ValueError naming the limit if this backend cannot move such rows (checked at start-up)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,9 @@ class ExpertParallel:
     recorder: ExpertLoadRecorder | None = None
     control: dist.ProcessGroup | None = None
     """A CPU group for the per-step agreement when the dispatcher's group is on GPUs (None: use it)."""
+    group_prefill: bool = field(default=False, init=False)
+    """Some rank of the group runs a prefill in this step (set by `group_has_work`, the same on
+    every rank)."""
 
     def __post_init__(self) -> None:
         if self.dispatcher is not None and self.dispatcher.size != self.placement.ep_size:
@@ -42,6 +45,11 @@ class ExpertParallel:
         return cls(placement, recorder=ExpertLoadRecorder(num_moe_layers, num_experts))
 
     @property
+    def expanded(self) -> bool:
+        """This step's MoE layers use the dispatcher's expanded layout (decode-only steps)."""
+        return self.dispatcher is not None and self.dispatcher.expanded and not self.group_prefill
+
+    @property
     def size(self) -> int:
         return self.placement.ep_size
 
@@ -55,18 +63,21 @@ class ExpertParallel:
         """How long an idle rank may wait before the next step: None alone, a short tick in a group."""
         return IDLE_POLL_S if self.lockstep else None
 
-    def group_has_work(self, has_work: bool, stop: bool = False) -> tuple[bool, bool]:
+    def group_has_work(self, has_work: bool, stop: bool = False, prefill: bool = False) -> tuple[bool, bool]:
         """(does any rank have work, did any rank ask to stop): one collective in a group.
 
         Every rank calls it once per step, so all ranks run the same forwards and leave together.
+        `prefill`: this rank's step is a prefill (sets `group_prefill`, and so `expanded`).
         """
         if self.dispatcher is None:
             return has_work, stop
         if self.control is not None:
-            flags = torch.tensor([int(has_work), int(stop)])
+            flags = torch.tensor([int(has_work), int(stop), int(prefill)])
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
-            return bool(flags[0]), bool(flags[1])
-        work, stopping = self.dispatcher.agree([has_work, stop])
+            work, stopping, any_prefill = (bool(f) for f in flags)
+        else:
+            work, stopping, any_prefill = self.dispatcher.agree([has_work, stop, prefill])
+        self.group_prefill = any_prefill
         return work, stopping
 
     @property

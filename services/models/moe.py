@@ -119,6 +119,22 @@ class RoutedExperts(nn.Module):
             y = self._looped(xs, counts.tolist())
         return out.index_add_(0, token_of, y * w_sorted)
 
+    def grouped(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """xs: [N, D] rows grouped by slot; offsets: [S] int32 row ends -> [N, D] unweighted outputs.
+
+        Rows at or past offsets[-1] are not computed from (their outputs are unspecified). With a
+        grouped GEMM the sizes never reach the host; the per-expert fallback must read them.
+        """
+        if self.use_grouped_mm is None:
+            self.use_grouped_mm = grouped_mm_supported(xs.device)
+        if self.use_grouped_mm:
+            return self._grouped(xs, offsets)
+        ends = offsets.tolist()
+        counts = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+        y = torch.zeros_like(xs)
+        y[: ends[-1]] = self._looped(xs[: ends[-1]], counts)
+        return y
+
     def _grouped(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """xs: [N, D] sorted by expert; offsets: [E] cumulative counts -> [N, D]."""
         gate, up = F.grouped_mm(xs, self.w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)  # [N, I] each
@@ -167,6 +183,10 @@ class MoEBlock(nn.Module):
         slots = par.placement.route(self.moe_index, ids)  # [T, K] physical slots
         if par.dispatcher is None:
             out = self.experts(x, slots, weights, all_local=True)  # one rank: every slot is local
+        elif par.expanded:  # decode: rows already grouped by slot, sizes stay on the device
+            got = par.dispatcher.dispatch_expanded(x, slots, weights, par.placement.slots_per_rank)
+            y = self.experts.grouped(got.x, got.offsets) * got.weights[:, None].to(got.x.dtype)  # [R, D]
+            out = par.dispatcher.combine_expanded(y, got.handle)
         else:
             got = par.dispatcher.dispatch(x, slots, weights, par.placement.slots_per_rank)
             partial = self.experts(got.x, got.local_slots, got.weights)

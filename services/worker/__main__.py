@@ -40,6 +40,12 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         "--dispatcher", choices=["torch", "deepep"], default="torch", help="EP token exchange backend"
     )
     ap.add_argument(
+        "--deepep-mode",
+        choices=["auto", "normal"],
+        default="auto",
+        help="deepep: auto = decode in the expanded layout without host syncs; normal = normal mode always",
+    )
+    ap.add_argument(
         "--nnodes", type=int, default=1, help="nodes the instance spans (--ep ranks split evenly)"
     )
     ap.add_argument("--node-rank", type=int, default=0, help="this node's index; node 0 serves --port")
@@ -85,6 +91,7 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         advertise_host=a.advertise_host,
         ep_slots=a.ep_slots,
         dispatcher=a.dispatcher,
+        deepep_mode=a.deepep_mode,
         handoff_timeout_s=a.handoff_timeout,
         prefill_timeout_s=a.prefill_timeout,
         engine=engine,

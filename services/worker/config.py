@@ -51,6 +51,9 @@ class WorkerConfig:
     """Address peers reach this node at, where it differs from `host` (e.g. a pod binding 0.0.0.0)."""
     dispatcher: Literal["torch", "deepep"] = "torch"
     """Token exchange backend for expert parallelism."""
+    deepep_mode: Literal["auto", "normal"] = "auto"
+    """deepep only: auto = decode steps through DeepEP's expanded layout (no host sync per MoE
+    layer), prefill in normal mode; normal = normal mode for every step."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Each rank's engine (page_size, kv_pool_tokens, max_num_seqs, dtype, ...)."""
 

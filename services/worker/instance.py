@@ -31,6 +31,18 @@ STOP_TIMEOUT_S = 3.0
 SERVER_GRACE_S = 0.5
 
 
+def dispatcher_options(config: WorkerConfig) -> dict:
+    """Backend arguments from the worker's config (DeepEP's per-rank caps, the same on every rank)."""
+    if config.dispatcher != "deepep":
+        return {}
+    e = config.engine
+    return dict(
+        max_tokens_per_rank=max(e.max_prefill_tokens, e.max_num_seqs),
+        decode_tokens_per_rank=e.max_num_seqs,
+        expanded_decode=config.deepep_mode == "auto",
+    )
+
+
 def serve(config: WorkerConfig) -> int:
     """Run the instance until SIGINT/SIGTERM (0) or a rank failure (1)."""
     if config.ep_size == 1:
@@ -68,7 +80,7 @@ def run_rank(
     parallel, control = None, None
     if world > 1:
         control = join_group(config, rank, dist_init)
-        dispatcher = create(config.dispatcher)
+        dispatcher = create(config.dispatcher, **dispatcher_options(config))
 
         def parallel(cfg):
             slots = config.ep_slots or cfg.num_experts

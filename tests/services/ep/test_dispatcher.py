@@ -92,8 +92,14 @@ def test_deepep_dispatcher_conformance():
         pytest.skip("gpu test: DeepEP needs at least 2 GPUs")
     for res in run_ranks(2, conformance, "deepep", backend="nccl"):
         for case in CASES:
+            if case in DEEPEP_FORBIDS:
+                continue
             assert res[case][0] and res[case][1], case
         assert res["any"] == (True, False)
+    for res in run_ranks(2, expanded_conformance, "cuda", backend="nccl"):
+        for case in CASES:
+            if case not in DEEPEP_FORBIDS:
+                assert res[case][0] and res[case][1], case
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -158,3 +164,47 @@ def test_the_double_rejects_what_deepep_rejects():
         )
         assert "bfloat16 rows only" in res["backend float32"]
         assert "multiple of 256" in res["backend hidden"] and "64" in res["backend hidden"]
+
+
+DECODE_CAP = 48
+"""Per-rank token cap of the expanded calls below (the largest case has 40 tokens on a rank)."""
+
+
+def expanded_conformance(rank: int, world: int, device: str = "cpu"):
+    if device == "cpu":
+        sys.path.insert(0, str(DOUBLES))
+    d = create("deepep", max_tokens_per_rank=DECODE_CAP, decode_tokens_per_rank=DECODE_CAP)
+    results = {}
+    for case in CASES:
+        if case in DEEPEP_FORBIDS:
+            continue
+        x, slots, weights = (t.to(device) for t in case_inputs(rank, world, case, 256))
+        x = x.to(torch.bfloat16)
+        got = d.dispatch_expanded(x, slots, weights, SLOTS_PER_RANK)
+        # Row r belongs to local slot s where offsets[s-1] <= r < offsets[s]; that slot's "expert"
+        # multiplies by its global id + 1. Padding rows (past offsets[-1]) must never be read.
+        rows = torch.arange(got.x.shape[0], device=device)
+        local = torch.bucketize(rows, got.offsets.long(), right=True)  # [R]
+        y = got.x.float() * ((local + rank * SLOTS_PER_RANK + 1) * got.weights)[:, None]
+        out = d.combine_expanded(y, got.handle)
+        expected = x.float() * ((slots + 1).float() * weights).sum(1, keepdim=True)
+        close = torch.allclose(out.float(), expected, atol=3e-2, rtol=3e-2)
+        results[case] = (close, out.shape == x.shape, got.x.shape[0], int(got.offsets[-1]), slots.numel())
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_deepep_expanded_layout_against_the_contract_double(world):
+    """Decode's layout: rows grouped per local slot in worst-case buffers, sizes only on the device."""
+    res = run_ranks(world, expanded_conformance)
+    worst = world * DECODE_CAP * min(K, SLOTS_PER_RANK)
+    for case in CASES:
+        if case in DEEPEP_FORBIDS:
+            continue
+        for rank, r in enumerate(res):
+            close, shape_ok, allocated, _, _ = r[case]
+            assert close and shape_ok, f"rank {rank}, case {case}"
+            # The same shape whatever arrived: nothing about the data reached the host.
+            assert allocated == worst, (case, allocated)
+        # Every (token, choice) pair lands in exactly one row somewhere.
+        assert sum(r[case][3] for r in res) == sum(r[case][4] for r in res), case
