@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
 from services.process import free_port
 from tests.cluster import LocalCluster
+from tests.listeners import ANY, listening
 from tests.oracle import chat_ids, encode, greedy, greedy_ids
 
 NODES = ("127.0.0.1", "127.0.0.2")
@@ -88,6 +90,19 @@ def test_prefill_on_two_nodes_to_decode_on_two_nodes_is_exact(groups, model_dirs
         got = list(ex.map(stream, prompts))
     assert got == [greedy(ds, encode(ds, p), 10)[0] for p in prompts]
     c.assert_idle("ds-prefill", "ds-decode")
+
+
+def test_node_1_listens_on_its_own_address_but_where_a_library_cannot(groups):
+    """Each rank process of node 1 (127.0.0.2): our ZeroMQ socket on the node's address; the rest
+    are the library listeners the README names: Mooncake's handshake and TCP transport (all
+    interfaces) and gloo (the address the hostname resolves to)."""
+    c, _ = groups
+    gloo = socket.gethostbyname(socket.gethostname())
+    ranks = listening(c.procs["ds-decode-node1"].pid)
+    assert len(ranks) == 2, ranks  # the launcher itself listens on nothing
+    for socks in ranks.values():
+        hosts = sorted(s.rsplit(":", 1)[0] for s in socks)
+        assert hosts == sorted([NODES[1], ANY, ANY, gloo]), socks
 
 
 def test_a_node_that_never_arrives_is_named(model_dirs):
