@@ -25,6 +25,28 @@ def model_dirs(tmp_path_factory):
     return {name: make_tiny_model(root / name, seed=1, **kw) for name, kw in MODELS.items()}
 
 
+FP8_SHAPES = dict(hidden_size=192, intermediate_size=320, moe_intermediate_size=160)
+"""Dimensions that are not multiples of the 128 x 128 scale blocks: partial edge blocks."""
+
+
+@pytest.fixture(scope="session")
+def fp8_dirs(tmp_path_factory):
+    """Per family: (an FP8 block-quantized checkpoint in the official layout, sharded with an
+    index, DeepSeek's with an MTP layer; the same weights dequantized for transformers)."""
+    from services.synthetic import write_fp8_checkpoint
+    from tests.fp8 import write_dequantized
+
+    root = tmp_path_factory.mktemp("fp8")
+    out = {}
+    for arch in ("deepseek_v3", "qwen3_moe"):
+        src = make_tiny_model(root / f"{arch}-src", arch, seed=3, overrides=FP8_SHAPES)
+        fp8 = write_fp8_checkpoint(
+            src, root / f"{arch}-fp8", mtp=arch == "deepseek_v3", max_shard_bytes=400_000
+        )
+        out[arch] = (fp8, write_dequantized(fp8, root / f"{arch}-dequantized"))
+    return out
+
+
 @pytest.fixture(scope="session", params=list(MODELS))
 def model_dir(request, model_dirs):
     return model_dirs[request.param]

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from services.models.quant import Fp8BlockQuant, QuantConfigError, parse_quant
+
 Family = Literal["deepseek_v3", "qwen3_moe"]
 
 ARCHITECTURES: dict[str, Family] = {
@@ -85,6 +87,10 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    quant: Fp8BlockQuant | None = None
+    """The checkpoint's weight quantization (None: plain bf16/fp16/fp32 weights)."""
+    num_mtp_layers: int = 0
+    """Multi-token-prediction layers stored past the decoder stack (`num_nextn_predict_layers`)."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -142,14 +148,14 @@ class _Parser:
                 f"unsupported architecture {archs or self.raw.get('model_type')!r} in field 'architectures'; "
                 f"supported: {supported}"
             )
-        quant = self.raw.get("quantization_config")
-        if quant:
-            raise self.fail(
-                f"quantized checkpoints ({quant.get('quant_method', quant)!r}) are not supported yet; "
-                "use a bf16/fp32 checkpoint"
-            )
+        try:
+            quant = parse_quant(self.raw, self.source)
+        except QuantConfigError as e:
+            raise ModelConfigError(str(e)) from None
         family = ARCHITECTURES[arch]
         common = self.common(arch, family)
+        common["quant"] = quant
+        common["num_mtp_layers"] = int(self.get("num_nextn_predict_layers", default=0))
         if family == "deepseek_v3":
             return self.deepseek_v3(common)
         return self.qwen3_moe(common)

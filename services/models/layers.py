@@ -86,7 +86,10 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, rope: RopeConfig):
         super().__init__()
-        inv_freq, self.scaling = rope_inv_freq(rope)
+        # Computed on the CPU even when the model is built on the meta device (the loader moves
+        # it): these few ops on meta would import sympy (~75 MB) for nothing.
+        with torch.device("cpu"):
+            inv_freq, self.scaling = rope_inv_freq(rope)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,51 +1,88 @@
-"""Load a supported checkpoint from a Hugging Face style directory (config.json + safetensors shards)."""
+"""Build a model from a checkpoint directory, reading only what this rank holds.
+
+The model is built on the meta device (no weight memory), then each parameter is allocated once,
+on its device and in its final dtype. Which checkpoint tensors this rank needs is decided from
+their names (`weights.WeightMap`) before a byte is read: another rank's experts and
+multi-token-prediction layers are never read. Shards are read in parallel by a few threads, each
+tensor's exact byte range (`checkpoint.Checkpoint`); FP8 block-quantized weights are
+dequantized in place in their parameter (`quant.Fp8BlockQuant`). A byte budget between the
+readers and the copy into parameters keeps the memory beyond the final weights to a tenth of
+them. The same path
+serves every checkpoint: bf16/fp16/fp32 or FP8, one file or sharded with an index.
+"""
 
 from __future__ import annotations
 
-import json
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from torch import nn
 
 from services.ep import ExpertParallel
 from services.models.base import MoECausalLM
+from services.models.checkpoint import Checkpoint
 from services.models.config import ModelConfig, ModelConfigError
 from services.models.deepseek_v3 import DeepseekV3ForCausalLM
+from services.models.quant import SCALE_SUFFIX, QuantConfigError
 from services.models.qwen3_moe import Qwen3MoeForCausalLM
+from services.models.weights import Route, WeightMap
 
 MODEL_CLASSES: dict[str, type[MoECausalLM]] = {
     "deepseek_v3": DeepseekV3ForCausalLM,
     "qwen3_moe": Qwen3MoeForCausalLM,
 }
-INDEX_FILE = "model.safetensors.index.json"
+READERS = 4
+"""Threads reading shards at once (reads release the GIL; so does dequantization)."""
+IN_FLIGHT_SHARE = 0.1
+"""Host memory for tensors read but not yet copied: this share of the weights being loaded (at
+least the largest tensor), so a load peaks at about 1.1x its final weights."""
+PROGRESS_AFTER_S = 3.0
+"""Loads longer than this report progress, every PROGRESS_EVERY_S."""
+PROGRESS_EVERY_S = 5.0
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+log = logging.getLogger("moeserve.loader")
 
 
-def shard_files(model_dir: Path) -> list[Path]:
-    """The safetensors shards of a checkpoint, checked to exist."""
-    index = model_dir / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ModelConfigError(f"{index} is not a valid safetensors index (needs 'weight_map')") from e
-        files = [model_dir / f for f in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise ModelConfigError(f"{index} lists shard(s) missing from {model_dir}: {', '.join(missing)}")
-        return files
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ModelConfigError(f"model directory {model_dir} has no *.safetensors weights")
-    return files
+@dataclass
+class LoadReport:
+    """What a load read, skipped and built (kept on the model as `load_report`)."""
+
+    bytes_read: int = 0
+    checkpoint_bytes: int = 0
+    tensors_read: int = 0
+    quantized_tensors: int = 0
+    """FP8 weights dequantized at load."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Tensors not read, by reason ("mtp", "other rank", "derived")."""
+    mtp_layers: tuple[int, ...] = ()
+    weight_bytes: int = 0
+    """Bytes of this rank's parameters once loaded."""
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        parts = [f"read {_size(self.bytes_read)} of {_size(self.checkpoint_bytes)} in {self.seconds:.1f}s"]
+        if self.quantized_tensors:
+            parts.append(f"{self.quantized_tensors} FP8 block-quantized weights dequantized")
+        if self.skipped.get("other rank"):
+            parts.append(f"{self.skipped['other rank']} expert tensors of other ranks not read")
+        if self.mtp_layers:
+            layers = ", ".join(map(str, self.mtp_layers))
+            parts.append(f"multi-token-prediction layer(s) {layers} skipped ({self.skipped['mtp']} tensors)")
+        return "; ".join(parts)
 
 
-def iter_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield name, f.get_tensor(name)
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def load_model(
@@ -53,23 +90,232 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     parallel: Callable[[ModelConfig], ExpertParallel] | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> tuple[MoECausalLM, ModelConfig]:
-    """Build the model for `model_dir` and load its weights; errors name the file and what is wrong.
+    """Build the model for `model_dir` and load this rank's weights; errors name the file and problem.
 
     `parallel(config)` gives this rank's expert-parallel view (default: one rank, all experts).
+    `report(line)` receives progress lines of a long load (default: the `moeserve.loader` log).
+    The model's `load_report` says what was read and skipped.
     """
+    start = time.monotonic()
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
-    files = shard_files(model_dir)
-    model = MODEL_CLASSES[cfg.family](cfg, parallel(cfg) if parallel is not None else None)
-    # Routers stay fp32 (their parameters are declared fp32); everything else takes `dtype`.
-    for name, p in model.named_parameters():
-        if ".gate." not in name:
-            p.data = p.data.to(dtype)
-    loaded = model.load_weights(iter_weights(files))
-    missing = sorted(set(dict(model.named_parameters())) - loaded)
+    par = (
+        parallel(cfg) if parallel is not None else ExpertParallel.single(len(cfg.moe_layers), cfg.num_experts)
+    )
+    with Checkpoint(model_dir) as ckpt:
+        with torch.device("meta"), _no_init():  # parameters only: the placement above is real
+            model = MODEL_CLASSES[cfg.family](cfg, par)
+        tied = cfg.tie_word_embeddings and "lm_head.weight" not in ckpt.entries
+        if tied:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        _materialize(model, dtype, torch.device(device))
+        weights = WeightMap(model, cfg, model.parallel.local_slots_of)
+        plan, rep = _plan(ckpt, weights, cfg, model_dir)
+        rep.checkpoint_bytes = ckpt.total_bytes
+        filled = _read(ckpt, plan, weights, cfg, report or log.info, start)
+        rep.bytes_read, rep.tensors_read = ckpt.bytes_read, len(plan)
+    missing = sorted(p for p in weights.params if filled[p] != weights.expected_pieces(p))
+    if tied:
+        missing = [p for p in missing if p != "lm_head.weight"]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelConfigError(f"checkpoint in {model_dir} is missing tensors: {shown}")
-    model.to(device).eval()
+    rep.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rep.seconds = time.monotonic() - start
+    model.eval()
+    model.load_report = rep
     return model, cfg
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip `torch.nn.init` while building on meta: every value comes from the checkpoint, and
+    random init on meta tensors goes through torch's reference ops, which import sympy (~75 MB)."""
+    saved = {
+        n: f for n, f in vars(nn.init).items() if n.endswith("_") and not n.startswith("_") and callable(f)
+    }
+    for n in saved:
+        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def _materialize(model: MoECausalLM, dtype: torch.dtype, device: torch.device) -> None:
+    """Allocate every parameter once, on `device` in its final dtype; move buffers (made on the CPU).
+
+    Routers stay fp32 (declared so; DeepSeek routes in fp32); everything else takes `dtype`.
+    """
+    made: dict[int, nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        for pname, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in made:  # tied parameters are allocated once
+                full = f"{module_name}.{pname}"
+                final = p.dtype if ".gate." in full else dtype
+                made[id(p)] = nn.Parameter(
+                    torch.empty(p.shape, dtype=final, device=device), requires_grad=False
+                )
+            module._parameters[pname] = made[id(p)]
+        for bname, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[bname] = b.to(device)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left unallocated after load: {', '.join(left[:5])}")
+
+
+def _plan(
+    ckpt: Checkpoint, weights: WeightMap, cfg: ModelConfig, model_dir: Path
+) -> tuple[dict[str, tuple[Route, str | None]], LoadReport]:
+    """{tensor to read: (its route, its scale tensor or None)}, and the report of what is skipped."""
+    rep = LoadReport()
+    skipped: dict[str, int] = defaultdict(int)
+    plan: dict[str, tuple[Route, str | None]] = {}
+    unknown: list[str] = []
+    mtp: set[int] = set()
+    for name, entry in ckpt.entries.items():
+        if name.endswith(SCALE_SUFFIX):
+            if name.removesuffix(SCALE_SUFFIX) not in ckpt.entries:
+                raise ModelConfigError(
+                    f"{entry.file}: {name} has no weight {name.removesuffix(SCALE_SUFFIX)}"
+                )
+            continue  # read with its weight
+        route = weights.route(name)
+        if route is None:
+            unknown.append(name)
+            continue
+        if route.skip:
+            skipped[route.skip] += 1
+            if route.skip == "mtp":
+                mtp.add(int(name.split(".")[2]))
+            continue
+        scale = name + SCALE_SUFFIX if name + SCALE_SUFFIX in ckpt.entries else None
+        if scale is not None and cfg.quant is None:
+            raise ModelConfigError(
+                f"{entry.file}: {name} has a block scale but config.json has no quantization_config"
+            )
+        if scale is None and entry.dtype in FP8_DTYPES:
+            raise ModelConfigError(f"{entry.file}: {name} is {entry.dtype} without a {name}{SCALE_SUFFIX}")
+        plan[name] = (route, scale)
+        rep.quantized_tensors += scale is not None
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise ModelConfigError(
+            f"checkpoint in {model_dir} has tensors no {cfg.architecture} parameter takes: {shown}"
+        )
+    rep.skipped, rep.mtp_layers = dict(skipped), tuple(sorted(mtp))
+    return plan, rep
+
+
+def _read(
+    ckpt: Checkpoint,
+    plan: dict[str, tuple[Route, str | None]],
+    weights: WeightMap,
+    cfg: ModelConfig,
+    report: Callable[[str], None],
+    start: float,
+) -> dict[str, set]:
+    """Read the planned tensors on READERS threads and copy them into the parameters (this thread)."""
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name in sorted(plan, key=lambda n: ckpt.entries[n].start):
+        by_file[ckpt.entries[name].file].append(name)
+    total = sum(ckpt.entries[n].nbytes for n in plan) or 1
+    cost = {n: _host_bytes(ckpt, n, plan[n][1]) for n in plan}
+    budget = _Budget(max(max(cost.values(), default=0), int(IN_FLIGHT_SHARE * sum(cost.values()))))
+    ready: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def read_file(names: list[str]) -> None:
+        for name in names:
+            budget.acquire(cost[name], stop)
+            if stop.is_set():
+                return
+            try:
+                scale = plan[name][1]
+                ready.put((name, ckpt.read(name), ckpt.read(scale) if scale is not None else None))
+            except Exception as e:  # surfaces in the copying thread, which stops the others
+                ready.put((name, e, None))
+                return
+
+    filled: dict[str, set] = defaultdict(set)
+    last = start
+    with ThreadPoolExecutor(max_workers=max(1, min(READERS, len(by_file)))) as pool:
+        for names in by_file.values():
+            pool.submit(read_file, names)
+        try:
+            for _ in range(len(plan)):
+                name, tensor, scale = ready.get()
+                if isinstance(tensor, Exception):
+                    raise tensor
+                for c in plan[name][0].copies:
+                    try:
+                        _copy(
+                            weights.params[c.param],
+                            c.dst,
+                            c.src(tensor) if c.src else tensor,
+                            scale,
+                            cfg,
+                            name,
+                        )
+                    except QuantConfigError as e:
+                        raise ModelConfigError(f"{ckpt.entries[name].file}: {e}") from None
+                    filled[c.param].update(c.pieces)
+                del tensor, scale
+                budget.release(cost[name])
+                now = time.monotonic()
+                if now - start > PROGRESS_AFTER_S and now - last > PROGRESS_EVERY_S:
+                    last = now
+                    report(f"loading weights: {100 * ckpt.bytes_read / total:.0f}% ({now - start:.0f}s)")
+        finally:
+            stop.set()
+            budget.wake()
+    return filled
+
+
+def _host_bytes(ckpt: Checkpoint, name: str, scale: str | None) -> int:
+    """Host memory a tensor (and its scale) takes between its read and its copy."""
+    return ckpt.entries[name].nbytes + (ckpt.entries[scale].nbytes if scale is not None else 0)
+
+
+class _Budget:
+    """Bytes that may be in flight between the readers and the copying thread."""
+
+    def __init__(self, cap: int):
+        self.cap, self.used = cap, 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event) -> None:
+        with self._cond:
+            while self.used and self.used + n > self.cap and not stop.is_set():
+                self._cond.wait()
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+def _copy(
+    param: nn.Parameter, view, tensor: torch.Tensor, scale: torch.Tensor | None, cfg: ModelConfig, source: str
+) -> None:
+    dst = view(param.data) if view is not None else param.data
+    if tuple(dst.shape) != tuple(tensor.shape):
+        raise ModelConfigError(
+            f"checkpoint tensor {source} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)} "
+            "from config.json"
+        )
+    if scale is not None:
+        cfg.quant.dequantize_into(dst, tensor, scale, source)  # type: ignore[union-attr]
+    else:
+        dst.copy_(tensor)

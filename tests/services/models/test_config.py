@@ -86,7 +86,25 @@ def test_qwen3_layers_and_gqa_shape():
     [
         ({"architectures": ["LlamaForCausalLM"]}, "unsupported architecture ['LlamaForCausalLM'] in field"),
         ({"hidden_size": None}, "missing required field 'hidden_size'"),
-        ({"quantization_config": {"quant_method": "fp8"}}, "quantized checkpoints ('fp8')"),
+        (
+            {"quantization_config": {"quant_method": "awq", "bits": 4}},
+            "quantization_config.quant_method='awq'",
+        ),
+        ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config.weight_block_size=None"),
+        (
+            {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128], "fmt": "e5m2"}},
+            "quantization_config.fmt='e5m2'",
+        ),
+        (
+            {
+                "quantization_config": {
+                    "quant_method": "fp8",
+                    "weight_block_size": [128, 128],
+                    "activation_scheme": "static",
+                }
+            },
+            "quantization_config.activation_scheme='static'",
+        ),
         ({"rope_scaling": {"type": "longrope"}}, "unsupported rope type 'longrope'"),
         ({"scoring_func": "softmax"}, "scoring_func='softmax'"),
         ({"n_group": 3}, "not divisible by n_group=3"),

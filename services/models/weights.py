@@ -1,0 +1,107 @@
+"""Which parameter each checkpoint tensor fills, decided from the tensor's name alone.
+
+Parameter names follow the Hugging Face checkpoints, except that routed experts are stacked per
+layer (`experts.w13` = gate and up, `experts.w2` = down) over this rank's expert slots. A
+checkpoint stores experts one by one (`experts.E.gate_proj.weight`, as the official releases do)
+or fused (`experts.gate_up_proj`, as `transformers` keeps them in memory); both map onto the
+stacked slots, each expert into every local slot that replicates it. Because the route is known
+from the name, a rank never reads another rank's experts. Tensors of multi-token-prediction
+layers (past `num_hidden_layers`) are skipped; a name that matches nothing is an error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from services.models.config import ModelConfig
+
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+View = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Fill `dst(parameter)` with `src(tensor)`; `pieces` names the parts of the parameter it fills."""
+
+    param: str
+    dst: View | None = None
+    src: View | None = None
+    pieces: tuple = (None,)
+
+
+@dataclass(frozen=True)
+class Route:
+    """What loading does with one checkpoint tensor: copy it, or skip it without reading (and why)."""
+
+    copies: tuple[Copy, ...] = ()
+    skip: str = ""
+    """"mtp" (a multi-token-prediction layer), "other rank" (experts this rank does not hold),
+    "derived" (recomputed at load, e.g. rotary frequencies); empty when the tensor is read."""
+
+
+class WeightMap:
+    """Routes for one model's parameters (this rank's expert slots included)."""
+
+    def __init__(self, model: nn.Module, cfg: ModelConfig, local_slots: Callable[[int, int], list[int]]):
+        """`local_slots(moe_index, expert)`: this rank's slots holding replicas of `expert`."""
+        self.cfg = cfg
+        self.params = dict(model.named_parameters())
+        self.local_slots = local_slots
+
+    def route(self, name: str) -> Route | None:
+        """Where checkpoint tensor `name` goes; None when no parameter takes it."""
+        layer = _LAYER.match(name)
+        if layer and int(layer.group(1)) >= self.cfg.num_layers:
+            return Route(skip="mtp")
+        if name.endswith("rotary_emb.inv_freq"):
+            return Route(skip="derived")
+        if m := _EXPERT.match(name):
+            return self._expert(m.group(1), int(m.group(2)), m.group(3))
+        if m := _FUSED.match(name):
+            return self._fused(m.group(1), m.group(2))
+        if name in self.params:
+            return Route((Copy(name),))
+        return None
+
+    def expected_pieces(self, param: str) -> set:
+        """The pieces that must be filled for `param` to count as loaded."""
+        if param.endswith(".experts.w13"):
+            return {(s, half) for s in range(self.params[param].shape[0]) for half in (0, 1)}
+        if param.endswith(".experts.w2"):
+            return {(s, 0) for s in range(self.params[param].shape[0])}
+        return {None}
+
+    def _slots(self, prefix: str, expert: int) -> list[int]:
+        return self.local_slots(self.cfg.moe_layers.index(int(prefix.split(".")[2])), expert)
+
+    def _expert(self, prefix: str, expert: int, proj: str) -> Route:
+        slots = self._slots(prefix, expert)
+        if not slots:
+            return Route(skip="other rank")
+        inter = self.cfg.moe_intermediate_size
+        if proj == "down_proj":
+            target, rows, half = f"{prefix}.w2", slice(None), 0
+        else:
+            half = 0 if proj == "gate_proj" else 1
+            target, rows = f"{prefix}.w13", slice(half * inter, (half + 1) * inter)
+        return Route(tuple(Copy(target, dst=lambda p, s=s: p[s, rows], pieces=((s, half),)) for s in slots))
+
+    def _fused(self, prefix: str, kind: str) -> Route:
+        target = f"{prefix}.w13" if kind == "gate_up_proj" else f"{prefix}.w2"
+        halves = (0, 1) if kind == "gate_up_proj" else (0,)
+        copies = tuple(
+            Copy(
+                target, dst=lambda p, s=s: p[s], src=lambda t, e=e: t[e], pieces=tuple((s, h) for h in halves)
+            )
+            for e in range(self.cfg.num_experts)
+            for s in self._slots(prefix, e)
+        )
+        return Route(copies)
