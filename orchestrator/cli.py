@@ -9,7 +9,12 @@ from __future__ import annotations
 import os
 import sys
 
-WORKER_COMMANDS = {"make-tiny-model": "services.cli", "generate": "services.cli", "worker": "services.worker"}
+WORKER_COMMANDS = {
+    "make-tiny-model": "services.cli",
+    "generate": "services.cli",
+    "inspect-model": "services.cli",
+    "worker": "services.worker",
+}
 
 USAGE = """usage: moeserve COMMAND [ARGS]
 
@@ -19,6 +24,8 @@ commands:
   worker --role prefill|decode --model DIR         a worker (SGLang scheduler gRPC + KV hand-off)
   make-tiny-model DIR --arch deepseek_v3|qwen3_moe write a tiny random checkpoint with a tokenizer
   generate [--model DIR] --prompt TEXT              offline generation with the reference engine
+  inspect-model DIR [--ep W] [--kv-tokens N] [--device-memory 80GiB] [--output json]
+                                                   parameters, and the bytes one rank of EP W holds
 
 `moeserve COMMAND --help` shows each command's options.
 """

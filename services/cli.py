@@ -2,6 +2,7 @@
 
 make-tiny-model DIR --arch deepseek_v3|qwen3_moe   write a tiny random checkpoint + tokenizer
 generate [--model DIR] --prompt TEXT                offline chat generation with the engine
+inspect-model DIR [--ep W] [--kv-tokens N]          sizes, and what one rank of EP W must hold
 """
 
 from __future__ import annotations
@@ -66,6 +67,53 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gb(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:,.2f} B" if n >= 1e9 else f"{n / 1e6:,.2f} M"
+
+
+def cmd_inspect_model(args: argparse.Namespace) -> int:
+    import json
+
+    from services.models.inspect import parse_bytes, report
+
+    memory = parse_bytes(args.device_memory) if args.device_memory else None
+    r = report(Path(args.dir), args.ep, args.dtype, args.kv_tokens, memory, args.ep_slots)
+    if args.output == "json":
+        print(json.dumps(r, indent=2))
+        return 0
+    rank = r["rank"]
+    lines = [
+        f"model:        {r['model']} ({r['architecture']}, {r['layers']} layers, {r['moe_layers']} MoE)",
+        f"experts:      {r['experts']} routed, {r['experts_per_token']} per token",
+        f"parameters:   {_count(r['total_params'])} total, {_count(r['active_params'])} active per token "
+        f"({_count(r['routed_params'])} in routed experts)",
+        f"checkpoint:   {_gb(r['checkpoint_bytes'])} on disk"
+        + (f", {r['quantization']}" if r["quantization"] else "")
+        + (f", {r['mtp_layers']} MTP layer(s) not served" if r["mtp_layers"] else ""),
+        f"KV cache:     {r['kv_bytes_per_token']:,} bytes per token ({args.dtype})",
+        f"one rank of EP{rank['ep']} ({args.dtype}, {rank['slots_per_rank']} expert slots, "
+        f"{args.kv_tokens:,} KV tokens):",
+        f"  dense       {_gb(rank['dense_bytes'])}",
+        f"  experts     {_gb(rank['expert_bytes'])}",
+        f"  KV cache    {_gb(rank['kv_bytes'])}",
+        f"  total       {_gb(rank['total_bytes'])}",
+    ]
+    if memory is not None:
+        fits = "fits" if r["fits"] else "does NOT fit"
+        smallest = r["smallest_ep_that_fits"]
+        lines.append(
+            f"device:       {_gb(memory)}: EP{rank['ep']} {fits}; smallest EP that fits: {smallest or 'none'}"
+        )
+    print("\n".join(lines))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("inspect-model", help="sizes of a model, and what one rank of an EP group holds")
+    p.add_argument("dir")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel width of the group")
+    p.add_argument(
+        "--ep-slots", type=int, default=0, help="expert slots over the group (default: one per expert)"
+    )
+    p.add_argument("--kv-tokens", type=int, default=0, help="KV cache tokens each rank holds")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--device-memory", help="memory of one device, e.g. 80GiB: does a rank fit")
+    p.add_argument("--output", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_inspect_model)
     return parser
 
 

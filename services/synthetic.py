@@ -184,12 +184,10 @@ def checkpoint_names(config: dict[str, Any]) -> Iterator[tuple[str, tuple[int, .
     """(name, shape) of every tensor of a checkpoint for `config`, experts one by one as released."""
     from services.ep import ExpertParallel
     from services.models.config import ModelConfig
-    from services.models.loader import MODEL_CLASSES
+    from services.models.loader import build_on_meta
 
     cfg = ModelConfig.from_dict(config)
-    par = ExpertParallel.single(len(cfg.moe_layers), cfg.num_experts)
-    with torch.device("meta"):
-        model = MODEL_CLASSES[cfg.family](cfg, par)
+    model = build_on_meta(cfg, ExpertParallel.single(len(cfg.moe_layers), cfg.num_experts))
     inter = cfg.moe_intermediate_size
     for name, p in model.named_parameters():
         prefix, _, last = name.rpartition(".")

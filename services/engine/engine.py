@@ -85,16 +85,18 @@ class Engine(KVHandoffHooks):
         cls,
         model_dir: str | Path,
         parallel: Callable[[ModelConfig], ExpertParallel] | None = None,
+        report: Callable[[str], None] | None = None,
         **options: object,
     ) -> Engine:
         """Load `model_dir` (config.json, safetensors, tokenizer) with `EngineConfig` options.
 
-        `parallel(model_config)` makes this engine one rank of an expert-parallel group.
+        `parallel(model_config)` makes this engine one rank of an expert-parallel group;
+        `report(line)` receives the progress of a long weight load.
         """
         config = EngineConfig.from_options(**options)
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        model, model_config = load_model(model_dir, config.torch_dtype, config.device, parallel)
+        model, model_config = load_model(model_dir, config.torch_dtype, config.device, parallel, report)
         return cls(model, model_config, config)
 
     # -- request API ---------------------------------------------------------------------------

@@ -83,12 +83,3 @@ class ExpertParallel:
     @property
     def first_local_slot(self) -> int:
         return self.rank * self.placement.slots_per_rank
-
-    def local_slots_of(self, moe_layer: int, expert: int) -> list[int]:
-        """Local slot indices (0-based on this rank) holding replicas of `expert` in `moe_layer`."""
-        spr = self.placement.slots_per_rank
-        return [
-            s - self.first_local_slot
-            for s in self.placement.log_to_phys[moe_layer, expert].tolist()
-            if self.first_local_slot <= s < self.first_local_slot + spr
-        ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -12,6 +13,9 @@ from services.models.attention import AttnBatch
 from services.models.config import ModelConfig
 from services.models.layers import DenseMLP, RMSNorm, RotaryEmbedding
 from services.models.moe import MoEBlock
+
+if TYPE_CHECKING:
+    from services.models.loader import LoadReport
 
 AttentionFactory = Callable[[ModelConfig, int], nn.Module]
 
@@ -58,6 +62,9 @@ class MoECausalLM(nn.Module):
     Parameter names follow the Hugging Face checkpoints, except that routed experts are stacked
     per layer (`experts.w13`, `experts.w2`); `weights.WeightMap` maps checkpoints onto them.
     """
+
+    load_report: LoadReport | None = None
+    """What the loader read and skipped (set by `load_model`)."""
 
     def __init__(self, cfg: ModelConfig, attention: AttentionFactory, parallel: ExpertParallel | None = None):
         super().__init__()

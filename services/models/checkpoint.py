@@ -9,6 +9,7 @@ only its share.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -132,24 +133,45 @@ class Checkpoint:
         buf: bytearray | mmap.mmap = (
             mmap.mmap(-1, e.nbytes) if e.nbytes >= MMAP_FROM_BYTES else bytearray(e.nbytes)
         )
-        fd = self._fd(e.file)
         with memoryview(buf) as view:
-            done = 0
-            while done < e.nbytes:
-                n = os.preadv(fd, [view[done:]], e.start + done)
-                if n <= 0:
-                    raise ModelConfigError(f"{e.file} ends inside tensor {name} (truncated shard?)")
-                done += n
-        with self._lock:
-            self.bytes_read += e.nbytes
+            self._pread(e, view)
         if e.nbytes == 0:
             return torch.empty(e.shape, dtype=e.dtype)
         return torch.frombuffer(buf, dtype=torch.uint8).view(e.dtype).reshape(e.shape)
 
+    def read_into(self, name: str, dst: torch.Tensor) -> None:
+        """Read tensor `name` straight into `dst`: CPU, contiguous, of its stored dtype and shape."""
+        e = self.entries[name]
+        if (
+            dst.device.type != "cpu"
+            or not dst.is_contiguous()
+            or dst.dtype != e.dtype
+            or tuple(dst.shape) != e.shape
+        ):
+            raise ValueError(
+                f"cannot read {name} ({e.dtype}, {list(e.shape)}) into {dst.dtype} {list(dst.shape)}"
+            )
+        if e.nbytes:
+            with memoryview((ctypes.c_char * e.nbytes).from_address(dst.data_ptr())).cast("B") as view:
+                self._pread(e, view)
+
+    def _pread(self, e: TensorEntry, view: memoryview) -> None:
+        fd = self._fd(e.file)
+        done = 0
+        while done < e.nbytes:
+            n = os.preadv(fd, [view[done:]], e.start + done)
+            if n <= 0:
+                raise ModelConfigError(f"{e.file} ends inside tensor {e.name} (truncated shard?)")
+            done += n
+        with self._lock:
+            self.bytes_read += e.nbytes
+
     def _fd(self, path: Path) -> int:
         with self._lock:
             if path not in self._fds:
-                self._fds[path] = os.open(path, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger readahead window
+                self._fds[path] = fd
             return self._fds[path]
 
     def close(self) -> None:

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
+import os
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,19 +34,20 @@ from services.models.config import ModelConfig, ModelConfigError
 from services.models.deepseek_v3 import DeepseekV3ForCausalLM
 from services.models.quant import SCALE_SUFFIX, QuantConfigError
 from services.models.qwen3_moe import Qwen3MoeForCausalLM
-from services.models.weights import Route, WeightMap
+from services.models.weights import Copy, Route, WeightMap
 
 MODEL_CLASSES: dict[str, type[MoECausalLM]] = {
     "deepseek_v3": DeepseekV3ForCausalLM,
     "qwen3_moe": Qwen3MoeForCausalLM,
 }
-READERS = 4
-"""Threads reading shards at once (reads release the GIL; so does dequantization)."""
+READERS = min(8, max(2, len(os.sched_getaffinity(0))))
+"""Threads reading shards at once, one per CPU this process may use (2 to 8): reads and copies
+release the GIL, and more threads than CPUs only contend (measured in bench/load.py)."""
 IN_FLIGHT_SHARE = 0.1
 """Host memory for tensors read but not yet copied: this share of the weights being loaded (at
 least the largest tensor), so a load peaks at about 1.1x its final weights."""
 PROGRESS_AFTER_S = 3.0
-"""Loads longer than this report progress, every PROGRESS_EVERY_S."""
+"""Loads longer than this report progress, about every PROGRESS_EVERY_S."""
 PROGRESS_EVERY_S = 5.0
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -105,13 +106,16 @@ def load_model(
         parallel(cfg) if parallel is not None else ExpertParallel.single(len(cfg.moe_layers), cfg.num_experts)
     )
     with Checkpoint(model_dir) as ckpt:
-        with torch.device("meta"), _no_init():  # parameters only: the placement above is real
-            model = MODEL_CLASSES[cfg.family](cfg, par)
+        model = build_on_meta(cfg, par)
         tied = cfg.tie_word_embeddings and "lm_head.weight" not in ckpt.entries
         if tied:
             model.lm_head.weight = model.model.embed_tokens.weight
         _materialize(model, dtype, torch.device(device))
-        weights = WeightMap(model, cfg, model.parallel.local_slots_of)
+        par = model.parallel
+        local = par.placement.phys_to_log[
+            :, par.first_local_slot : par.first_local_slot + par.placement.slots_per_rank
+        ]
+        weights = WeightMap(model, cfg, local)
         plan, rep = _plan(ckpt, weights, cfg, model_dir)
         rep.checkpoint_bytes = ckpt.total_bytes
         filled = _read(ckpt, plan, weights, cfg, report or log.info, start)
@@ -127,6 +131,12 @@ def load_model(
     model.eval()
     model.load_report = rep
     return model, cfg
+
+
+def build_on_meta(cfg: ModelConfig, parallel: ExpertParallel) -> MoECausalLM:
+    """The model with every parameter on the meta device (no memory, no init); `parallel` stays real."""
+    with torch.device("meta"), _no_init():
+        return MODEL_CLASSES[cfg.family](cfg, parallel)
 
 
 @contextlib.contextmanager
@@ -221,61 +231,74 @@ def _read(
     report: Callable[[str], None],
     start: float,
 ) -> dict[str, set]:
-    """Read the planned tensors on READERS threads and copy them into the parameters (this thread)."""
+    """Read the planned tensors into the parameters on READERS threads (a shard per thread at a
+    time, in file order); returns the pieces of each parameter filled."""
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in sorted(plan, key=lambda n: ckpt.entries[n].start):
         by_file[ckpt.entries[name].file].append(name)
     total = sum(ckpt.entries[n].nbytes for n in plan) or 1
     cost = {n: _host_bytes(ckpt, n, plan[n][1]) for n in plan}
     budget = _Budget(max(max(cost.values(), default=0), int(IN_FLIGHT_SHARE * sum(cost.values()))))
-    ready: queue.Queue = queue.Queue()
+    filled: dict[str, set] = defaultdict(set)
+    lock = threading.Lock()
     stop = threading.Event()
+
+    def load(name: str) -> None:
+        route, scale_name = plan[name]
+        copies = list(route.copies)
+        direct = _direct_target(weights, copies[0], ckpt.entries[name].dtype, scale_name)
+        if direct is not None:  # straight from the file into the parameter: no buffer, one copy
+            ckpt.read_into(name, direct)
+            source, scale, copies = direct, None, copies[1:]
+        else:
+            budget.acquire(cost[name], stop)
+            source = ckpt.read(name)
+            scale = ckpt.read(scale_name) if scale_name is not None else None
+        try:
+            for c in copies:
+                src = c.src(source) if c.src else source
+                _copy(weights.params[c.param], c.dst, src, scale, cfg, name)
+        except QuantConfigError as e:
+            raise ModelConfigError(f"{ckpt.entries[name].file}: {e}") from None
+        finally:
+            if direct is None:
+                del source, scale
+                budget.release(cost[name])
+        with lock:
+            for c in route.copies:
+                filled[c.param].update(c.pieces)
 
     def read_file(names: list[str]) -> None:
         for name in names:
-            budget.acquire(cost[name], stop)
             if stop.is_set():
                 return
-            try:
-                scale = plan[name][1]
-                ready.put((name, ckpt.read(name), ckpt.read(scale) if scale is not None else None))
-            except Exception as e:  # surfaces in the copying thread, which stops the others
-                ready.put((name, e, None))
-                return
+            load(name)
 
-    filled: dict[str, set] = defaultdict(set)
-    last = start
     with ThreadPoolExecutor(max_workers=max(1, min(READERS, len(by_file)))) as pool:
-        for names in by_file.values():
-            pool.submit(read_file, names)
+        pending = {pool.submit(read_file, names) for names in by_file.values()}
         try:
-            for _ in range(len(plan)):
-                name, tensor, scale = ready.get()
-                if isinstance(tensor, Exception):
-                    raise tensor
-                for c in plan[name][0].copies:
-                    try:
-                        _copy(
-                            weights.params[c.param],
-                            c.dst,
-                            c.src(tensor) if c.src else tensor,
-                            scale,
-                            cfg,
-                            name,
-                        )
-                    except QuantConfigError as e:
-                        raise ModelConfigError(f"{ckpt.entries[name].file}: {e}") from None
-                    filled[c.param].update(c.pieces)
-                del tensor, scale
-                budget.release(cost[name])
-                now = time.monotonic()
-                if now - start > PROGRESS_AFTER_S and now - last > PROGRESS_EVERY_S:
-                    last = now
-                    report(f"loading weights: {100 * ckpt.bytes_read / total:.0f}% ({now - start:.0f}s)")
+            while pending:
+                done, pending = wait(pending, timeout=PROGRESS_EVERY_S, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    f.result()  # a reader's error stops the load
+                elapsed = time.monotonic() - start
+                if pending and elapsed > PROGRESS_AFTER_S:
+                    report(f"loading weights: {100 * ckpt.bytes_read / total:.0f}% ({elapsed:.0f}s)")
         finally:
             stop.set()
             budget.wake()
     return filled
+
+
+def _direct_target(weights: WeightMap, c: Copy, dtype: torch.dtype, scale: str | None) -> torch.Tensor | None:
+    """The parameter memory a tensor can be read into as it is stored, if any (CPU, same dtype)."""
+    if scale is not None or c.src is not None:
+        return None
+    dst = weights.params[c.param].data
+    dst = c.dst(dst) if c.dst is not None else dst
+    if dst.device.type != "cpu" or dst.dtype != dtype or not dst.is_contiguous():
+        return None
+    return dst
 
 
 def _host_bytes(ckpt: Checkpoint, name: str, scale: str | None) -> int:
@@ -284,7 +307,7 @@ def _host_bytes(ckpt: Checkpoint, name: str, scale: str | None) -> int:
 
 
 class _Budget:
-    """Bytes that may be in flight between the readers and the copying thread."""
+    """Bytes of read buffers that may be held at once (reads straight into parameters hold none)."""
 
     def __init__(self, cap: int):
         self.cap, self.used = cap, 0

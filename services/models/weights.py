@@ -50,11 +50,16 @@ class Route:
 class WeightMap:
     """Routes for one model's parameters (this rank's expert slots included)."""
 
-    def __init__(self, model: nn.Module, cfg: ModelConfig, local_slots: Callable[[int, int], list[int]]):
-        """`local_slots(moe_index, expert)`: this rank's slots holding replicas of `expert`."""
+    def __init__(self, model: nn.Module, cfg: ModelConfig, local_experts: torch.Tensor):
+        """`local_experts` [moe layers, local slots]: the expert each of this rank's slots holds."""
         self.cfg = cfg
         self.params = dict(model.named_parameters())
-        self.local_slots = local_slots
+        self._slots_of: list[dict[int, list[int]]] = []
+        for row in local_experts.tolist():
+            slots: dict[int, list[int]] = {}
+            for slot, expert in enumerate(row):
+                slots.setdefault(expert, []).append(slot)
+            self._slots_of.append(slots)
 
     def route(self, name: str) -> Route | None:
         """Where checkpoint tensor `name` goes; None when no parameter takes it."""
@@ -80,7 +85,8 @@ class WeightMap:
         return {None}
 
     def _slots(self, prefix: str, expert: int) -> list[int]:
-        return self.local_slots(self.cfg.moe_layers.index(int(prefix.split(".")[2])), expert)
+        """This rank's slots that replicate `expert` in the MoE layer named by `prefix`."""
+        return self._slots_of[self.cfg.moe_layers.index(int(prefix.split(".")[2]))].get(expert, [])
 
     def _expert(self, prefix: str, expert: int, proj: str) -> Route:
         slots = self._slots(prefix, expert)

@@ -89,7 +89,13 @@ def run_rank(
             recorder = ExpertLoadRecorder(len(cfg.moe_layers), cfg.num_experts)
             return ExpertParallel(placement, rank, dispatcher, recorder, control)
 
-    engine = Engine.from_pretrained(config.model, parallel=parallel, **dataclasses.asdict(engine_config))
+    def progress(line: str) -> None:
+        if rank == config.local_ranks.start:  # one rank per node speaks for the load
+            print(f"moeserve worker: rank {rank}: {line}", file=sys.stderr, flush=True)
+
+    engine = Engine.from_pretrained(
+        config.model, parallel=parallel, report=progress, **dataclasses.asdict(engine_config)
+    )
     me = Rank(config, engine, GrpcAttachClient())
     zctx = zmq.Context()
     controller: DPController | None = None
@@ -115,7 +121,10 @@ def run_rank(
         receiver.start()
     if server is not None:
         server.start()
-    detail = f"kv={me.layout.describe()} transfer={me.transfer.session_id}/{config.transfer_protocol}"
+    detail = (
+        f"kv={me.layout.describe()} transfer={me.transfer.session_id}/{config.transfer_protocol} "
+        f"weights: {engine.model.load_report.summary()}"
+    )
     if report is not None:
         report.send(("ready", rank, detail))
     elif rank == 0:

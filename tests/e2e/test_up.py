@@ -156,3 +156,40 @@ def test_up_refuses_a_busy_port(tmp_path):
             env={**os.environ, "MOESERVE_CACHE": str(tmp_path)},
         )
     assert r.returncode == 2 and "is in use" in r.stderr
+
+
+def test_up_serves_an_fp8_checkpoint_exactly(tmp_path, fp8_dirs):
+    """`moeserve up --model DIR` on a DeepSeek-V3 FP8 checkpoint (block scales, an MTP layer):
+    the chat answer is transformers' greedy answer on the dequantized weights."""
+    fp8, dequantized = fp8_dirs["deepseek_v3"]
+    port = free_port()
+    env = {**os.environ, "MOESERVE_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [MOESERVE, "up", "--model", str(fp8), "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "stderr.txt").open("w"),
+        text=True,
+    )
+    try:
+        said = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (said and "moeserve is up" in said[-1]):
+            said.append(proc.stdout.readline())
+            assert said[-1] or proc.poll() is None, "moeserve up exited early"
+        ready = [s for s in said if s.startswith("moeserve worker ready")]
+        assert len(ready) == 2 and all("multi-token-prediction layer(s) 3 skipped" in s for s in ready), said
+        assert all("FP8 block-quantized weights dequantized" in s for s in ready)
+        url = f"http://127.0.0.1:{port}/v1"
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "Which layers does an FP8 checkpoint quantize?"}]
+        res = client.chat.completions.create(
+            model=client.models.list().data[0].id, messages=messages, max_tokens=16, temperature=0
+        )
+        assert res.choices[0].message.content == greedy_reference(dequantized, messages, 16)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
