@@ -47,6 +47,27 @@ def fp8_dirs(tmp_path_factory):
     return out
 
 
+FP8_ALIGNED = {
+    "deepseek_v3": dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=128, kv_lora_rank=128),
+    "qwen3_moe": dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=128, head_dim=32),
+}
+"""Sizes the block-scaled GEMM takes (contractions multiples of 128), so layers stay in FP8."""
+
+
+@pytest.fixture(scope="session")
+def fp8_aligned_dirs(tmp_path_factory):
+    """Per family: an FP8 checkpoint whose linear layers and experts can all be kept in FP8."""
+    from services.synthetic import write_fp8_checkpoint
+
+    root = tmp_path_factory.mktemp("fp8-aligned")
+    out = {}
+    for arch, shapes in FP8_ALIGNED.items():
+        q_lora = {"q_lora_rank": 128} if arch == "deepseek_v3" else {}
+        src = make_tiny_model(root / f"{arch}-src", arch, seed=3, overrides=shapes, **q_lora)
+        out[arch] = write_fp8_checkpoint(src, root / f"{arch}-fp8")
+    return out
+
+
 @pytest.fixture(scope="session", params=list(MODELS))
 def model_dir(request, model_dirs):
     return model_dirs[request.param]

@@ -37,10 +37,15 @@ class EngineConfig:
     """Seeds the generators of sampling requests that bring no seed of their own."""
     num_threads: int | None = None
     """torch intra-op threads for this process; None leaves torch's setting alone."""
+    fp8: str = "auto"
+    """FP8 block-quantized checkpoints: keep (weights stay FP8, block-scaled GEMMs), dequantize
+    (to `dtype` at load), auto (keep where the device has a native FP8 GEMM: CUDA, compute 9.0+)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise EngineConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.fp8 not in ("auto", "keep", "dequantize"):
+            raise EngineConfigError(f"fp8 must be auto, keep or dequantize, got {self.fp8!r}")
         for name in ("page_size", "max_num_seqs", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise EngineConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

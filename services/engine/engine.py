@@ -96,7 +96,9 @@ class Engine(KVHandoffHooks):
         config = EngineConfig.from_options(**options)
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        model, model_config = load_model(model_dir, config.torch_dtype, config.device, parallel, report)
+        model, model_config = load_model(
+            model_dir, config.torch_dtype, config.device, parallel, report, fp8=config.fp8
+        )
         return cls(model, model_config, config)
 
     # -- request API ---------------------------------------------------------------------------

@@ -20,6 +20,9 @@ from services.models.layers import RMSNorm, apply_rotary, yarn_softmax_scale
 class MLAttention(nn.Module):
     """Multi-head latent attention: caches the compressed latent + rope key, absorbed for decode."""
 
+    dequantized = ("kv_b_proj",)
+    """Read as a raw matrix for the absorbed decode: never kept in FP8."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.h = cfg.num_heads

@@ -28,10 +28,12 @@ import torch
 from torch import nn
 
 from services.ep import ExpertParallel
+from services.models import fp8 as fp8_gemm
 from services.models.base import MoECausalLM
 from services.models.checkpoint import Checkpoint
 from services.models.config import ModelConfig, ModelConfigError
 from services.models.deepseek_v3 import DeepseekV3ForCausalLM
+from services.models.moe import RoutedExperts
 from services.models.quant import SCALE_SUFFIX, QuantConfigError
 from services.models.qwen3_moe import Qwen3MoeForCausalLM
 from services.models.weights import Copy, Route, WeightMap
@@ -40,6 +42,7 @@ MODEL_CLASSES: dict[str, type[MoECausalLM]] = {
     "deepseek_v3": DeepseekV3ForCausalLM,
     "qwen3_moe": Qwen3MoeForCausalLM,
 }
+FP8_MODES = ("auto", "keep", "dequantize")
 READERS = min(8, max(2, len(os.sched_getaffinity(0))))
 """Threads reading shards at once, one per CPU this process may use (2 to 8): reads and copies
 release the GIL, and more threads than CPUs only contend (measured in bench/load.py)."""
@@ -63,6 +66,10 @@ class LoadReport:
     tensors_read: int = 0
     quantized_tensors: int = 0
     """FP8 weights dequantized at load."""
+    fp8_kept: int = 0
+    """FP8 weights held in FP8 with their block scales."""
+    fp8_kernel: str = ""
+    """What runs the GEMMs of the weights kept in FP8."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Tensors not read, by reason ("mtp", "other rank", "derived")."""
     mtp_layers: tuple[int, ...] = ()
@@ -74,6 +81,8 @@ class LoadReport:
         parts = [f"read {_size(self.bytes_read)} of {_size(self.checkpoint_bytes)} in {self.seconds:.1f}s"]
         if self.quantized_tensors:
             parts.append(f"{self.quantized_tensors} FP8 block-quantized weights dequantized")
+        if self.fp8_kept:
+            parts.append(f"{self.fp8_kept} weights kept in FP8 ({self.fp8_kernel})")
         if self.skipped.get("other rank"):
             parts.append(f"{self.skipped['other rank']} expert tensors of other ranks not read")
         if self.mtp_layers:
@@ -92,13 +101,19 @@ def load_model(
     device: str | torch.device = "cpu",
     parallel: Callable[[ModelConfig], ExpertParallel] | None = None,
     report: Callable[[str], None] | None = None,
+    fp8: str = "auto",
 ) -> tuple[MoECausalLM, ModelConfig]:
     """Build the model for `model_dir` and load this rank's weights; errors name the file and problem.
 
     `parallel(config)` gives this rank's expert-parallel view (default: one rank, all experts).
     `report(line)` receives progress lines of a long load (default: the `moeserve.loader` log).
-    The model's `load_report` says what was read and skipped.
+    `fp8` (FP8 block-quantized checkpoints): "keep" holds the weights in FP8 and runs
+    block-scaled GEMMs (cuBLAS where the device has them, a reference elsewhere), "dequantize"
+    converts them to `dtype` at load, "auto" keeps them where the GEMM is native.
+    The model's `load_report` says what was read, kept and skipped.
     """
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"fp8 must be one of {', '.join(FP8_MODES)}, got {fp8!r}")
     start = time.monotonic()
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
@@ -107,6 +122,13 @@ def load_model(
     )
     with Checkpoint(model_dir) as ckpt:
         model = build_on_meta(cfg, par)
+        native = fp8_gemm.native_supported(torch.device(device))
+        kernel = ""
+        if cfg.quant is not None and (fp8 == "keep" or (fp8 == "auto" and native)):
+            _keep_fp8(model, ckpt, cfg, native)
+            kernel = (
+                "cuBLAS block-scaled GEMM" if native else f"reference GEMM: no native FP8 GEMM on {device}"
+            )
         tied = cfg.tie_word_embeddings and "lm_head.weight" not in ckpt.entries
         if tied:
             model.lm_head.weight = model.model.embed_tokens.weight
@@ -117,7 +139,7 @@ def load_model(
         ]
         weights = WeightMap(model, cfg, local)
         plan, rep = _plan(ckpt, weights, cfg, model_dir)
-        rep.checkpoint_bytes = ckpt.total_bytes
+        rep.checkpoint_bytes, rep.fp8_kernel = ckpt.total_bytes, kernel
         filled = _read(ckpt, plan, weights, cfg, report or log.info, start)
         rep.bytes_read, rep.tensors_read = ckpt.bytes_read, len(plan)
     missing = sorted(p for p in weights.params if filled[p] != weights.expected_pieces(p))
@@ -139,6 +161,30 @@ def build_on_meta(cfg: ModelConfig, parallel: ExpertParallel) -> MoECausalLM:
         return MODEL_CLASSES[cfg.family](cfg, parallel)
 
 
+def _keep_fp8(model: MoECausalLM, ckpt: Checkpoint, cfg: ModelConfig, native: bool) -> None:
+    """Swap in FP8 layers (on meta) where the checkpoint holds block-quantized weights the GEMM
+    takes: linear layers whose weight has a scale beside it (bar those a module reads raw, such
+    as MLA's absorbed `kv_b_proj`), and routed experts with 128-aligned sizes."""
+    aligned = cfg.hidden_size % fp8_gemm.BLOCK == 0 and cfg.moe_intermediate_size % fp8_gemm.BLOCK == 0
+    with torch.device("meta"):
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                full = f"{name}.{child_name}" if name else child_name
+                if isinstance(child, nn.Linear):
+                    quantized = f"{full}.weight{SCALE_SUFFIX}" in ckpt.entries
+                    raw = child_name in getattr(module, "dequantized", ())
+                    if quantized and not raw and fp8_gemm.eligible(child.out_features, child.in_features):
+                        layer = fp8_gemm.Fp8Linear.like(child)
+                        layer.native = native
+                        setattr(module, child_name, layer)
+                elif (
+                    isinstance(child, RoutedExperts)
+                    and aligned
+                    and f"{full}.0.down_proj.weight{SCALE_SUFFIX}" in ckpt.entries
+                ):
+                    child.keep_fp8(native)
+
+
 @contextlib.contextmanager
 def _no_init() -> Iterator[None]:
     """Skip `torch.nn.init` while building on meta: every value comes from the checkpoint, and
@@ -158,7 +204,8 @@ def _no_init() -> Iterator[None]:
 def _materialize(model: MoECausalLM, dtype: torch.dtype, device: torch.device) -> None:
     """Allocate every parameter once, on `device` in its final dtype; move buffers (made on the CPU).
 
-    Routers stay fp32 (declared so; DeepSeek routes in fp32); everything else takes `dtype`.
+    Routers stay fp32 (declared so; DeepSeek routes in fp32), weights kept in FP8 and their block
+    scales keep their dtypes; everything else takes `dtype`.
     """
     made: dict[int, nn.Parameter] = {}
     for module_name, module in model.named_modules():
@@ -167,7 +214,8 @@ def _materialize(model: MoECausalLM, dtype: torch.dtype, device: torch.device) -
                 continue
             if id(p) not in made:  # tied parameters are allocated once
                 full = f"{module_name}.{pname}"
-                final = p.dtype if ".gate." in full else dtype
+                keep = ".gate." in full or p.dtype in FP8_DTYPES or pname.endswith(SCALE_SUFFIX)
+                final = p.dtype if keep else dtype
                 made[id(p)] = nn.Parameter(
                     torch.empty(p.shape, dtype=final, device=device), requires_grad=False
                 )
@@ -191,11 +239,18 @@ def _plan(
     mtp: set[int] = set()
     for name, entry in ckpt.entries.items():
         if name.endswith(SCALE_SUFFIX):
-            if name.removesuffix(SCALE_SUFFIX) not in ckpt.entries:
-                raise ModelConfigError(
-                    f"{entry.file}: {name} has no weight {name.removesuffix(SCALE_SUFFIX)}"
-                )
-            continue  # read with its weight
+            weight = name.removesuffix(SCALE_SUFFIX)
+            if weight not in ckpt.entries:
+                raise ModelConfigError(f"{entry.file}: {name} has no weight {weight}")
+            held = weights.route(weight)
+            if held is None or held.skip or not weights.keeps_fp8(held):
+                continue  # read with its weight to dequantize it, or not at all
+            route = weights.route(name)
+            if route is None:
+                raise ModelConfigError(f"{entry.file}: no parameter takes {name}, the scale of {weight}")
+            if not route.skip:
+                plan[name] = (route, None)
+            continue
         route = weights.route(name)
         if route is None:
             unknown.append(name)
@@ -212,8 +267,10 @@ def _plan(
             )
         if scale is None and entry.dtype in FP8_DTYPES:
             raise ModelConfigError(f"{entry.file}: {name} is {entry.dtype} without a {name}{SCALE_SUFFIX}")
-        plan[name] = (route, scale)
-        rep.quantized_tensors += scale is not None
+        kept = weights.keeps_fp8(route)
+        plan[name] = (route, None if kept else scale)
+        rep.fp8_kept += kept
+        rep.quantized_tensors += scale is not None and not kept
     if unknown:
         shown = ", ".join(sorted(unknown)[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise ModelConfigError(

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.ep import ExpertParallel
+from services.models import fp8
 from services.models.config import ModelConfig
 from services.models.layers import DenseMLP
 
@@ -88,6 +89,22 @@ class RoutedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
         self.use_grouped_mm: bool | None = None
         """None: decide from the device on first use."""
+        self.fp8_native: bool | None = None
+        """Set by `keep_fp8`: FP8 weights with block scales, cuBLAS (True) or reference (False) GEMMs."""
+
+    def keep_fp8(self, native: bool) -> None:
+        """Hold the weights in FP8 with their 128x128 block scales (`w13_scale_inv`, `w2_scale_inv`).
+
+        Each expert then runs as two block-scaled GEMMs, one expert at a time (a grouped
+        block-scaled GEMM is not used yet, so these layers read their group sizes on the host).
+        """
+        s, two_i, d = self.w13.shape
+        self.w13 = nn.Parameter(torch.empty(s, two_i, d, dtype=fp8.FP8), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(s, d, two_i // 2, dtype=fp8.FP8), requires_grad=False)
+        self.w13_scale_inv = nn.Parameter(torch.empty(s, -(-two_i // fp8.BLOCK), -(-d // fp8.BLOCK)))
+        self.w2_scale_inv = nn.Parameter(torch.empty(s, -(-d // fp8.BLOCK), -(-two_i // 2 // fp8.BLOCK)))
+        self.fp8_native = native
+        self.use_grouped_mm = False
 
     def forward(
         self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, all_local: bool = False
@@ -145,10 +162,19 @@ class RoutedExperts(nn.Module):
         start = 0
         for expert, n in enumerate(counts):
             if n:
-                gate, up = F.linear(xs[start : start + n], self.w13[expert]).chunk(2, dim=-1)
-                y[start : start + n] = F.linear(F.silu(gate) * up, self.w2[expert])
+                y[start : start + n] = self._expert(expert, xs[start : start + n])
                 start += n
         return y
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert's SwiGLU on its rows x [n, D] -> [n, D]."""
+        if self.fp8_native is None:
+            gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)
+            return F.linear(F.silu(gate) * up, self.w2[e])
+        gate, up = fp8.block_scaled_mm(x, self.w13[e], self.w13_scale_inv[e], self.fp8_native).chunk(
+            2, dim=-1
+        )
+        return fp8.block_scaled_mm(F.silu(gate) * up, self.w2[e], self.w2_scale_inv[e], self.fp8_native)
 
 
 class MoEBlock(nn.Module):

@@ -20,7 +20,9 @@ from torch import nn
 
 from services.models.config import ModelConfig
 
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(
+    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight(_scale_inv)?$"
+)
 _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -69,7 +71,9 @@ class WeightMap:
         if name.endswith("rotary_emb.inv_freq"):
             return Route(skip="derived")
         if m := _EXPERT.match(name):
-            return self._expert(m.group(1), int(m.group(2)), m.group(3))
+            if m.group(4) and f"{m.group(1)}.w2_scale_inv" not in self.params:
+                return None  # a block scale of experts held dequantized: read with its weight
+            return self._expert(m.group(1), int(m.group(2)), m.group(3), m.group(4) or "")
         if m := _FUSED.match(name):
             return self._fused(m.group(1), m.group(2))
         if name in self.params:
@@ -78,26 +82,31 @@ class WeightMap:
 
     def expected_pieces(self, param: str) -> set:
         """The pieces that must be filled for `param` to count as loaded."""
-        if param.endswith(".experts.w13"):
+        if param.endswith((".experts.w13", ".experts.w13_scale_inv")):
             return {(s, half) for s in range(self.params[param].shape[0]) for half in (0, 1)}
-        if param.endswith(".experts.w2"):
+        if param.endswith((".experts.w2", ".experts.w2_scale_inv")):
             return {(s, 0) for s in range(self.params[param].shape[0])}
         return {None}
+
+    def keeps_fp8(self, route: Route) -> bool:
+        """The tensor lands in FP8 parameters (kept quantized; its block scale loads on its own)."""
+        return any(self.params[c.param].dtype == torch.float8_e4m3fn for c in route.copies)
 
     def _slots(self, prefix: str, expert: int) -> list[int]:
         """This rank's slots that replicate `expert` in the MoE layer named by `prefix`."""
         return self._slots_of[self.cfg.moe_layers.index(int(prefix.split(".")[2]))].get(expert, [])
 
-    def _expert(self, prefix: str, expert: int, proj: str) -> Route:
+    def _expert(self, prefix: str, expert: int, proj: str, suffix: str) -> Route:
+        """`suffix` "_scale_inv": the block scales of an expert kept in FP8 (rows in 128-blocks)."""
         slots = self._slots(prefix, expert)
         if not slots:
             return Route(skip="other rank")
-        inter = self.cfg.moe_intermediate_size
+        inter = self.cfg.moe_intermediate_size // (128 if suffix else 1)
         if proj == "down_proj":
-            target, rows, half = f"{prefix}.w2", slice(None), 0
+            target, rows, half = f"{prefix}.w2{suffix}", slice(None), 0
         else:
             half = 0 if proj == "gate_proj" else 1
-            target, rows = f"{prefix}.w13", slice(half * inter, (half + 1) * inter)
+            target, rows = f"{prefix}.w13{suffix}", slice(half * inter, (half + 1) * inter)
         return Route(tuple(Copy(target, dst=lambda p, s=s: p[s, rows], pieces=((s, half),)) for s in slots))
 
     def _fused(self, prefix: str, kind: str) -> Route:

@@ -57,6 +57,13 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
         "--dtype", default=None, help="float32|bfloat16|float16 (default: bfloat16 on CUDA, else float32)"
     )
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--fp8",
+        choices=["auto", "keep", "dequantize"],
+        default="auto",
+        help="FP8 checkpoints: keep weights in FP8 (block-scaled GEMMs), dequantize at load, or auto "
+        "(keep where the device has a native FP8 GEMM)",
+    )
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--kv-pool-tokens", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=64)
@@ -67,6 +74,7 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
     engine = EngineConfig(
         dtype=a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"),
         device=a.device,
+        fp8=a.fp8,
         page_size=a.page_size,
         kv_pool_tokens=a.kv_pool_tokens,
         max_num_seqs=a.max_num_seqs,

@@ -24,17 +24,27 @@ def oracle(model_dir):
     return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def run_prefill(model, cfg, ids: list[int], chunk: int, page_size: int = 4) -> torch.Tensor:
+def run_prefill(
+    model, cfg, ids: list[int], chunk: int, page_size: int = 4, device: str = "cpu"
+) -> torch.Tensor:
     """Logits of every prompt position, computed chunk by chunk through the paged cache."""
     n = len(ids)
     pages = list(range(-(-n // page_size)))[::-1]  # deliberately non-contiguous page order
-    caches = [torch.zeros(len(pages) * page_size, *cfg.kv_entry_shape) for _ in range(cfg.num_layers)]
+    dtype = model.lm_head.weight.dtype
+    caches = [
+        torch.zeros(len(pages) * page_size, *cfg.kv_entry_shape, dtype=dtype, device=device)
+        for _ in range(cfg.num_layers)
+    ]
     out = []
     with torch.inference_mode():
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
-            batch = AttnBatch.build([end - start], [end], [pages], page_size)
-            hidden = model(torch.tensor(ids[start:end]), torch.arange(start, end), batch, caches)
+            batch = AttnBatch.build([end - start], [end], [pages], page_size, device)
+            tokens, positions = (
+                torch.tensor(ids[start:end], device=device),
+                torch.arange(start, end, device=device),
+            )
+            hidden = model(tokens, positions, batch, caches)
             out.append(model.logits(hidden))
     return torch.cat(out)
 
