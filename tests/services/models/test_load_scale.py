@@ -4,6 +4,7 @@ only, and its memory peaks close to its final weights."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,18 @@ def test_each_ep4_rank_reads_its_share_and_peaks_near_its_weights(big_dir):
         assert r["read"] <= allowed, (rank, r["read"], allowed)
         assert r["read"] >= (experts / 4 + (total - experts)) * 0.99  # and it did read all of that
         assert r["growth"] <= 1.3 * r["weights"], (rank, r)
+
+
+def test_a_long_load_reports_its_progress_in_a_few_lines(big_dir, monkeypatch):
+    import services.models.loader as loader
+
+    monkeypatch.setattr(loader, "PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr(loader, "PROGRESS_EVERY_S", 0.02)
+    lines: list[str] = []
+    start = time.monotonic()
+    load_model(big_dir, dtype=torch.bfloat16, report=lines.append)
+    elapsed = time.monotonic() - start
+    assert lines and all(re.fullmatch(r"loading weights: \d+% \(\d+s\)", line) for line in lines), lines
+    percents = [int(line.split()[2].rstrip("%")) for line in lines]
+    assert percents == sorted(percents) and percents[-1] <= 100
+    assert len(lines) <= elapsed / 0.02 + 2  # one line per period, not one per tensor
