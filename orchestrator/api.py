@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models, /health, /ready.
+"""The OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models, /health, /ready
+(and the admin API, `admin.py`).
 
 Routes only; a completion request goes parse → admit → generate → text → respond:
 `parsing`, `admission`, `generate` (through the router's lease), `text`, `responses` + `envelopes`.
@@ -13,24 +14,26 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from orchestrator.admin import add_admin_routes
 from orchestrator.admission import Admission
 from orchestrator.config import ApiConfig
 from orchestrator.envelopes import Envelope
 from orchestrator.errors import ApiError
 from orchestrator.generate import generate, settle
+from orchestrator.membership import Membership
 from orchestrator.parsing import parse_request, prompt_ids, sampling_params
 from orchestrator.protocol import Kind
+from orchestrator.registry import Registry
 from orchestrator.responses import respond
 from orchestrator.router import Router
 from orchestrator.text import text_events
 from orchestrator.tokenizer import Tokenizer
-from orchestrator.workers import WorkerPool
 
 SETTLE_S = 0.5
 """At shutdown, how long ended requests' aborts may still take before the channels close."""
 
 
-def create_app(config: ApiConfig, pool: WorkerPool) -> FastAPI:
+def create_app(config: ApiConfig, pool: Registry, membership: Membership) -> FastAPI:
     """The app; `app.state.admission.close()` starts an orderly stop (serve calls it on SIGINT/SIGTERM)."""
     tokenizer = Tokenizer(config.model_dir)
     router = Router(pool)
@@ -38,14 +41,17 @@ def create_app(config: ApiConfig, pool: WorkerPool) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        await membership.start()
         await pool.start()
         yield
         admission.close()
         await settle(SETTLE_S)
+        await membership.stop()
         await pool.stop()
 
     app = FastAPI(title="moeserve", lifespan=lifespan)
-    app.state.router, app.state.admission = router, admission
+    app.state.router, app.state.admission, app.state.membership = router, admission, membership
+    add_admin_routes(app, pool, membership, config.admin_token or None, config.api_keys)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -78,7 +84,7 @@ def create_app(config: ApiConfig, pool: WorkerPool) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        workers = {w.address: w.healthy for w in pool.all}
+        workers = {i.address: i.healthy for i in pool.all}
         if admission.closing:
             return JSONResponse({"status": "shutting down", "workers": workers}, status_code=503)
         if pool.ready:

@@ -20,6 +20,8 @@ class ApiConfig:
     """Requests in flight beyond this get 429 with Retry-After."""
     max_body_bytes: int = 1 << 20
     """Larger request bodies get 413."""
+    admin_token: str = ""
+    """Bearer token of /admin/*; empty means the admin API answers loopback clients only."""
 
     def __post_init__(self) -> None:
         if not self.served_model_name:

@@ -36,7 +36,7 @@ async def generate(
 ) -> AsyncIterator[TokenEvent]:
     """The decode worker's token stream; raises ApiError when no worker can take it or a worker fails."""
     try:
-        lease = router.lease()
+        lease = router.lease(request_id)
     except NoWorkers as e:
         raise ApiError(503, str(e), "service_unavailable") from None
     prefill, decode = lease.prefill, lease.decode
@@ -45,7 +45,9 @@ async def generate(
         tokenized=pb.TokenizedInput(input_ids=prompt_ids),
         sampling_params=sampling,
         disaggregated_params=pb.DisaggregatedParams(
-            bootstrap_host=prefill.host, bootstrap_port=prefill.port, bootstrap_room=lease.room
+            bootstrap_host=prefill.bootstrap[0],
+            bootstrap_port=prefill.bootstrap[1],
+            bootstrap_room=lease.room,
         ),
         stream=True,
     )

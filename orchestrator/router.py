@@ -1,7 +1,8 @@
 """Leases a (prefill, decode) pair and a bootstrap room to each request.
 
 Decode is chosen first, then prefill, each with the shared least-loaded rule (`services.picking`):
-the healthy worker with the fewest requests in flight from this orchestrator, ties in turn.
+the `ready` instance with the fewest requests in flight from this orchestrator, ties in turn.
+Starting, draining, failed and gone instances get nothing new.
 """
 
 from __future__ import annotations
@@ -9,23 +10,24 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from orchestrator.workers import Worker, WorkerPool
+from orchestrator.registry import Instance, Registry, State
 from services.picking import LeastLoaded
 
 ROOM_MAX = 2**31 - 1  # bootstrap_room is an int32 on SGLang's wire
 
 
 class NoWorkers(RuntimeError):
-    """No healthy worker of a role."""
+    """No ready instance of a role."""
 
 
 @dataclass(eq=False)
 class Lease:
     """One request's hold on its two workers and its room; `release()` gives them back exactly once."""
 
-    prefill: Worker
-    decode: Worker
+    prefill: Instance
+    decode: Instance
     room: int
+    request_id: str
     _router: Router = field(repr=False)
     released: bool = False
 
@@ -33,33 +35,36 @@ class Lease:
         if self.released:
             return
         self.released = True
-        self.prefill.inflight -= 1
-        self.decode.inflight -= 1
+        for inst in (self.prefill, self.decode):
+            inst.inflight -= 1
+            inst.requests.discard(self.request_id)
         self._router.live_rooms.discard(self.room)
 
 
 class Router:
-    """Hands out leases on the pool's workers, least loaded first."""
+    """Hands out leases on the registry's ready instances, least loaded first."""
 
-    def __init__(self, pool: WorkerPool, seed: int | None = None):
+    def __init__(self, pool: Registry, seed: int | None = None):
         self.pool = pool
         self._pickers = {"prefill": LeastLoaded(), "decode": LeastLoaded()}
         self._rng = random.Random(seed)
         self.live_rooms: set[int] = set()
 
-    def lease(self) -> Lease:
+    def lease(self, request_id: str = "") -> Lease:
         """Picks decode then prefill and counts the request on both; raises NoWorkers if a role has none."""
         decode = self._pick(self.pool.decode, "decode")
         prefill = self._pick(self.pool.prefill, "prefill")
-        prefill.inflight += 1
-        decode.inflight += 1
-        return Lease(prefill, decode, self._new_room(), self)
+        for inst in (prefill, decode):
+            inst.inflight += 1
+            inst.requests.add(request_id)
+        return Lease(prefill, decode, self._new_room(), request_id, self)
 
-    def _pick(self, workers: list[Worker], role: str) -> Worker:
-        healthy = [w for w in workers if w.healthy]
-        if not healthy:
-            raise NoWorkers(f"no healthy {role} worker ({len(workers)} configured); check the {role} pool")
-        return self._pickers[role].pick(healthy, load=lambda w: w.inflight)
+    def _pick(self, instances: list[Instance], role: str) -> Instance:
+        ready = [i for i in instances if i.state == State.READY]
+        if not ready:
+            states = ", ".join(f"{i.id} {i.state.value}" for i in instances) or "none registered"
+            raise NoWorkers(f"no ready {role} instance ({states}); check the {role} pool")
+        return self._pickers[role].pick(ready, load=lambda i: i.inflight)
 
     def _new_room(self) -> int:
         while True:

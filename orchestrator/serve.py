@@ -16,8 +16,9 @@ import uvicorn
 
 from orchestrator.api import create_app
 from orchestrator.config import ApiConfig
+from orchestrator.membership import create as create_membership
+from orchestrator.registry import Registry
 from orchestrator.tokenizer import TokenizerError
-from orchestrator.workers import WorkerPool
 from services.process import die_with_parent_if_asked
 
 GRACE_S = 2
@@ -27,8 +28,21 @@ app's streams end at once; this only bounds a client that stops reading)."""
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moeserve serve", description="OpenAI-compatible orchestrator")
-    ap.add_argument("--prefill", nargs="+", required=True, metavar="HOST:PORT", help="prefill workers")
-    ap.add_argument("--decode", nargs="+", required=True, metavar="HOST:PORT", help="decode workers")
+    ap.add_argument(
+        "--prefill",
+        nargs="+",
+        required=True,
+        metavar="ADDR",
+        help="prefill instances: HOST:PORT, or grpc://HOST:PORT [BOOTSTRAP_PORT] for SGLang workers",
+    )
+    ap.add_argument(
+        "--decode", nargs="+", required=True, metavar="ADDR", help="decode instances (as --prefill)"
+    )
+    ap.add_argument(
+        "--admin-token",
+        default=os.environ.get("MOESERVE_ADMIN_TOKEN", ""),
+        help="bearer token of /admin/* (also MOESERVE_ADMIN_TOKEN); without it, loopback clients only",
+    )
     ap.add_argument("--model", required=True, type=Path, help="model directory (tokenizer, chat template)")
     ap.add_argument("--served-model-name", default="")
     ap.add_argument("--host", default="127.0.0.1")
@@ -45,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(a: argparse.Namespace) -> ApiConfig:
     keys = set(a.api_key) | {k for k in os.environ.get("MOESERVE_API_KEYS", "").split(",") if k}
-    return ApiConfig(a.model, a.served_model_name, frozenset(keys), a.max_concurrency)
+    return ApiConfig(
+        a.model, a.served_model_name, frozenset(keys), a.max_concurrency, admin_token=a.admin_token
+    )
 
 
 class _Server(uvicorn.Server):
@@ -85,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     try:
-        app = create_app(config, WorkerPool(a.prefill, a.decode))
-    except TokenizerError as e:
+        registry = Registry()
+        membership = create_membership("static", registry, prefill=a.prefill, decode=a.decode)
+        app = create_app(config, registry, membership)
+    except (TokenizerError, ValueError) as e:
         print(f"moeserve serve: {e}", file=sys.stderr)
         return 2
     server_config = uvicorn.Config(

@@ -9,7 +9,8 @@ import pytest
 
 from orchestrator.api import create_app
 from orchestrator.config import ApiConfig
-from orchestrator.workers import WorkerPool
+from orchestrator.membership import create as create_membership
+from orchestrator.registry import Registry
 
 KEY = "k"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -19,7 +20,12 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
 @pytest.fixture
 def app(ds_dir):
     config = ApiConfig(ds_dir, "tiny", frozenset({KEY}), max_concurrency=1, max_body_bytes=4096)
-    return create_app(config, WorkerPool(["127.0.0.1:1"], ["127.0.0.1:2"]))
+    registry = Registry()
+    return create_app(
+        config,
+        registry,
+        create_membership("static", registry, prefill=["127.0.0.1:1"], decode=["127.0.0.1:2"]),
+    )
 
 
 def call(app, method: str, path: str, **kw) -> httpx.Response:
@@ -63,7 +69,7 @@ def test_bad_requests_get_openai_errors(app, path, body, status, fragment):
 def test_no_healthy_worker_is_a_503_and_the_slot_comes_back(app):
     for _ in range(2):  # with one slot, a leaked one would make the second call a 429
         r = call(app, "POST", "/v1/chat/completions", headers=AUTH, json=CHAT)
-        assert r.status_code == 503 and "no healthy decode worker" in r.json()["error"]["message"]
+        assert r.status_code == 503 and "no ready decode instance" in r.json()["error"]["message"]
     assert app.state.admission.in_flight == 0
 
 

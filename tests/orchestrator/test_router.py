@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from orchestrator.registry import Registry, State
 from orchestrator.router import NoWorkers, Router
-from orchestrator.workers import WorkerPool
 
 
-def pool(prefill: int, decode: int) -> WorkerPool:
-    p = WorkerPool(
-        [f"10.0.0.1:{5000 + i}" for i in range(prefill)], [f"10.0.0.2:{6000 + i}" for i in range(decode)]
-    )
-    for w in p.all:
-        w.healthy = True
+def pool(prefill: int, decode: int) -> Registry:
+    p = Registry()
+    for i in range(prefill):
+        p.add("prefill", f"10.0.0.1:{5000 + i}").state = State.READY
+    for i in range(decode):
+        p.add("decode", f"10.0.0.2:{6000 + i}").state = State.READY
     return p
 
 
@@ -61,14 +61,17 @@ def test_rooms_are_unique_among_live_leases():
     assert len(set(rooms)) == len(rooms) and all(0 < r < 2**31 for r in rooms)
 
 
-def test_unhealthy_workers_are_skipped_and_none_left_is_an_error():
+@pytest.mark.parametrize("state", [State.STARTING, State.DRAINING, State.FAILED, State.GONE])
+def test_only_ready_instances_get_requests_and_none_left_is_an_error(state):
     p = pool(2, 2)
-    p.decode[0].healthy = False
+    p.decode[0].state = state
     router = Router(p)
-    assert {router.lease().decode.port for _ in range(3)} == {6001}
-    assert [w.inflight for w in p.decode] == [0, 3]
-    p.decode[1].healthy = False
-    with pytest.raises(NoWorkers, match="no healthy decode worker"):
+    assert {router.lease(f"r{i}").decode.port for i in range(3)} == {6001}
+    assert [w.inflight for w in p.decode] == [0, 3] and p.decode[1].requests == {"r0", "r1", "r2"}
+    p.decode[1].state = State.DRAINING
+    with pytest.raises(
+        NoWorkers, match=f"no ready decode instance \\(decode-3 {state.value}, decode-4 draining\\)"
+    ):
         router.lease()
     assert sum(w.inflight for w in p.prefill) == 3  # a failed lease counts nothing
     assert len(router.live_rooms) == 3
