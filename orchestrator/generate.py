@@ -13,6 +13,7 @@ import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
 from orchestrator.errors import ApiError, upstream_error
+from orchestrator.registry import Instance, State
 from orchestrator.router import NoWorkers, Router
 
 REQUEST_TIMEOUT_S = 600.0
@@ -67,6 +68,8 @@ async def generate(
                 else:
                     c = resp.complete
                     finished = True
+                    if c.finish_reason == "abort":
+                        _raise_if_drained(prefill, decode)
                     yield TokenEvent(
                         [], c.finish_reason, c.prompt_tokens, c.completion_tokens, c.cached_tokens
                     )
@@ -87,6 +90,19 @@ async def generate(
             lease.release()
         else:
             prefill_done.add_done_callback(lambda _: lease.release())
+
+
+def _raise_if_drained(*instances: Instance) -> None:
+    """An abort because an instance drained past its deadline says so (the client may retry)."""
+    for inst in instances:
+        if inst.state == State.GONE and "deadline" in inst.reason:
+            raise ApiError(
+                503,
+                f"{inst.role} instance {inst.id} ({inst.address}) was drained and its deadline passed; "
+                "the request was ended there: retry it",
+                "service_unavailable",
+                "instance_drained",
+            )
 
 
 async def settle(timeout: float) -> None:

@@ -272,9 +272,10 @@ class Registry:
                 inst.set_state(State.GONE, "drained")
                 self._ended(inst)
             elif time.monotonic() > (inst.drain_deadline or 0):
+                # Gone first, so the requests' ends can tell the clients why.
+                inst.set_state(State.GONE, "drain deadline passed; its requests were aborted")
                 for request_id in list(inst.requests):
                     await inst.abort(request_id, reason="instance drained past its deadline")
-                inst.set_state(State.GONE, "drain deadline passed; its requests were aborted")
                 self._ended(inst)
             else:
                 await asyncio.sleep(min(POLL_S, 0.2))

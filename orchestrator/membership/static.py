@@ -11,12 +11,14 @@ from orchestrator.registry import Registry, Role
 def parse_targets(tokens: list[str]) -> list[tuple[str, int | None]]:
     """['grpc://h:1', '8998', 'h:2'] -> [('h:1', 8998), ('h:2', None)]; errors name the bad token."""
     out: list[tuple[str, int | None]] = []
+    after_grpc = False
     for token in tokens:
         if token.isdigit():
-            if not out or out[-1][1] is not None:
+            if not after_grpc:
                 raise ValueError(f"bootstrap port {token} must follow a grpc://HOST:PORT address")
-            out[-1] = (out[-1][0], int(token))
+            out[-1], after_grpc = (out[-1][0], int(token)), False
             continue
+        after_grpc = token.startswith("grpc://")
         address = token.removeprefix("grpc://")
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
