@@ -29,15 +29,23 @@ app's streams end at once; this only bounds a client that stops reading)."""
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moeserve serve", description="OpenAI-compatible orchestrator")
     ap.add_argument(
-        "--prefill",
-        nargs="+",
-        required=True,
-        metavar="ADDR",
-        help="prefill instances: HOST:PORT, or grpc://HOST:PORT [BOOTSTRAP_PORT] for SGLang workers",
+        "--membership",
+        choices=["static", "local"],
+        default="static",
+        help="static: the --prefill/--decode addresses; local: run --prefill-instances/--decode-instances",
     )
     ap.add_argument(
-        "--decode", nargs="+", required=True, metavar="ADDR", help="decode instances (as --prefill)"
+        "--prefill",
+        nargs="+",
+        default=[],
+        metavar="ADDR",
+        help="static: prefill instances, HOST:PORT or grpc://HOST:PORT [BOOTSTRAP_PORT] (SGLang workers)",
     )
+    ap.add_argument("--decode", nargs="+", default=[], metavar="ADDR", help="static: decode instances")
+    ap.add_argument("--prefill-instances", type=int, default=1, help="local: prefill instances to run")
+    ap.add_argument("--decode-instances", type=int, default=1, help="local: decode instances to run")
+    ap.add_argument("--prefill-ep", type=int, default=1, help="local: EP ranks per prefill instance")
+    ap.add_argument("--decode-ep", type=int, default=1, help="local: EP ranks per decode instance")
     ap.add_argument(
         "--admin-token",
         default=os.environ.get("MOESERVE_ADMIN_TOKEN", ""),
@@ -102,7 +110,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         registry = Registry()
-        membership = create_membership("static", registry, prefill=a.prefill, decode=a.decode)
+        if a.membership == "static":
+            if not a.prefill or not a.decode:
+                raise ValueError("--membership static needs --prefill ADDR... and --decode ADDR...")
+            options = dict(prefill=a.prefill, decode=a.decode)
+        else:
+            options = dict(
+                model=a.model,
+                prefill=a.prefill_instances,
+                decode=a.decode_instances,
+                prefill_ep=a.prefill_ep,
+                decode_ep=a.decode_ep,
+            )
+        membership = create_membership(a.membership, registry, **options)
         app = create_app(config, registry, membership)
     except (TokenizerError, ValueError) as e:
         print(f"moeserve serve: {e}", file=sys.stderr)

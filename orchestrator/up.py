@@ -1,11 +1,14 @@
 """`moeserve up`: the embedded cluster on this machine.
 
-Starts one prefill worker, one decode worker and the orchestrator as child processes, all on
-loopback, with the tiny DeepSeek-V3-shaped model built on first use (or `--model DIR`). SIGINT
-or SIGTERM stops everything in order: the orchestrator first (it stops admitting and ends every
-stream with a final event), then the workers (each EP group stops together). Children run in
-sessions of their own, so a terminal's Ctrl-C reaches only this process, which orders the stop;
-they also die with it (PR_SET_PDEATHSIG).
+Starts the orchestrator with the `local` membership backend, which runs `--prefill` prefill and
+`--decode` decode instances (EP groups of `--prefill-ep` / `--decode-ep` ranks) as its own
+children on loopback, with the tiny DeepSeek-V3-shaped model built on first use (or `--model
+DIR`). The pools resize through the admin API (`moeserve pools ...`, loopback only without an
+admin token), and a failed instance is replaced without touching the others. SIGINT or SIGTERM
+stops everything in order: the orchestrator stops admitting and ends every stream with a final
+event, then stops its instances (each EP group together). Children run in sessions of their
+own, so a terminal's Ctrl-C reaches only this process, which orders the stop; they also die
+with it (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
-from services.process import free_port, port_in_use, spawn_env, stop_on_signals
+from services.process import port_in_use, spawn_env, stop_on_signals
 
 ORCHESTRATOR_STOP_S = 2.0
 WORKER_STOP_S = 4.0
+UP_STOP_S = ORCHESTRATOR_STOP_S + WORKER_STOP_S
+"""`moeserve up` gives its orchestrator this long: it stops its own instances before it exits."""
 
 
 class Cluster:
@@ -51,7 +56,7 @@ class Cluster:
         """Stop the children newest first (the orchestrator before the workers it calls)."""
         started = [proc for _, proc in self.children]
         orchestrators = [p for name, p in self.children if name == "orchestrator"]
-        for group, grace in ((orchestrators, ORCHESTRATOR_STOP_S), (started, WORKER_STOP_S)):
+        for group, grace in ((orchestrators, UP_STOP_S), (started, WORKER_STOP_S)):
             for proc in reversed(group):
                 if proc.poll() is None:
                     proc.terminate()
@@ -111,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--api-key", action="append", default=[])
-    ap.add_argument("--prefill-ep", type=int, default=2, help="expert-parallel ranks of the prefill instance")
-    ap.add_argument("--decode-ep", type=int, default=2, help="expert-parallel ranks of the decode instance")
+    ap.add_argument("--admin-token", default="", help="bearer token of /admin/* (default: loopback only)")
+    ap.add_argument("--prefill", type=int, default=1, help="prefill instances")
+    ap.add_argument("--decode", type=int, default=1, help="decode instances")
+    ap.add_argument("--prefill-ep", type=int, default=2, help="expert-parallel ranks per prefill instance")
+    ap.add_argument("--decode-ep", type=int, default=2, help="expert-parallel ranks per decode instance")
     ap.add_argument("--ready-timeout", type=float, default=180.0)
     a = ap.parse_args(argv)
     if port_in_use(a.host, a.port):
@@ -122,35 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster()
     try:
         model = a.model or tiny_model(a.arch)
-        ports = {"prefill": free_port(), "decode": free_port()}
-        eps = {"prefill": a.prefill_ep, "decode": a.decode_ep}
-        for role, port in ports.items():
-            args = ["-m", "services.worker", "--role", role, "--model", str(model), "--host", "127.0.0.1"]
-            cluster.spawn(f"{role} worker", [*args, "--port", str(port), "--ep", str(eps[role])])
-        for port in ports.values():
-            wait_worker(cluster, f"127.0.0.1:{port}", a.ready_timeout)
-        serve = [
-            "-m",
-            "orchestrator.serve",
-            "--model",
-            str(model),
-            "--host",
-            a.host,
-            "--port",
-            str(a.port),
-            "--prefill",
-            f"127.0.0.1:{ports['prefill']}",
-            "--decode",
-            f"127.0.0.1:{ports['decode']}",
-        ]
+        serve = ["-m", "orchestrator.serve", "--model", str(model), "--host", a.host, "--port", str(a.port)]
+        serve += ["--membership", "local", "--prefill-instances", str(a.prefill)]
+        serve += ["--decode-instances", str(a.decode), "--prefill-ep", str(a.prefill_ep)]
+        serve += ["--decode-ep", str(a.decode_ep)]
         for key in a.api_key:
             serve += ["--api-key", key]
+        if a.admin_token:
+            serve += ["--admin-token", a.admin_token]
         cluster.spawn("orchestrator", serve)
         wait_http(cluster, f"http://{a.host}:{a.port}/ready", a.ready_timeout)
         print(
             f"moeserve is up: OpenAI API at http://{a.host}:{a.port}/v1 serving model {model.name!r} "
-            f"(prefill EP{a.prefill_ep} at 127.0.0.1:{ports['prefill']}, "
-            f"decode EP{a.decode_ep} at 127.0.0.1:{ports['decode']}); Ctrl-C stops it",
+            f"({a.prefill} prefill instance(s) of EP{a.prefill_ep}, {a.decode} decode instance(s) of "
+            f"EP{a.decode_ep}; `moeserve pools status` shows them); Ctrl-C stops it",
             flush=True,
         )
         while not stop.wait(0.5):
