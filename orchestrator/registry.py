@@ -75,6 +75,8 @@ class Instance:
     """Requests this orchestrator has in flight on the instance (the least-load signal)."""
     requests: set[str] = field(default_factory=set)
     """Their ids (aborted if a drain runs past its deadline)."""
+    served: int = 0
+    """Requests this orchestrator has sent it so far."""
     loads: list[RankLoad] = field(default_factory=list)
     ep_size: int = 0
     """Ranks of the instance's EP group, from GetServerInfo (0 until known)."""
@@ -190,6 +192,7 @@ class Instance:
             "reason": self.reason,
             "ep_size": self.ep_size,
             "inflight": self.inflight,
+            "served": self.served,
             "running": sum(ld.running for ld in self.loads),
             "waiting": sum(ld.waiting for ld in self.loads),
             "kv_used_tokens": sum(ld.kv_used_tokens for ld in self.loads),

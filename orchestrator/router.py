@@ -56,6 +56,7 @@ class Router:
         prefill = self._pick(self.pool.prefill, "prefill")
         for inst in (prefill, decode):
             inst.inflight += 1
+            inst.served += 1
             inst.requests.add(request_id)
         return Lease(prefill, decode, self._new_room(), request_id, self)
 

@@ -1,0 +1,124 @@
+"""Pools that resize under load on the `local` backend: eight clients stream without a pause while
+decode goes 1 -> 2 -> 1 and prefill 1 -> 2 -> 1; nothing fails, every answer is the greedy one,
+and every new instance serves requests while it exists."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from orchestrator.up import wait_http
+from services.process import free_port
+from tests.cluster import LocalCluster
+from tests.oracle import encode, greedy
+
+PROMPTS = [f"resize under load {i}" for i in range(4)]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def local_pools(ds_dir):
+    c = LocalCluster()
+    port = free_port()
+    args = ["-m", "orchestrator.serve", "--model", str(ds_dir), "--port", str(port), "--membership", "local"]
+    c.procs["orchestrator"] = c.cluster.spawn("orchestrator", args)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(c.cluster, f"{url}/ready", 180)
+        yield c, url
+    finally:
+        c.stop()
+
+
+def admin(url: str, method: str, path: str, **kw) -> dict:
+    r = httpx.request(method, f"{url}/admin{path}", timeout=10, **kw)
+    assert r.status_code in (200, 202), r.text
+    return r.json()
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if got := check():
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Clients:
+    """`n` threads streaming completions back to back until stopped; they record every answer."""
+
+    def __init__(self, url: str, n: int):
+        self.url, self.stop = url, threading.Event()
+        self.answers: list[tuple[str, str, str]] = []
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def run(self, i: int) -> None:
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=120)
+        k = i
+        while not self.stop.is_set():
+            prompt = PROMPTS[k % len(PROMPTS)]
+            k += 1
+            try:
+                stream = client.completions.create(
+                    model="deepseek_v3", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True
+                )
+                text, reason = "", None
+                for chunk in stream:
+                    text += chunk.choices[0].text
+                    reason = chunk.choices[0].finish_reason or reason
+                self.answers.append((prompt, text, reason))
+            except openai.APIError as e:
+                self.failures.append(f"{prompt}: {e}")
+
+    def join(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+
+def live(url: str, role: str) -> list[dict]:
+    return [i for i in admin(url, "GET", "/instances")["data"] if i["role"] == role]
+
+
+def resize(url: str, role: str, count: int) -> None:
+    admin(url, "POST", f"/pools/{role}/scale", json={"count": count})
+
+
+def test_pools_resize_under_load_without_losing_a_request(local_pools, ds_dir):
+    _, url = local_pools
+    clients = Clients(url, 8)
+    try:
+        for role in ("decode", "prefill"):
+            (first,) = live(url, role)
+            resize(url, role, 2)
+            new = wait_for(
+                lambda role=role, first=first: next(
+                    (i for i in live(url, role) if i["id"] != first["id"] and i["served"] >= 3), None
+                ),
+                120,
+                f"a second {role} instance serving requests",
+            )
+            assert new["state"] == "ready"
+            resize(url, role, 1)
+            wait_for(
+                lambda role=role: len(live(url, role)) == 1 and live(url, role)[0]["state"] == "ready",
+                120,
+                f"the {role} pool back at one instance",
+            )
+            pools = admin(url, "GET", "/pools")
+            assert pools[role]["desired"] == 1 and pools[role]["ready"] == 1
+    finally:
+        clients.join()
+    assert not clients.failures, clients.failures[:3]
+    assert len(clients.answers) >= 16, len(clients.answers)
+    expected = {p: greedy(ds_dir, encode(ds_dir, p), MAX_TOKENS) for p in PROMPTS}
+    for prompt, text, reason in clients.answers:
+        assert (text, reason) == expected[prompt], prompt
