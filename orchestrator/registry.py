@@ -77,6 +77,8 @@ class Instance:
     """Their ids (aborted if a drain runs past its deadline)."""
     served: int = 0
     """Requests this orchestrator has sent it so far."""
+    pid: int | None = None
+    """The instance's process on this machine (local backend), else None."""
     loads: list[RankLoad] = field(default_factory=list)
     ep_size: int = 0
     """Ranks of the instance's EP group, from GetServerInfo (0 until known)."""
@@ -193,6 +195,7 @@ class Instance:
             "ep_size": self.ep_size,
             "inflight": self.inflight,
             "served": self.served,
+            "pid": self.pid,
             "running": sum(ld.running for ld in self.loads),
             "waiting": sum(ld.waiting for ld in self.loads),
             "kv_used_tokens": sum(ld.kv_used_tokens for ld in self.loads),

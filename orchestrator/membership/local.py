@@ -94,6 +94,7 @@ class Backend(Membership):
         env = spawn_env({**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
         proc = subprocess.Popen([sys.executable, *args], env=env, start_new_session=True)
         inst = self.registry.add(role, f"{self.host}:{port}")
+        inst.pid = proc.pid
         self.procs[inst.id] = proc
         return inst
 

@@ -4,8 +4,11 @@ and every new instance serves requests while it exists."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -122,3 +125,75 @@ def test_pools_resize_under_load_without_losing_a_request(local_pools, ds_dir):
     expected = {p: greedy(ds_dir, encode(ds_dir, p), MAX_TOKENS) for p in PROMPTS}
     for prompt, text, reason in clients.answers:
         assert (text, reason) == expected[prompt], prompt
+
+
+@pytest.fixture(scope="module")
+def ep2_decodes(ds_dir):
+    """One prefill instance and two EP2 decode instances on the local backend."""
+    c = LocalCluster()
+    port = free_port()
+    args = ["-m", "orchestrator.serve", "--model", str(ds_dir), "--port", str(port), "--membership", "local"]
+    args += ["--decode-instances", "2", "--decode-ep", "2"]
+    c.procs["orchestrator"] = c.cluster.spawn("orchestrator", args)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(c.cluster, f"{url}/ready", 180)
+        wait_for(
+            lambda: len([i for i in live(url, "decode") if i["state"] == "ready"]) == 2, 120, "two decodes"
+        )
+        yield c, url
+    finally:
+        c.stop()
+
+
+def test_a_killed_rank_costs_only_its_instance(ep2_decodes, ds_dir):
+    _, url = ep2_decodes
+    clients = Clients(url, 6)
+    try:
+        victim = wait_for(
+            lambda: next((i for i in live(url, "decode") if i["inflight"] > 0 and i["served"] >= 2), None),
+            60,
+            "a busy decode instance",
+        )
+        children = Path(f"/proc/{victim['pid']}/task/{victim['pid']}/children").read_text().split()
+        ranks = [int(p) for p in children if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(ranks) == 2  # the EP2 group's rank processes under the worker
+        os.kill(ranks[1], signal.SIGKILL)
+        killed = time.monotonic()
+
+        def victim_out() -> bool:
+            me = next((i for i in live(url, "decode") if i["id"] == victim["id"]), None)
+            return me is None or me["state"] == "failed"
+
+        wait_for(victim_out, 10, "the instance to be failed")
+        assert time.monotonic() - killed < 3.0
+        answered_before = len(clients.answers)
+        wait_for(
+            lambda: len(clients.answers) >= answered_before + 12, 60, "requests served after the failure"
+        )
+        failures_after = len(clients.failures)
+        # The backend replaces it: two ready decode instances again, the victim among neither.
+        wait_for(
+            lambda: (
+                len([i for i in live(url, "decode") if i["state"] == "ready" and i["id"] != victim["id"]])
+                == 2
+            ),
+            120,
+            "the decode pool back at two instances",
+        )
+    finally:
+        clients.join()
+    assert not any(t.is_alive() for t in clients.threads), "a client hung"
+    # Requests that were on the victim ended with a clear error; none after it was out.
+    assert clients.failures and all("decode worker" in f and victim["address"] in f for f in clients.failures)
+    assert len(clients.failures) == failures_after, "a request failed after the instance was out"
+    expected = {p: greedy(ds_dir, encode(ds_dir, p), MAX_TOKENS) for p in PROMPTS}
+    assert all((t, r) == expected[p] for p, t, r in clients.answers)
+    # Nothing leaked on the instances that lived on.
+    wait_for(
+        lambda: all(
+            i["kv_used_tokens"] == 0 and i["running"] == 0 for i in admin(url, "GET", "/instances")["data"]
+        ),
+        30,
+        "every surviving instance idle with no KV in use",
+    )
