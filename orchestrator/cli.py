@@ -1,7 +1,8 @@
-"""The `moeserve` command.
+"""The `moeserve` command (typer + rich).
 
-Worker-side subcommands (which need torch) run in their own interpreter (`python -m services...`),
-so this package stays free of engine imports.
+Worker-side commands (which need torch) run in their own interpreter (`python -m services...`),
+so this package stays free of engine imports; they, `up` and `serve` take their own options
+(`moeserve COMMAND --help` shows them). `pools` talks to a running orchestrator's admin API.
 """
 
 from __future__ import annotations
@@ -9,49 +10,65 @@ from __future__ import annotations
 import os
 import sys
 
+import typer
+
+from orchestrator import pools_cli
+
+app = typer.Typer(
+    name="moeserve",
+    help="Disaggregated, expert-parallel serving of mixture-of-experts models.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(pools_cli.app, name="pools")
+
+PASS_THROUGH = {
+    "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},
+    "add_help_option": False,  # --help reaches the command's own parser
+}
 WORKER_COMMANDS = {
-    "make-tiny-model": "services.cli",
-    "generate": "services.cli",
-    "inspect-model": "services.cli",
-    "worker": "services.worker",
+    "make-tiny-model": ("services.cli", "write a tiny random checkpoint with a tokenizer"),
+    "generate": ("services.cli", "offline generation with the reference engine"),
+    "inspect-model": ("services.cli", "parameters, and the bytes one rank of EP W holds (from config.json)"),
+    "worker": ("services.worker", "a worker instance (SGLang scheduler gRPC + KV hand-off)"),
 }
 
-USAGE = """usage: moeserve COMMAND [ARGS]
 
-commands:
-  up                                   the embedded cluster: orchestrator + prefill + decode on this machine
-  serve --prefill ADDR --decode ADDR --model DIR   the OpenAI-compatible orchestrator
-  worker --role prefill|decode --model DIR         a worker (SGLang scheduler gRPC + KV hand-off)
-  make-tiny-model DIR --arch deepseek_v3|qwen3_moe write a tiny random checkpoint with a tokenizer
-  generate [--model DIR] --prompt TEXT              offline generation with the reference engine
-  inspect-model DIR [--ep W] [--kv-tokens N] [--device-memory 80GiB] [--output json]
-                                                   parameters, and the bytes one rank of EP W holds
+def _exec_worker_command(command: str, module: str):
+    def run(ctx: typer.Context) -> None:
+        argv = [command, *ctx.args] if module == "services.cli" else list(ctx.args)
+        # exec, not import: the engine's dependencies stay out of the orchestrator's process.
+        os.execv(sys.executable, [sys.executable, "-m", module, *argv])
 
-`moeserve COMMAND --help` shows each command's options.
-"""
+    return run
+
+
+for _name, (_module, _help) in WORKER_COMMANDS.items():
+    app.command(_name, help=_help, **PASS_THROUGH)(_exec_worker_command(_name, _module))
+
+
+@app.command(
+    "up", help="the embedded cluster: orchestrator + prefill and decode pools on this machine", **PASS_THROUGH
+)
+def up(ctx: typer.Context) -> None:
+    from orchestrator.up import main as up_main
+
+    raise typer.Exit(up_main(list(ctx.args)))
+
+
+@app.command("serve", help="the OpenAI-compatible orchestrator", **PASS_THROUGH)
+def serve(ctx: typer.Context) -> None:
+    from orchestrator.serve import main as serve_main
+
+    raise typer.Exit(serve_main(list(ctx.args)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    command, rest = args[0], args[1:]
-    if command in WORKER_COMMANDS:
-        module = WORKER_COMMANDS[command]
-        argv_ = [command, *rest] if module == "services.cli" else rest
-        # exec, not import: the engine's dependencies stay out of the orchestrator's process.
-        os.execv(sys.executable, [sys.executable, "-m", module, *argv_])
-    if command == "serve":
-        from orchestrator.serve import main as serve
-
-        return serve(rest)
-    if command == "up":
-        from orchestrator.up import main as up
-
-        return up(rest)
-    print(f"moeserve: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+    try:
+        app(args=argv, prog_name="moeserve", standalone_mode=True)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
 
 
 if __name__ == "__main__":

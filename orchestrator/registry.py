@@ -31,6 +31,9 @@ import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
+from services.proto.moeserve.v1 import worker_control_pb2 as ctl
+from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
+
 log = logging.getLogger(__name__)
 Role = Literal["prefill", "decode"]
 ROLES: tuple[Role, ...] = ("prefill", "decode")
@@ -79,6 +82,8 @@ class Instance:
     """Requests this orchestrator has sent it so far."""
     pid: int | None = None
     """The instance's process on this machine (local backend), else None."""
+    balancedness: float | None = None
+    """Expert load over its EP ranks, mean / max per MoE layer averaged (1.0 = even); None unknown."""
     loads: list[RankLoad] = field(default_factory=list)
     ep_size: int = 0
     """Ranks of the instance's EP group, from GetServerInfo (0 until known)."""
@@ -151,6 +156,7 @@ class Instance:
                     )
                     for ld in loads.loads
                 ]
+                self.balancedness = await self._balancedness()
                 if self.info is None:
                     self.info = await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S)
                     server = await self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=RPC_TIMEOUT_S)
@@ -166,6 +172,24 @@ class Instance:
         self._failures = 0
         if self.state in (State.STARTING, State.FAILED):  # a failed instance that answers again is back
             self.set_state(State.READY, "healthy")
+
+    async def _balancedness(self) -> float | None:
+        """From moeserve's WorkerControl.GetExpertLoad (other workers lack it: None). Experts are
+        taken as split evenly and in order over the ranks (the default placement)."""
+        try:
+            res = await ctl_grpc.WorkerControlStub(self._channel).GetExpertLoad(
+                ctl.GetExpertLoadRequest(), timeout=RPC_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError:
+            return None
+        ranks = max(1, res.ep_size)
+        ratios = []
+        for layer in res.layers:
+            per_rank = len(layer.tokens_per_expert) // ranks
+            loads = [sum(layer.tokens_per_expert[r * per_rank : (r + 1) * per_rank]) for r in range(ranks)]
+            if per_rank and max(loads):
+                ratios.append(sum(loads) / ranks / max(loads))
+        return sum(ratios) / len(ratios) if ratios else None
 
     def _unhealthy(self, why: str, refused: bool) -> None:
         if self.state in (State.STARTING, State.FAILED):
@@ -200,6 +224,7 @@ class Instance:
             "waiting": sum(ld.waiting for ld in self.loads),
             "kv_used_tokens": sum(ld.kv_used_tokens for ld in self.loads),
             "kv_total_tokens": sum(ld.kv_total_tokens for ld in self.loads),
+            "balancedness": self.balancedness,
             "dp_ranks": [ld.__dict__ for ld in self.loads],
         }
 

@@ -44,4 +44,13 @@ def test_generate_reports_a_bad_model_dir(tmp_path):
 
 def test_unknown_command():
     r = run("frobnicate")
-    assert r.returncode == 2 and "unknown command" in r.stderr
+    assert r.returncode == 2 and "No such command 'frobnicate'" in r.stderr
+
+
+def test_every_command_is_listed_and_passes_its_own_help():
+    r = run("--help")
+    assert r.returncode == 0
+    for command in ("up", "serve", "worker", "make-tiny-model", "generate", "inspect-model", "pools"):
+        assert command in r.stdout
+    r = run("serve", "--help")
+    assert r.returncode == 0 and "--membership" in r.stdout and "--admin-token" in r.stdout

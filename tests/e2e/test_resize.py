@@ -146,6 +146,10 @@ def ep2_decodes(ds_dir):
         c.stop()
 
 
+def victim_balance(url: str, inst_id: str) -> float | None:
+    return next((i["balancedness"] for i in live(url, "decode") if i["id"] == inst_id), None)
+
+
 def test_a_killed_rank_costs_only_its_instance(ep2_decodes, ds_dir):
     _, url = ep2_decodes
     clients = Clients(url, 6)
@@ -155,6 +159,9 @@ def test_a_killed_rank_costs_only_its_instance(ep2_decodes, ds_dir):
             60,
             "a busy decode instance",
         )
+        # An EP2 instance that routed tokens reports how evenly its two ranks' experts were loaded.
+        balance = wait_for(lambda: victim_balance(url, victim["id"]), 10, "an expert-load balancedness")
+        assert 0.5 <= balance <= 1.0
         children = Path(f"/proc/{victim['pid']}/task/{victim['pid']}/children").read_text().split()
         ranks = [int(p) for p in children if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert len(ranks) == 2  # the EP2 group's rank processes under the worker
