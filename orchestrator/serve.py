@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moeserve serve", description="OpenAI-compatible orchestrator")
     ap.add_argument(
         "--membership",
-        choices=["static", "local"],
+        choices=["static", "local", "kubernetes"],
         default="static",
         help="static: the --prefill/--decode addresses; local: run --prefill-instances/--decode-instances",
     )
@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--decode-instances", type=int, default=1, help="local: decode instances to run")
     ap.add_argument("--prefill-ep", type=int, default=1, help="local: EP ranks per prefill instance")
     ap.add_argument("--decode-ep", type=int, default=1, help="local: EP ranks per decode instance")
+    ap.add_argument(
+        "--k8s-release", default="moeserve", help="kubernetes: the Helm release (LWS {release}-{role})"
+    )
+    ap.add_argument("--k8s-namespace", default=os.environ.get("POD_NAMESPACE", "default"), help="kubernetes")
+    ap.add_argument("--worker-port", type=int, default=30001, help="kubernetes: the workers' gRPC port")
+    ap.add_argument(
+        "--bootstrap-port", type=int, default=None, help="kubernetes: SGLang prefill bootstrap port"
+    )
     ap.add_argument(
         "--admin-token",
         default=os.environ.get("MOESERVE_ADMIN_TOKEN", ""),
@@ -114,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
             if not a.prefill or not a.decode:
                 raise ValueError("--membership static needs --prefill ADDR... and --decode ADDR...")
             options = dict(prefill=a.prefill, decode=a.decode)
+        elif a.membership == "kubernetes":
+            options = dict(
+                release=a.k8s_release,
+                namespace=a.k8s_namespace,
+                port=a.worker_port,
+                bootstrap_port=a.bootstrap_port,
+            )
         else:
             options = dict(
                 model=a.model,

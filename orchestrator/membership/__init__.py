@@ -3,6 +3,7 @@
 - `static`: fixed addresses from flags (`host:port`, or `grpc://host:port` with an optional
   bootstrap port for SGLang prefill workers). It cannot scale.
 - `local`: spawns and stops instance process groups on this machine and keeps the desired count.
+- `kubernetes`: LeaderWorkerSet groups found by pod labels and watched; scales the sets.
 
 A backend adds instances to the registry, scales a role by whole instances (scale-down always
 drains first) and is told when an instance is gone or failed.
@@ -16,7 +17,11 @@ from typing import Any
 
 from orchestrator.registry import Registry, Role
 
-BACKENDS = {"static": "orchestrator.membership.static", "local": "orchestrator.membership.local"}
+BACKENDS = {
+    "static": "orchestrator.membership.static",
+    "local": "orchestrator.membership.local",
+    "kubernetes": "orchestrator.membership.kubernetes",
+}
 
 
 class ScaleError(ValueError):
