@@ -37,7 +37,7 @@ from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
 log = logging.getLogger(__name__)
 Role = Literal["prefill", "decode"]
 ROLES: tuple[Role, ...] = ("prefill", "decode")
-POLL_S = 1.0
+POLL_S = 0.5
 """How often every instance is health-checked and its load read."""
 RPC_TIMEOUT_S = 2.0
 DRAIN_DEADLINE_S = 300.0
