@@ -59,6 +59,16 @@ def is_quantized_in_release(name: str, t: torch.Tensor) -> bool:
     )
 
 
+def as_released(name: str, t: torch.Tensor, fp8: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensor as an FP8 release stores it: a quantized weight and its block scale, or as is."""
+    if fp8 and is_quantized_in_release(name, t):
+        q, scale = quantize_block_fp8(t)
+        yield name, q
+        yield name + "_scale_inv", scale
+    else:
+        yield name, t
+
+
 def write_shards(tensors: Iterable[tuple[str, torch.Tensor]], out: Path, max_shard_bytes: int) -> list[Path]:
     """Save tensors in shards of at most `max_shard_bytes` (one tensor may exceed it) with an index."""
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -93,7 +103,8 @@ def write_shards(tensors: Iterable[tuple[str, torch.Tensor]], out: Path, max_sha
     return [out / n for n in sorted(renamed.values())]
 
 
-def _read_all(model_dir: Path) -> dict[str, torch.Tensor]:
+def read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, by name (small checkpoints: all in memory)."""
     out = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
@@ -126,21 +137,13 @@ def write_fp8_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = dict(QUANT_CONFIG)
-    tensors = _read_all(src)
+    tensors = read_tensors(src)
     if mtp:
         config["num_nextn_predict_layers"] = 1
         tensors.update(dict(_mtp_layer(tensors, int(config["num_hidden_layers"]))))
 
-    def converted() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, t in tensors.items():
-            if is_quantized_in_release(name, t):
-                q, scale = quantize_block_fp8(t)
-                yield name, q
-                yield name + "_scale_inv", scale
-            else:
-                yield name, t
-
-    write_shards(converted(), out, max_shard_bytes)
+    converted = (pair for name, t in tensors.items() for pair in as_released(name, t))
+    write_shards(converted, out, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", INDEX_FILE):
@@ -222,13 +225,7 @@ def write_random_checkpoint(
             if name.endswith("norm.weight"):
                 yield name, torch.ones(shape, dtype=torch.bfloat16)
                 continue
-            t = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
-            if fp8 and is_quantized_in_release(name, t):
-                q, scale = quantize_block_fp8(t)
-                yield name, q
-                yield name + "_scale_inv", scale
-            else:
-                yield name, t
+            yield from as_released(name, (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16), fp8)
 
     write_shards(tensors(), out, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(config, indent=2))

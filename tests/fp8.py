@@ -11,8 +11,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+from services.synthetic import read_tensors
 
 BLOCK = 128
 
@@ -23,15 +24,6 @@ def dequantize_by_blocks(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tens
         for j in range(scale_inv.shape[1]):
             w[i * BLOCK : (i + 1) * BLOCK, j * BLOCK : (j + 1) * BLOCK] *= scale_inv[i, j]
     return w
-
-
-def read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                out[name] = f.get_tensor(name)
-    return out
 
 
 def write_dequantized(fp8_dir: Path, out: Path) -> Path:
