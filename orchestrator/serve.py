@@ -9,9 +9,12 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from types import FrameType
+from typing import Annotated
 
+import typer
 import uvicorn
 
 from orchestrator.api import create_app
@@ -26,51 +29,82 @@ GRACE_S = 2
 app's streams end at once; this only bounds a client that stops reading)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="moeserve serve", description="OpenAI-compatible orchestrator")
-    ap.add_argument(
-        "--membership",
-        choices=["static", "local", "kubernetes"],
-        default="static",
-        help="static: the --prefill/--decode addresses; local: run --prefill-instances/--decode-instances",
+class MembershipChoice(StrEnum):
+    static = "static"
+    local = "local"
+    kubernetes = "kubernetes"
+
+
+VARIADIC = ("--prefill", "--decode")
+"""Address lists as SMG takes them (`--prefill grpc://HOST:PORT BOOTSTRAP_PORT HOST:PORT ...`):
+click has no variadic options, so they are taken from the command's extra arguments."""
+
+
+def take_variadic(args: list[str]) -> dict[str, list[str]]:
+    """{"--prefill": [...], "--decode": [...]} from the extra arguments; anything else is an error."""
+    out: dict[str, list[str]] = {flag: [] for flag in VARIADIC}
+    current: str | None = None
+    for arg in args:
+        if arg in VARIADIC:
+            current = arg
+        elif arg.startswith("-") or current is None:
+            raise typer.BadParameter(f"no such option or value: {arg}")
+        else:
+            out[current].append(arg)
+    return out
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+VARIADIC_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(
+    context_settings=VARIADIC_CONTEXT,
+    help="The OpenAI-compatible orchestrator. Static pools: --prefill ADDR [ADDR ...] --decode ADDR "
+    "[ADDR ...], each HOST:PORT or grpc://HOST:PORT [BOOTSTRAP_PORT] (SGLang prefill workers).",
+)
+def serve(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Option(help="model directory (tokenizer, chat template)")],
+    membership: Annotated[
+        MembershipChoice,
+        typer.Option(help="static: the --prefill/--decode addresses; local: run instances here; kubernetes"),
+    ] = MembershipChoice.static,
+    prefill_instances: Annotated[int, typer.Option(help="local: prefill instances to run")] = 1,
+    decode_instances: Annotated[int, typer.Option(help="local: decode instances to run")] = 1,
+    prefill_ep: Annotated[int, typer.Option(help="local: EP ranks per prefill instance")] = 1,
+    decode_ep: Annotated[int, typer.Option(help="local: EP ranks per decode instance")] = 1,
+    k8s_release: Annotated[
+        str, typer.Option(help="kubernetes: the Helm release (LWS {release}-{role})")
+    ] = "moeserve",
+    k8s_namespace: Annotated[
+        str, typer.Option(envvar="POD_NAMESPACE", help="kubernetes: namespace")
+    ] = "default",
+    worker_port: Annotated[int, typer.Option(help="kubernetes: the workers' gRPC port")] = 30001,
+    bootstrap_port: Annotated[
+        int | None, typer.Option(help="kubernetes: SGLang prefill bootstrap port")
+    ] = None,
+    admin_token: Annotated[
+        str,
+        typer.Option(
+            envvar="MOESERVE_ADMIN_TOKEN", help="bearer token of /admin/*; without it, loopback only"
+        ),
+    ] = "",
+    served_model_name: str = "",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: Annotated[
+        list[str] | None, typer.Option(help="accepted bearer key (repeatable); also MOESERVE_API_KEYS=k1,k2")
+    ] = None,
+    max_concurrency: int = 256,
+) -> None:
+    addresses = take_variadic(ctx.args)
+    options = argparse.Namespace(
+        **{k: v.value if isinstance(v, StrEnum) else v for k, v in ctx.params.items()}
     )
-    ap.add_argument(
-        "--prefill",
-        nargs="+",
-        default=[],
-        metavar="ADDR",
-        help="static: prefill instances, HOST:PORT or grpc://HOST:PORT [BOOTSTRAP_PORT] (SGLang workers)",
-    )
-    ap.add_argument("--decode", nargs="+", default=[], metavar="ADDR", help="static: decode instances")
-    ap.add_argument("--prefill-instances", type=int, default=1, help="local: prefill instances to run")
-    ap.add_argument("--decode-instances", type=int, default=1, help="local: decode instances to run")
-    ap.add_argument("--prefill-ep", type=int, default=1, help="local: EP ranks per prefill instance")
-    ap.add_argument("--decode-ep", type=int, default=1, help="local: EP ranks per decode instance")
-    ap.add_argument(
-        "--k8s-release", default="moeserve", help="kubernetes: the Helm release (LWS {release}-{role})"
-    )
-    ap.add_argument("--k8s-namespace", default=os.environ.get("POD_NAMESPACE", "default"), help="kubernetes")
-    ap.add_argument("--worker-port", type=int, default=30001, help="kubernetes: the workers' gRPC port")
-    ap.add_argument(
-        "--bootstrap-port", type=int, default=None, help="kubernetes: SGLang prefill bootstrap port"
-    )
-    ap.add_argument(
-        "--admin-token",
-        default=os.environ.get("MOESERVE_ADMIN_TOKEN", ""),
-        help="bearer token of /admin/* (also MOESERVE_ADMIN_TOKEN); without it, loopback clients only",
-    )
-    ap.add_argument("--model", required=True, type=Path, help="model directory (tokenizer, chat template)")
-    ap.add_argument("--served-model-name", default="")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument(
-        "--api-key",
-        action="append",
-        default=[],
-        help="accepted bearer key (repeatable); also MOESERVE_API_KEYS=k1,k2",
-    )
-    ap.add_argument("--max-concurrency", type=int, default=256)
-    return ap
+    options.prefill, options.decode = addresses["--prefill"], addresses["--decode"]
+    options.api_key = api_key or []
+    raise typer.Exit(run(options))
 
 
 def config_from_args(a: argparse.Namespace) -> ApiConfig:
@@ -103,8 +137,16 @@ class _Server(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`moeserve serve ...` / `python -m orchestrator.serve ...`: parse, then run."""
+    try:
+        app(args=argv, prog_name="moeserve serve", standalone_mode=True)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def run(a: argparse.Namespace) -> int:
     die_with_parent_if_asked()
-    a = build_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("MOESERVE_LOG_LEVEL", "WARNING"))
     try:
         config = config_from_args(a)

@@ -20,9 +20,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
 
 import grpc
+import typer
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
@@ -109,20 +112,50 @@ def tiny_model(arch: str) -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+class Arch(StrEnum):
+    deepseek_v3 = "deepseek_v3"
+    qwen3_moe = "qwen3_moe"
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command(
+    help="The embedded cluster: the orchestrator and its prefill and decode instances on this machine."
+)
+def up(
+    ctx: typer.Context,
+    model: Annotated[
+        Path | None, typer.Option(help="model directory (default: the tiny DeepSeek-V3-shaped model)")
+    ] = None,
+    arch: Annotated[
+        Arch, typer.Option(help="the tiny model's family when --model is not given")
+    ] = Arch.deepseek_v3,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: Annotated[list[str] | None, typer.Option(help="accepted bearer key (repeatable)")] = None,
+    admin_token: Annotated[str, typer.Option(help="bearer token of /admin/* (default: loopback only)")] = "",
+    prefill: Annotated[int, typer.Option(help="prefill instances")] = 1,
+    decode: Annotated[int, typer.Option(help="decode instances")] = 1,
+    prefill_ep: Annotated[int, typer.Option(help="expert-parallel ranks per prefill instance")] = 2,
+    decode_ep: Annotated[int, typer.Option(help="expert-parallel ranks per decode instance")] = 2,
+    ready_timeout: float = 180.0,
+) -> None:
+    a = argparse.Namespace(**{k: v.value if isinstance(v, StrEnum) else v for k, v in ctx.params.items()})
+    a.api_key = api_key or []
+    raise typer.Exit(run(a))
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="moeserve up", description=__doc__)
-    ap.add_argument("--model", type=Path, help="model directory (default: the tiny DeepSeek-V3-shaped model)")
-    ap.add_argument("--arch", default="deepseek_v3", choices=["deepseek_v3", "qwen3_moe"])
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--api-key", action="append", default=[])
-    ap.add_argument("--admin-token", default="", help="bearer token of /admin/* (default: loopback only)")
-    ap.add_argument("--prefill", type=int, default=1, help="prefill instances")
-    ap.add_argument("--decode", type=int, default=1, help="decode instances")
-    ap.add_argument("--prefill-ep", type=int, default=2, help="expert-parallel ranks per prefill instance")
-    ap.add_argument("--decode-ep", type=int, default=2, help="expert-parallel ranks per decode instance")
-    ap.add_argument("--ready-timeout", type=float, default=180.0)
-    a = ap.parse_args(argv)
+    """`moeserve up ...` / `python -m orchestrator.up ...`: parse, then run."""
+    try:
+        app(args=argv, prog_name="moeserve up", standalone_mode=True)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def run(a: argparse.Namespace) -> int:
     if port_in_use(a.host, a.port):
         print(f"moeserve up: {a.host}:{a.port} is in use; stop what holds it or pass --port", file=sys.stderr)
         return 2

@@ -11,9 +11,29 @@ import argparse
 import os
 import sys
 import time
+from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 DEFAULT_CACHE = Path(os.environ.get("MOESERVE_CACHE", Path.home() / ".cache" / "moeserve"))
+
+
+class ArchChoice(StrEnum):
+    deepseek_v3 = "deepseek_v3"
+    qwen3_moe = "qwen3_moe"
+
+
+class DtypeChoice(StrEnum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class OutputChoice(StrEnum):
+    text = "text"
+    json = "json"
 
 
 def tiny_model_dir(arch: str = "deepseek_v3") -> Path:
@@ -114,50 +134,68 @@ def cmd_inspect_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moeserve")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint with a tokenizer")
-    p.add_argument("dir")
-    p.add_argument("--arch", choices=["deepseek_v3", "qwen3_moe"], default="deepseek_v3")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_make_tiny_model)
-    p = sub.add_parser(
-        "tiny-model-path", help="print the cached tiny model's directory (building it if needed)"
-    )
-    p.add_argument("--arch", choices=["deepseek_v3", "qwen3_moe"], default="deepseek_v3")
-    p.set_defaults(func=cmd_tiny_model_path)
-    p = sub.add_parser("generate", help="offline chat generation with the engine")
-    p.add_argument("--model", help="model directory (default: the cached tiny model)")
-    p.add_argument("--arch", choices=["deepseek_v3", "qwen3_moe"], default="deepseek_v3")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("inspect-model", help="sizes of a model, and what one rank of an EP group holds")
-    p.add_argument("dir")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel width of the group")
-    p.add_argument(
-        "--ep-slots", type=int, default=0, help="expert slots over the group (default: one per expert)"
-    )
-    p.add_argument("--kv-tokens", type=int, default=0, help="KV cache tokens each rank holds")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    p.add_argument("--device-memory", help="memory of one device, e.g. 80GiB: does a rank fit")
-    p.add_argument("--output", choices=["text", "json"], default="text")
-    p.set_defaults(func=cmd_inspect_model)
-    return parser
+Arch = Annotated[ArchChoice, typer.Option(help="which tiny model")]
+app = typer.Typer(name="moeserve", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def _run(cmd, **params) -> None:
+    """Run a command; our errors (ValueError: they say what to change) exit 2 without a traceback."""
+    params = {k: v.value if isinstance(v, StrEnum) else v for k, v in params.items()}
+    try:
+        code = cmd(argparse.Namespace(**params))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    raise typer.Exit(code)
+
+
+@app.command("make-tiny-model", help="write a tiny random-weight checkpoint with a tokenizer")
+def make_tiny_model(dir: str, arch: Arch = ArchChoice.deepseek_v3, seed: int = 0) -> None:
+    _run(cmd_make_tiny_model, dir=dir, arch=arch, seed=seed)
+
+
+@app.command("tiny-model-path", help="print the cached tiny model's directory (building it if needed)")
+def tiny_model_path(arch: Arch = ArchChoice.deepseek_v3) -> None:
+    _run(cmd_tiny_model_path, arch=arch)
+
+
+@app.command(help="offline chat generation with the engine")
+def generate(
+    prompt: Annotated[str, typer.Option(help="the user message")],
+    model: Annotated[
+        str | None, typer.Option(help="model directory (default: the cached tiny model)")
+    ] = None,
+    arch: Arch = ArchChoice.deepseek_v3,
+    max_tokens: int = 32,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    threads: int = 1,
+) -> None:
+    _run(cmd_generate, prompt=prompt, model=model, arch=arch, max_tokens=max_tokens,
+         temperature=temperature, seed=seed, threads=threads)  # fmt: skip
+
+
+@app.command("inspect-model", help="sizes of a model, and what one rank of an EP group holds")
+def inspect_model(
+    dir: str,
+    ep: Annotated[int, typer.Option(help="expert-parallel width of the group")] = 1,
+    ep_slots: Annotated[int, typer.Option(help="expert slots over the group (default: one per expert)")] = 0,
+    kv_tokens: Annotated[int, typer.Option(help="KV cache tokens each rank holds")] = 0,
+    dtype: Annotated[DtypeChoice, typer.Option(help="weights and KV dtype")] = DtypeChoice.bfloat16,
+    device_memory: Annotated[str | None, typer.Option(help="memory of one device, e.g. 80GiB")] = None,
+    output: Annotated[OutputChoice, typer.Option(help="text or json")] = OutputChoice.text,
+) -> None:
+    _run(cmd_inspect_model, dir=dir, ep=ep, ep_slots=ep_slots, kv_tokens=kv_tokens, dtype=dtype,
+         device_memory=device_memory, output=output)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except ValueError as e:  # our errors say what to change; no traceback for them
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        app(args=argv, prog_name="moeserve", standalone_mode=True)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
 
 
 if __name__ == "__main__":

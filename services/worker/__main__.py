@@ -6,71 +6,95 @@ import argparse
 import logging
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from services.engine.config import EngineConfig, EngineConfigError
 from services.process import die_with_parent_if_asked
 from services.worker.config import WorkerConfig
 
 
-def parse(argv: list[str] | None = None) -> WorkerConfig:
-    ap = argparse.ArgumentParser(prog="moeserve worker", description=__doc__)
-    ap.add_argument("--role", required=True, choices=["prefill", "decode"])
-    ap.add_argument("--model", required=True, type=Path, help="Hugging Face style model directory")
-    ap.add_argument("--host", default="127.0.0.1", help="address this node binds and peers reach it at")
-    ap.add_argument("--advertise-host", default="", help="address peers reach this node at (default: --host)")
-    ap.add_argument("--port", type=int, default=30001)
-    ap.add_argument("--served-model-name", default="")
-    ap.add_argument("--transfer-protocol", choices=["tcp", "rdma"], default="tcp")
-    ap.add_argument("--transfer-device", default="", help="RDMA device(s) for Mooncake, e.g. mlx5_0")
-    ap.add_argument(
-        "--kv-push",
-        choices=["layerwise", "complete"],
-        default="layerwise",
-        help="prefill: write KV per layer during compute, or all after the prompt",
-    )
-    ap.add_argument("--ep", type=int, default=1, help="expert-parallel ranks in this instance (processes)")
-    ap.add_argument(
-        "--ep-slots",
-        type=int,
-        default=0,
-        help="physical expert slots over the group (default: one per expert; more = replicas)",
-    )
-    ap.add_argument(
-        "--dispatcher", choices=["torch", "deepep"], default="torch", help="EP token exchange backend"
-    )
-    ap.add_argument(
-        "--deepep-mode",
-        choices=["auto", "normal"],
-        default="auto",
-        help="deepep: auto = decode in the expanded layout without host syncs; normal = normal mode always",
-    )
-    ap.add_argument(
-        "--nnodes", type=int, default=1, help="nodes the instance spans (--ep ranks split evenly)"
-    )
-    ap.add_argument("--node-rank", type=int, default=0, help="this node's index; node 0 serves --port")
-    ap.add_argument("--dist-init-addr", default="", help="HOST:PORT of node 0 where the group meets")
-    ap.add_argument("--dist-timeout", type=float, default=60.0, help="seconds to wait for every node to join")
-    ap.add_argument("--handoff-timeout", type=float, default=30.0, help="seconds to wait for a room's peer")
-    ap.add_argument("--prefill-timeout", type=float, default=300.0, help="seconds decode waits for prompt KV")
-    ap.add_argument(
-        "--dtype", default=None, help="float32|bfloat16|float16 (default: bfloat16 on CUDA, else float32)"
-    )
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument(
-        "--fp8",
-        choices=["auto", "keep", "dequantize"],
-        default="auto",
-        help="FP8 checkpoints: keep weights in FP8 (block-scaled GEMMs), dequantize at load, or auto "
-        "(keep where the device has a native FP8 GEMM)",
-    )
-    ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--kv-pool-tokens", type=int, default=None)
-    ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--max-prefill-tokens", type=int, default=512)
-    ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads in this process")
-    a = ap.parse_args(argv)
+class Role(StrEnum):
+    prefill = "prefill"
+    decode = "decode"
+
+
+class Protocol(StrEnum):
+    tcp = "tcp"
+    rdma = "rdma"
+
+
+class KVPush(StrEnum):
+    layerwise = "layerwise"
+    complete = "complete"
+
+
+class Dispatcher(StrEnum):
+    torch = "torch"
+    deepep = "deepep"
+
+
+class DeepEPMode(StrEnum):
+    auto = "auto"
+    normal = "normal"
+
+
+class Fp8(StrEnum):
+    auto = "auto"
+    keep = "keep"
+    dequantize = "dequantize"
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+Opt = typer.Option
+
+
+@app.command(help="A worker instance: SGLang's scheduler gRPC, the KV hand-off, an EP group of --ep ranks.")
+def worker(
+    role: Annotated[Role, Opt(help="prefill computes prompts and hands KV off; decode generates")],
+    model: Annotated[Path, Opt(help="Hugging Face style model directory")],
+    host: Annotated[str, Opt(help="address this node binds and peers reach it at")] = "127.0.0.1",
+    advertise_host: Annotated[str, Opt(help="address peers reach this node at (default: --host)")] = "",
+    port: int = 30001,
+    served_model_name: str = "",
+    transfer_protocol: Protocol = Protocol.tcp,
+    transfer_device: Annotated[str, Opt(help="RDMA device(s) for Mooncake, e.g. mlx5_0")] = "",
+    kv_push: Annotated[
+        KVPush, Opt(help="prefill: write KV per layer during compute, or all after")
+    ] = KVPush.layerwise,
+    ep: Annotated[int, Opt(help="expert-parallel ranks in this instance (processes)")] = 1,
+    ep_slots: Annotated[int, Opt(help="physical expert slots over the group (default: one per expert)")] = 0,
+    dispatcher: Annotated[Dispatcher, Opt(help="EP token exchange backend")] = Dispatcher.torch,
+    deepep_mode: Annotated[
+        DeepEPMode, Opt(help="deepep: auto = decode expanded, no host syncs")
+    ] = DeepEPMode.auto,
+    nnodes: Annotated[int, Opt(help="nodes the instance spans (--ep ranks split evenly)")] = 1,
+    node_rank: Annotated[int, Opt(help="this node's index; node 0 serves --port")] = 0,
+    dist_init_addr: Annotated[str, Opt(help="HOST:PORT of node 0 where the group meets")] = "",
+    dist_timeout: Annotated[float, Opt(help="seconds to wait for every node to join")] = 60.0,
+    handoff_timeout: Annotated[float, Opt(help="seconds to wait for a room's peer")] = 30.0,
+    prefill_timeout: Annotated[float, Opt(help="seconds decode waits for prompt KV")] = 300.0,
+    dtype: Annotated[
+        str | None, Opt(help="float32|bfloat16|float16 (default: bfloat16 on CUDA, else float32)")
+    ] = None,
+    device: str = "cpu",
+    fp8: Annotated[Fp8, Opt(help="FP8 checkpoints: keep in FP8, dequantize at load, or auto")] = Fp8.auto,
+    page_size: int = 16,
+    kv_pool_tokens: int | None = None,
+    max_num_seqs: int = 64,
+    max_prefill_tokens: int = 512,
+    max_model_len: int | None = None,
+    threads: Annotated[int, Opt(help="torch threads in this process")] = 1,
+) -> None:
+    params = dict(locals())
+    a = argparse.Namespace(**{k: v.value if isinstance(v, StrEnum) else v for k, v in params.items()})
+    raise typer.Exit(run(a))
+
+
+def build_config(a: argparse.Namespace) -> WorkerConfig:
     engine = EngineConfig(
         dtype=a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"),
         device=a.device,
@@ -107,10 +131,19 @@ def parse(argv: list[str] | None = None) -> WorkerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`moeserve worker ...` / `python -m services.worker ...`: parse, then run."""
+    try:
+        app(args=argv, prog_name="moeserve worker", standalone_mode=True)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def run(a: argparse.Namespace) -> int:
     die_with_parent_if_asked()
     logging.basicConfig(level=os.environ.get("MOESERVE_LOG_LEVEL", "WARNING"))
     try:
-        config = parse(argv)
+        config = build_config(a)
     except (EngineConfigError, ValueError) as e:
         print(f"moeserve worker: {e}", file=sys.stderr)
         return 2

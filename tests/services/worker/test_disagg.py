@@ -84,10 +84,17 @@ def test_non_streaming_and_concurrent_rooms(pair, expected):
     pair.assert_idle()
 
 
-def test_more_rooms_than_decode_seqs_wait_and_all_finish_exactly(pair, expected, ds_dir):
+LONG = 160
+"""Tokens per request in the max_num_seqs test: long enough that six requests always overlap
+(with 16 a busy machine could finish each before the next arrived, and see one running)."""
+
+
+def test_more_rooms_than_decode_seqs_wait_and_all_finish_exactly(pair, ds_dir):
     """max_num_seqs holds for requests arriving by hand-off: the extra wait, none is dropped."""
-    pair.worker("decode-2seqs", "decode", ds_dir, "--max-num-seqs", "2", "--handoff-timeout", "3")
-    reqs = [request(pair.addresses["prefill"], next(rooms)) for _ in range(6)]
+    pair.worker("decode-2seqs", "decode", ds_dir, "--max-num-seqs", "2", "--handoff-timeout", "30")
+    params = SamplingParams(max_tokens=LONG, temperature=0.0, ignore_eos=True)
+    expected = Engine.from_pretrained(ds_dir).generate([PROMPT], params)[0]
+    reqs = [request(pair.addresses["prefill"], next(rooms), max_new=LONG) for _ in range(6)]
     seen = []
 
     def one(req):
