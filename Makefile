@@ -32,6 +32,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/python scripts/gen_proto.py --check
+	$(BIN)/python scripts/helm_docs.py --check
 
 fmt: setup
 	$(BIN)/ruff format .
@@ -45,6 +46,8 @@ bench: setup
 	OMP_NUM_THREADS=1 $(BIN)/python bench/handoff.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/dispatch.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/instance.py --rounds 1
+	OMP_NUM_THREADS=1 $(BIN)/python bench/load.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/pools.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

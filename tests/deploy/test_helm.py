@@ -1,0 +1,199 @@
+"""The Helm chart, checked with the real tools that run offline: Helm (lint, schema, render) and
+kubernetes-validate (every object against Kubernetes 1.33's schemas; LeaderWorkerSets against the
+vendored CRD schema of LWS v0.10.0, their pod templates as pod templates)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import typer
+import yaml
+
+from services.worker.__main__ import app as worker_app
+from services.worker.__main__ import build_config
+from tests.deploy.tools import helm
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "moeserve"
+PROFILES = ["values-deepseek-v3.yaml", "values-qwen3-235b.yaml", "values-cpu-tiny.yaml"]
+K8S = "1.33"
+"""The Kubernetes version the chart is validated for."""
+LWS_SCHEMA = Path(__file__).with_name("lws-v0.10.0.schema.json")
+CRD_KINDS = {
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+}
+
+
+def run_helm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(helm()), *args], capture_output=True, text=True, timeout=120)
+
+
+def render(*values: str, sets: tuple[str, ...] = ()) -> list[dict]:
+    args = ["template", "ms", str(CHART), "--namespace", "serving"]
+    for v in values:
+        args += ["-f", str(CHART / v)]
+    for s in sets:
+        args += ["--set", s]
+    r = run_helm(*args)
+    assert r.returncode == 0, r.stderr
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
+
+
+def strict(schema):
+    """Unknown fields rejected, as the API server's pruning of a structural schema would drop them."""
+    if isinstance(schema, dict):
+        out = {k: strict(v) for k, v in schema.items()}
+        open_ended = "additionalProperties" in out or out.get("x-kubernetes-preserve-unknown-fields")
+        if "properties" in out and not open_ended:
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [strict(x) for x in schema]
+    return schema
+
+
+LWS_VALIDATOR = jsonschema.Draft7Validator(strict(json.loads(LWS_SCHEMA.read_text())["schema"]))
+
+
+def validate(obj: dict) -> None:
+    """Raise if `obj` is not a valid object of a known kind for Kubernetes K8S."""
+    key = (obj["apiVersion"], obj["kind"])
+    if key == ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"):
+        errors = sorted(LWS_VALIDATOR.iter_errors(obj), key=str)
+        assert not errors, [f"{list(e.path)}: {e.message}" for e in errors[:5]]
+        for part in ("leaderTemplate", "workerTemplate"):
+            template = obj["spec"]["leaderWorkerTemplate"].get(part)
+            if template is not None:
+                pod = {
+                    "apiVersion": "v1",
+                    "kind": "PodTemplate",
+                    "metadata": {"name": "t"},
+                    "template": template,
+                }
+                kubernetes_validate.validate(pod, K8S, strict=True)
+        return
+    if key == ("monitoring.coreos.com/v1", "ServiceMonitor"):
+        assert set(obj) == {"apiVersion", "kind", "metadata", "spec"} and obj["spec"]["endpoints"]
+        return
+    # An unknown or removed apiVersion raises SchemaNotFoundError here: a failure, not a warning.
+    kubernetes_validate.validate(obj, K8S, strict=True)
+
+
+def test_lint_is_strict_and_clean_for_the_defaults_and_every_profile():
+    for values in [[], *([p] for p in PROFILES)]:
+        args = ["lint", "--strict", str(CHART)] + [x for v in values for x in ("-f", str(CHART / v))]
+        r = run_helm(*args)
+        assert r.returncode == 0 and "0 chart(s) failed" in r.stdout, (values, r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("profile", [None, *PROFILES])
+def test_every_rendered_object_validates(profile):
+    objs = render(*([profile] if profile else []), sets=("serviceMonitor.enabled=true",))
+    kinds = {(o["apiVersion"], o["kind"]) for o in objs}
+    assert ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet") in kinds and ("apps/v1", "Deployment") in kinds
+    for obj in objs:
+        validate(obj)
+
+
+def test_unknown_and_removed_api_versions_fail_validation():
+    pdb = {"kind": "PodDisruptionBudget", "metadata": {"name": "x"}, "spec": {"maxUnavailable": 1}}
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        validate({"apiVersion": "policy/v1beta1", **pdb})  # removed in 1.25
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        validate({"apiVersion": "moeserve.io/v9", "kind": "Thing", "metadata": {"name": "x"}})
+    lws = next(o for o in render() if o["kind"] == "LeaderWorkerSet")
+    lws["spec"]["leaderWorkerTemplate"]["restartPolicy"] = "Sometimes"
+    with pytest.raises(AssertionError, match="restartPolicy"):
+        validate(lws)
+
+
+def test_a_values_file_that_breaks_the_schema_is_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("decode:\n  replicas: many\n")
+    r = run_helm("template", "ms", str(CHART), "-f", str(bad))
+    assert r.returncode != 0 and "/decode/replicas" in r.stderr and "want integer" in r.stderr, r.stderr
+    r = run_helm("template", "ms", str(CHART), "--set", "prefill.ep=12")
+    assert r.returncode != 0 and "prefill.ep (12) must be a multiple of prefill.gpusPerNode (8)" in r.stderr
+
+
+def pools(objs: list[dict]) -> dict[str, dict]:
+    return {o["metadata"]["labels"]["moeserve.io/role"]: o for o in objs if o["kind"] == "LeaderWorkerSet"}
+
+
+def args_of(lws: dict) -> list[str]:
+    return lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["args"]
+
+
+def test_deepseek_profile_groups_follow_the_ep_arithmetic_and_render_fast():
+    start = time.monotonic()
+    objs = render("values-deepseek-v3.yaml")
+    assert time.monotonic() - start < 2.0
+    lws = pools(objs)
+    assert lws["prefill"]["spec"]["leaderWorkerTemplate"]["size"] == 4  # EP32 / 8 GPUs
+    assert lws["decode"]["spec"]["leaderWorkerTemplate"]["size"] == 18  # EP144 / 8 GPUs
+    assert lws["decode"]["spec"]["leaderWorkerTemplate"]["restartPolicy"] == "RecreateGroupOnPodRestart"
+    assert lws["prefill"]["metadata"]["name"] == "ms-prefill"  # what the kubernetes backend scales
+    container = lws["decode"]["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]
+    assert (
+        container["resources"]["limits"]["nvidia.com/gpu"] == 8
+        and container["resources"]["limits"]["rdma/ib"] == 8
+    )
+
+
+def test_sglang_command_lines_carry_what_each_mode_needs():
+    objs = render("values-deepseek-v3.yaml", sets=("prefill.engine=sglang", "decode.engine=sglang"))
+    lws = pools(objs)
+    common = {
+        "--grpc-mode", "--disaggregation-transfer-backend=mooncake", "--enable-dp-attention",
+        "--moe-a2a-backend=deepep", "--node-rank=$(LWS_WORKER_INDEX)", "--trust-remote-code",
+    }  # fmt: skip
+    prefill, decode = set(args_of(lws["prefill"])), set(args_of(lws["decode"]))
+    assert common <= prefill and common <= decode
+    assert {
+        "--disaggregation-mode=prefill",
+        "--disaggregation-bootstrap-port=8998",
+        "--deepep-mode=normal",
+        "--tp-size=32",
+        "--dp-size=32",
+        "--nnodes=4",
+        "--dist-init-addr=$(LWS_LEADER_ADDRESS):29500",
+    } <= prefill
+    assert {"--disaggregation-mode=decode", "--deepep-mode=auto", "--tp-size=144", "--nnodes=18"} <= decode
+    assert not any(a.startswith("--disaggregation-bootstrap-port") for a in decode)
+    orchestrator = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert (
+        "--bootstrap-port=8998" in orchestrator["args"] and "--membership=kubernetes" in orchestrator["args"]
+    )
+
+
+def test_moeserve_command_lines_start_our_workers_with_the_same_topology():
+    """The rendered worker arguments parse with `moeserve worker` itself into the expected group."""
+    lws = pools(render("values-deepseek-v3.yaml"))
+    env = {
+        "$(LWS_WORKER_INDEX)": "3",
+        "$(LWS_LEADER_ADDRESS)": "ms-decode-0.ms-decode",
+        "$(POD_IP)": "10.1.2.3",
+    }
+    command = typer.main.get_command(worker_app)
+    for role, (ep, nodes) in {"prefill": (32, 4), "decode": (144, 18)}.items():
+        args = args_of(lws[role])
+        assert args[:2] == ["moeserve", "worker"]
+        for key, value in env.items():
+            args = [a.replace(key, value) for a in args]
+        ctx = command.make_context("worker", args[2:])
+        config = build_config(
+            argparse.Namespace(**{k: getattr(v, "value", v) for k, v in ctx.params.items()})
+        )
+        assert (config.role, config.ep_size, config.nnodes, config.node_rank) == (role, ep, nodes, 3)
+        assert config.dist_init_addr == "ms-decode-0.ms-decode:29500" and config.advertised == "10.1.2.3"
+        assert config.dispatcher == "deepep" and config.engine.device == "cuda"
+        assert config.transfer_protocol == "rdma" and config.transfer_device.startswith("mlx5_0")
