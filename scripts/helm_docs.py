@@ -35,7 +35,8 @@ def rows(values: Path) -> list[tuple[str, str, str]]:
             node = data
             for k in path:
                 node = node[k]
-            default = yaml.safe_dump(node, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+            dumped = yaml.safe_dump(node, default_flow_style=True, width=1000)
+            default = dumped.strip().removesuffix("...").strip()
             out.append((".".join(path), default, doc))
             doc = ""
     return out
