@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 	  else echo "warning: Debian package libibverbs1 is missing and we are not root; KV transfer will not load" >&2; fi; \
 	fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# Linters of the deployment files (docker-compose.yml, deploy/Dockerfile.*), from npm.
+	@if command -v npm >/dev/null 2>&1 && [ ! -x $(VENV)/node/node_modules/.bin/dclint ]; then \
+	  npm install --silent --no-audit --no-fund --prefix $(VENV)/node dclint@3.1.0 dockerfile-utils@0.16.3; \
+	fi
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@rm -f $(VENV)/.installed-*

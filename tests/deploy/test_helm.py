@@ -128,7 +128,7 @@ def pools(objs: list[dict]) -> dict[str, dict]:
 
 
 def args_of(lws: dict) -> list[str]:
-    return lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["args"]
+    return lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["command"]
 
 
 def test_deepseek_profile_groups_follow_the_ep_arithmetic_and_render_fast():
@@ -171,7 +171,8 @@ def test_sglang_command_lines_carry_what_each_mode_needs():
         "containers"
     ][0]
     assert (
-        "--bootstrap-port=8998" in orchestrator["args"] and "--membership=kubernetes" in orchestrator["args"]
+        "--bootstrap-port=8998" in orchestrator["command"]
+        and "--membership=kubernetes" in orchestrator["command"]
     )
 
 
