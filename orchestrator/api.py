@@ -103,7 +103,7 @@ def create_app(config: ApiConfig, pool: Registry, membership: Membership) -> Fas
         return {"object": "list", "data": [model]}
 
     async def complete(request: Request, kind: Kind) -> Response:
-        req = parse_request(await request.body(), kind, config)
+        req = parse_request(await read_body(request, config.max_body_bytes), kind, config)
         prompt = prompt_ids(req, tokenizer)
         sampling = sampling_params(req, len(prompt), pool.context_limit())
         slot = admission.admit()
@@ -121,6 +121,17 @@ def create_app(config: ApiConfig, pool: Registry, membership: Membership) -> Fas
         return await complete(request, "completion")
 
     return app
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (a chunked upload has no length)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body over {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def error_response(err: ApiError) -> JSONResponse:

@@ -28,6 +28,15 @@ def parse_request(body: bytes, kind: Kind, config: ApiConfig) -> OpenAIRequest:
         raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(raw, dict):
         raise ApiError(400, "request body must be a JSON object")
+    try:  # JSON may escape half a surrogate pair ("\ud800"); no tokenizer can take that
+        json.dumps(raw, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(
+            400,
+            f"request body has a lone surrogate ({e.object[e.start : e.end]!a}); "
+            "text must be valid Unicode (send surrogates in pairs)",
+            code="invalid_unicode",
+        ) from None
     try:
         req = BODIES[kind].model_validate(raw)
     except ValidationError as e:
@@ -56,6 +65,12 @@ def prompt_ids(req: OpenAIRequest, tokenizer: Tokenizer) -> list[int]:
     ids = req.prompt if isinstance(req.prompt, list) else tokenizer.encode(req.prompt)
     if not ids:
         raise ApiError(400, "prompt is empty", param="prompt")
+    vocab = tokenizer.model_vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ApiError(
+            400, f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}", param="prompt"
+        )
     return ids
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,17 @@ class Tokenizer:
         if not path.is_file():
             raise TokenizerError(f"model directory {model_dir} has no tokenizer.json")
         self._tok = _HFTokenizer.from_file(str(path))
+        model_cfg = model_dir / "config.json"
+        vocab = json.loads(model_cfg.read_text()).get("vocab_size") if model_cfg.is_file() else None
+        self.model_vocab_size: int = int(vocab or self._tok.get_vocab_size(with_added_tokens=True))
+        """Token ids the model takes (config.json's vocab_size; the tokenizer's when absent)."""
         cfg_path = model_dir / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
-        self.special_ids = {
-            tid for tid, tok in self._tok.get_added_tokens_decoder().items() if getattr(tok, "special", False)
-        }
+        specials = {tid: tok for tid, tok in self._tok.get_added_tokens_decoder().items() if tok.special}
+        self.special_ids = set(specials)
+        self.special_texts = [tok.content for tok in specials.values() if tok.content]
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -64,12 +69,52 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
     ) -> list[int]:
+        """The prompt's ids. Message content never becomes special tokens: text such as
+        `<|end_of_text|><|assistant|>` in a user turn stays text (only the template's own markup
+        is special), so no one can forge a turn. Other prompts tokenize as transformers does."""
+        text = self._render(messages, add_generation_prompt)
+        contents = [str(m.get("content") or "") for m in messages]
+        spelled = [t for t in self.special_texts if any(t in c for c in contents)]
+        if not spelled:
+            return self.encode(text, add_special_tokens=False)
+        # Some content spells special tokens: find where each content sits in the text by
+        # rendering placeholders, then encode the template's parts with markup and the content as text.
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        marked = self._render(
+            [{**m, "content": k} for m, k in zip(messages, marks, strict=True)], add_generation_prompt
+        )
+        pieces, pos = [], 0
+        for match in re.finditer("\ue000(\\d+)\ue001", marked):
+            pieces.append((marked[pos : match.start()], True))
+            pieces.append((contents[int(match.group(1))], False))
+            pos = match.end()
+        pieces.append((marked[pos:], True))
+        if "".join(p for p, _ in pieces) != text:
+            raise ChatTemplateError(
+                f"a message contains special-token text ({spelled[0]!r}) that this model's chat "
+                "template would read as markup; remove it"
+            )
+        ids: list[int] = []
+        for piece, markup in pieces:
+            if piece:
+                ids += self.encode(piece, add_special_tokens=False) if markup else self._encode_as_text(piece)
+        return ids
+
+    def _encode_as_text(self, text: str) -> list[int]:
+        """`text` tokenized with special-token strings taken as plain text."""
+        self._tok.encode_special_tokens = True
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tok.encode_special_tokens = False
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         if self._template is None:
             raise ChatTemplateError(
                 "this model has no chat template; use /v1/completions with a plain prompt"
             )
         try:
-            text = self._template.render(
+            return self._template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
@@ -77,7 +122,6 @@ class Tokenizer:
             )
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"the chat template rejected the messages: {e}") from e
-        return self.encode(text, add_special_tokens=False)
 
 
 def _compile(source: str) -> jinja2.Template:

@@ -92,3 +92,39 @@ def test_a_stopping_server_answers_503_and_is_not_ready(app):
     }
     ready = call(app, "GET", "/ready")
     assert ready.status_code == 503 and ready.json()["status"] == "shutting down"
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_reading(app):
+    """No Content-Length: the limit holds as the body streams in, not after buffering it whole."""
+    read = 0
+
+    async def body():
+        nonlocal read
+        for _ in range(1000):  # 1000 x 1 KiB, far over the 4 KiB limit
+            read += 1
+            yield b"x" * 1024
+
+    r = call(app, "POST", "/v1/completions", headers=AUTH, content=body())
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    assert read < 50, f"{read} KiB were read before the 413"
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ('{"model": "tiny", "prompt": "a\\ud800b"}', "lone surrogate"),
+        ('{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}', "lone surrogate"),
+        ('{"model": "tiny", "prompt": [1, -5]}', "token ids"),
+        ('{"model": "tiny", "prompt": [1, 4294967296]}', "token ids"),
+        ('{"model": "tiny", "prompt": [1, 100000]}', "token ids"),
+    ],
+)
+def test_bad_text_and_token_ids_are_400s_not_500s(app, body, fragment):
+    r = call(
+        app,
+        "POST",
+        "/v1/completions" if "prompt" in body else "/v1/chat/completions",
+        headers=AUTH,
+        content=body,
+    )
+    assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
