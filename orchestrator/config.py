@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,3 +29,20 @@ class ApiConfig:
             object.__setattr__(self, "served_model_name", Path(self.model_dir).name)
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency is {self.max_concurrency}; it must be at least 1")
+
+
+def read_keys(path: Path | None) -> list[str]:
+    """API keys from a file: one per line (or comma-separated), blank lines and # comments skipped."""
+    if path is None:
+        return []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise ValueError(f"cannot read the API key file {path}: {e.strerror}") from None
+    return [
+        k.strip() for line in lines if not line.lstrip().startswith("#") for k in line.split(",") if k.strip()
+    ]
+
+
+def env_keys() -> list[str]:
+    return [k for k in os.environ.get("MOESERVE_API_KEYS", "").split(",") if k]

@@ -18,7 +18,7 @@ import typer
 import uvicorn
 
 from orchestrator.api import create_app
-from orchestrator.config import ApiConfig
+from orchestrator.config import ApiConfig, env_keys, read_keys
 from orchestrator.membership import create as create_membership
 from orchestrator.registry import Registry
 from orchestrator.tokenizer import TokenizerError
@@ -96,6 +96,7 @@ def serve(
     api_key: Annotated[
         list[str] | None, typer.Option(help="accepted bearer key (repeatable); also MOESERVE_API_KEYS=k1,k2")
     ] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="file of accepted keys, one per line")] = None,
     max_concurrency: int = 256,
 ) -> None:
     addresses = take_variadic(ctx.args)
@@ -108,7 +109,7 @@ def serve(
 
 
 def config_from_args(a: argparse.Namespace) -> ApiConfig:
-    keys = set(a.api_key) | {k for k in os.environ.get("MOESERVE_API_KEYS", "").split(",") if k}
+    keys = set(a.api_key) | set(read_keys(a.api_key_file)) | set(env_keys())
     return ApiConfig(
         a.model, a.served_model_name, frozenset(keys), a.max_concurrency, admin_token=a.admin_token
     )

@@ -29,6 +29,7 @@ import typer
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
+from orchestrator.config import env_keys, read_keys
 from services.process import port_in_use, spawn_env, stop_on_signals
 
 ORCHESTRATOR_STOP_S = 2.0
@@ -43,8 +44,9 @@ class Cluster:
     def __init__(self) -> None:
         self.children: list[tuple[str, subprocess.Popen]] = []
 
-    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        env = spawn_env({**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start a child; `env` adds variables (secrets go there, never on a command line)."""
+        env = spawn_env({**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
         proc = subprocess.Popen([sys.executable, *args], env=env, start_new_session=True)
         self.children.append((name, proc))
         return proc
@@ -133,8 +135,15 @@ def up(
     ] = Arch.deepseek_v3,
     host: str = "127.0.0.1",
     port: int = 8000,
-    api_key: Annotated[list[str] | None, typer.Option(help="accepted bearer key (repeatable)")] = None,
-    admin_token: Annotated[str, typer.Option(help="bearer token of /admin/* (default: loopback only)")] = "",
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(help="accepted bearer key (repeatable; better MOESERVE_API_KEYS or --api-key-file)"),
+    ] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="file of accepted keys, one per line")] = None,
+    admin_token: Annotated[
+        str,
+        typer.Option(envvar="MOESERVE_ADMIN_TOKEN", help="bearer token of /admin/* (default: loopback only)"),
+    ] = "",
     prefill: Annotated[int, typer.Option(help="prefill instances")] = 1,
     decode: Annotated[int, typer.Option(help="decode instances")] = 1,
     prefill_ep: Annotated[int, typer.Option(help="expert-parallel ranks per prefill instance")] = 2,
@@ -167,11 +176,10 @@ def run(a: argparse.Namespace) -> int:
         serve += ["--membership", "local", "--prefill-instances", str(a.prefill)]
         serve += ["--decode-instances", str(a.decode), "--prefill-ep", str(a.prefill_ep)]
         serve += ["--decode-ep", str(a.decode_ep)]
-        for key in a.api_key:
-            serve += ["--api-key", key]
-        if a.admin_token:
-            serve += ["--admin-token", a.admin_token]
-        cluster.spawn("orchestrator", serve)
+        # Secrets go to the orchestrator through its environment: a command line shows in `ps`.
+        keys = [*a.api_key, *read_keys(a.api_key_file), *env_keys()]
+        secrets = {"MOESERVE_API_KEYS": ",".join(keys), "MOESERVE_ADMIN_TOKEN": a.admin_token}
+        cluster.spawn("orchestrator", serve, env=secrets)
         wait_http(cluster, f"http://{a.host}:{a.port}/ready", a.ready_timeout)
         print(
             f"moeserve is up: OpenAI API at http://{a.host}:{a.port}/v1 serving model {model.name!r} "
@@ -184,7 +192,7 @@ def run(a: argparse.Namespace) -> int:
                 print(f"moeserve up: {why}; stopping", file=sys.stderr)
                 return 1
         return 0
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         print(f"moeserve up: {e}", file=sys.stderr)
         return 1
     finally:

@@ -194,3 +194,61 @@ def test_up_serves_an_fp8_checkpoint_exactly(tmp_path, fp8_dirs):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_keys_from_a_file_reach_the_orchestrator_without_a_command_line(tmp_path):
+    """`ps` must not show secrets: keys and the admin token travel to children in the environment."""
+    keys = tmp_path / "keys"
+    keys.write_text("# API keys\nk-one\nk-two,k-three\n")
+    port = free_port()
+    env = {
+        **os.environ,
+        "MOESERVE_CACHE": str(tmp_path),
+        "OMP_NUM_THREADS": "1",
+        "MOESERVE_ADMIN_TOKEN": "adm-s3cret",
+    }
+    proc = subprocess.Popen(
+        [
+            MOESERVE,
+            "up",
+            "--port",
+            str(port),
+            "--api-key-file",
+            str(keys),
+            "--prefill-ep",
+            "1",
+            "--decode-ep",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        deadline, line = time.monotonic() + 240, ""
+        while time.monotonic() < deadline and "moeserve is up" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "moeserve up exited early"
+        for pid in descendants_of(proc.pid):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert b"k-two" not in cmdline and b"adm-s3cret" not in cmdline, cmdline
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+        for key in ("k-one", "k-three"):
+            assert (
+                httpx.get(
+                    f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10
+                ).status_code
+                == 200
+            )
+        admin = httpx.get(f"{url}/admin/pools", headers={"Authorization": "Bearer k-one"}, timeout=10)
+        assert admin.status_code == 403  # a user key on the admin API
+        admin = httpx.get(f"{url}/admin/pools", headers={"Authorization": "Bearer adm-s3cret"}, timeout=10)
+        assert admin.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
