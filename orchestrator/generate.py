@@ -5,7 +5,8 @@ shutdown) both calls are cancelled and both workers get an Abort, so no KV stays
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
 from orchestrator.errors import ApiError, upstream_error
 from orchestrator.registry import Instance, State
-from orchestrator.router import NoWorkers, Router
+from orchestrator.router import Lease, NoWorkers, Router
 
 REQUEST_TIMEOUT_S = 600.0
 _background: set[asyncio.Future] = set()
@@ -32,14 +33,64 @@ class TokenEvent:
     cached_tokens: int = 0
 
 
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
+"""Failures of an instance (not of the request) that a fresh pair may not have."""
+MAX_ATTEMPTS = 3
+RETRY_BUDGET_S = 30.0
+BACKOFF_S = 0.05
+
+
+class _BeforeFirstToken(Exception):
+    """An attempt failed before the client saw anything: retry it on a fresh pair."""
+
+    def __init__(self, blame: Instance, error: ApiError):
+        self.blame, self.error = blame, error
+
+
 async def generate(
     router: Router, prompt_ids: list[int], sampling: pb.SamplingParams, request_id: str
 ) -> AsyncIterator[TokenEvent]:
-    """The decode worker's token stream; raises ApiError when no worker can take it or a worker fails."""
-    try:
-        lease = router.lease(request_id)
-    except NoWorkers as e:
-        raise ApiError(503, str(e), "service_unavailable") from None
+    """The decode worker's token stream; raises ApiError when no worker can take it or a worker fails.
+
+    A failure before the first token (an instance refusing, unreachable, a failed KV hand-off) is
+    retried on a fresh pair — up to MAX_ATTEMPTS within RETRY_BUDGET_S, with jittered backoff —
+    and counts against the failing instance's circuit breaker; the client sees none of it.
+    """
+    avoid: set[str] = set()
+    deadline = time.monotonic() + RETRY_BUDGET_S
+    last: ApiError | None = None
+    for attempt in range(MAX_ATTEMPTS):
+        try:
+            lease = router.lease(request_id, frozenset(avoid))
+        except NoWorkers as e:
+            if last is not None:  # the failure that started the retry says more
+                message = f"{last}; no instance left to retry on ({e})"
+                raise ApiError(last.status, message, last.type) from None
+            raise ApiError(503, str(e), "service_unavailable") from None
+        try:
+            async for event in _attempt(lease, prompt_ids, sampling, request_id):
+                yield event
+            return
+        except _BeforeFirstToken as failed:
+            failed.blame.breaker.failure()
+            avoid.add(failed.blame.id)
+            last = failed.error
+            if attempt + 1 == MAX_ATTEMPTS or time.monotonic() > deadline:
+                raise failed.error from None
+            await asyncio.sleep(BACKOFF_S * 2**attempt * (0.5 + random.random()))
+
+
+async def _attempt(
+    lease: Lease, prompt_ids: list[int], sampling: pb.SamplingParams, request_id: str
+) -> AsyncIterator[TokenEvent]:
     prefill, decode = lease.prefill, lease.decode
     request = pb.GenerateRequest(
         request_id=request_id,
@@ -53,13 +104,21 @@ async def generate(
         stream=True,
     )
     pcall = dcall = prefill_done = None
-    finished = False
+    finished = started = False
     try:
         pcall = prefill.stub.Generate(request, timeout=REQUEST_TIMEOUT_S)
         dcall = decode.stub.Generate(request, timeout=REQUEST_TIMEOUT_S)
         prefill_done = _keep(asyncio.ensure_future(_drain(pcall)))
+        responses = dcall.__aiter__()
         try:
-            async for resp in dcall:
+            while True:
+                if started:
+                    resp = await responses.__anext__()
+                else:  # before the first token, a failed prefill ends the attempt at once
+                    resp = await _first(responses, prefill_done, prefill)
+                    started = True
+                    prefill.breaker.success()
+                    decode.breaker.success()
                 if resp.HasField("chunk"):
                     c = resp.chunk
                     yield TokenEvent(
@@ -73,8 +132,13 @@ async def generate(
                     yield TokenEvent(
                         [], c.finish_reason, c.prompt_tokens, c.completion_tokens, c.cached_tokens
                     )
+        except StopAsyncIteration:
+            pass
         except grpc.aio.AioRpcError as e:
-            raise upstream_error("decode", decode.address, e.code(), e.details()) from None
+            error = upstream_error("decode", decode.address, e.code(), e.details())
+            if not started and e.code() in RETRYABLE:
+                raise _BeforeFirstToken(decode, error) from None
+            raise error from None
         if not finished:
             raise ApiError(502, f"decode worker {decode.address} ended the stream early", "upstream_error")
     finally:
@@ -90,6 +154,20 @@ async def generate(
             lease.release()
         else:
             prefill_done.add_done_callback(lambda _: lease.release())
+
+
+async def _first(responses, prefill_done: asyncio.Future, prefill: Instance) -> pb.GenerateResponse:
+    """The decode stream's first message, unless the prefill call fails first (then a retry)."""
+    nxt = asyncio.ensure_future(responses.__anext__())
+    await asyncio.wait({nxt, prefill_done}, return_when=asyncio.FIRST_COMPLETED)
+    error = prefill_done.result() if prefill_done.done() else None
+    if not nxt.done() and error is not None:
+        nxt.cancel()
+        api_error = upstream_error("prefill", prefill.address, error.code(), error.details())
+        if error.code() in RETRYABLE:
+            raise _BeforeFirstToken(prefill, api_error)
+        raise api_error
+    return await nxt
 
 
 def _raise_if_drained(*instances: Instance) -> None:
@@ -117,7 +195,13 @@ def _keep(task: asyncio.Future) -> asyncio.Future:
     return task
 
 
-async def _drain(call) -> None:
-    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+async def _drain(call) -> grpc.aio.AioRpcError | None:
+    """Read the prefill call to its end; its error, if it failed (cancellation is no failure)."""
+    try:
         async for _ in call:
             pass
+    except grpc.aio.AioRpcError as e:
+        return None if e.code() == grpc.StatusCode.CANCELLED else e
+    except asyncio.CancelledError:
+        pass
+    return None

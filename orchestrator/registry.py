@@ -31,6 +31,7 @@ import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
+from orchestrator.breaker import COOLDOWN_S, THRESHOLD, Breaker
 from services.proto.moeserve.v1 import worker_control_pb2 as ctl
 from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
 
@@ -82,6 +83,8 @@ class Instance:
     """Requests this orchestrator has sent it so far."""
     pid: int | None = None
     """The instance's process on this machine (local backend), else None."""
+    breaker: Breaker = field(default_factory=Breaker)
+    """Stops its traffic after consecutive failed requests; a probe lets it back."""
     balancedness: float | None = None
     """Expert load over its EP ranks, mean / max per MoE layer averaged (1.0 = even); None unknown."""
     loads: list[RankLoad] = field(default_factory=list)
@@ -225,6 +228,8 @@ class Instance:
             "kv_used_tokens": sum(ld.kv_used_tokens for ld in self.loads),
             "kv_total_tokens": sum(ld.kv_total_tokens for ld in self.loads),
             "balancedness": self.balancedness,
+            "breaker": self.breaker.state.value,
+            "breaker_opened": self.breaker.opened,
             "dp_ranks": [ld.__dict__ for ld in self.loads],
         }
 
@@ -241,7 +246,8 @@ def _ep_size(server: pb.GetServerInfoResponse) -> int:
 class Registry:
     """The instances of both roles, polled in the background; backends add and remove them."""
 
-    def __init__(self) -> None:
+    def __init__(self, breaker_threshold: int = THRESHOLD, breaker_cooldown_s: float = COOLDOWN_S) -> None:
+        self.breaker_threshold, self.breaker_cooldown_s = breaker_threshold, breaker_cooldown_s
         self.instances: dict[str, Instance] = {}
         self._ids = itertools.count(1)
         self._task: asyncio.Task | None = None
@@ -255,6 +261,7 @@ class Registry:
         self, role: Role, address: str, bootstrap_port: int | None = None, id: str | None = None
     ) -> Instance:
         inst = Instance(id or f"{role}-{next(self._ids)}", role, address, bootstrap_port)
+        inst.breaker = Breaker(self.breaker_threshold, self.breaker_cooldown_s)
         self.instances[inst.id] = inst
         return inst
 

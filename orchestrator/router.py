@@ -50,20 +50,33 @@ class Router:
         self._rng = random.Random(seed)
         self.live_rooms: set[int] = set()
 
-    def lease(self, request_id: str = "") -> Lease:
-        """Picks decode then prefill and counts the request on both; raises NoWorkers if a role has none."""
-        decode = self._pick(self.pool.decode, "decode")
-        prefill = self._pick(self.pool.prefill, "prefill")
+    def lease(self, request_id: str = "", avoid: frozenset[str] = frozenset()) -> Lease:
+        """Picks decode then prefill and counts the request on both; raises NoWorkers if a role has none.
+
+        `avoid`: instance ids this request already failed on (a retry prefers others, but takes
+        one of them again rather than none).
+        """
+        decode = self._pick(self.pool.decode, "decode", avoid)
+        prefill = self._pick(self.pool.prefill, "prefill", avoid)
         for inst in (prefill, decode):
             inst.inflight += 1
             inst.served += 1
             inst.requests.add(request_id)
+            inst.breaker.picked()
         return Lease(prefill, decode, self._new_room(), request_id, self)
 
-    def _pick(self, instances: list[Instance], role: str) -> Instance:
-        ready = [i for i in instances if i.state == State.READY]
+    def _pick(self, instances: list[Instance], role: str, avoid: frozenset[str]) -> Instance:
+        ready = [i for i in instances if i.state == State.READY and i.breaker.allows()]
+        ready = [i for i in ready if i.id not in avoid] or ready
         if not ready:
-            states = ", ".join(f"{i.id} {i.state.value}" for i in instances) or "none registered"
+            states = (
+                ", ".join(
+                    f"{i.id} {i.state.value}"
+                    + ("" if i.breaker.allows() else f", breaker {i.breaker.state.value}")
+                    for i in instances
+                )
+                or "none registered"
+            )
             raise NoWorkers(f"no ready {role} instance ({states}); check the {role} pool")
         return self._pickers[role].pick(ready, load=lambda i: i.inflight)
 

@@ -98,6 +98,12 @@ def serve(
     ] = None,
     api_key_file: Annotated[Path | None, typer.Option(help="file of accepted keys, one per line")] = None,
     max_concurrency: int = 256,
+    breaker_threshold: Annotated[
+        int, typer.Option(help="failed requests in a row that stop an instance's traffic")
+    ] = 3,
+    breaker_cooldown: Annotated[
+        float, typer.Option(help="seconds before a stopped instance gets a probe")
+    ] = 5.0,
 ) -> None:
     addresses = take_variadic(ctx.args)
     options = argparse.Namespace(
@@ -160,7 +166,7 @@ def run(a: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     try:
-        registry = Registry()
+        registry = Registry(a.breaker_threshold, a.breaker_cooldown)
         if a.membership == "static":
             if not a.prefill or not a.decode:
                 raise ValueError("--membership static needs --prefill ADDR... and --decode ADDR...")

@@ -22,10 +22,10 @@ class LocalCluster:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
 
-    def worker(self, name: str, role: str, model, *extra: str) -> str:
+    def worker(self, name: str, role: str, model, *extra: str, env: dict[str, str] | None = None) -> str:
         port = free_port()
         args = ["-m", "services.worker", "--role", role, "--model", str(model), "--port", str(port), *extra]
-        self.procs[name] = self.cluster.spawn(name, args)
+        self.procs[name] = self.cluster.spawn(name, args, env=env)
         address = f"127.0.0.1:{port}"
         wait_worker(self.cluster, address, READY_TIMEOUT_S)
         self.addresses[name] = address

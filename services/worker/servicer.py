@@ -79,12 +79,17 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
         self.calls = calls
         """gRPC calls served, per method (`server.CallCounter`)."""
         self.started = time.time()
+        self._refuse = int(os.environ.get("MOESERVE_FAULT_REFUSE_GENERATE", "0") or 0)
+        """Fault injection for tests: refuse this many Generate calls first (UNAVAILABLE)."""
 
     # -- generation ------------------------------------------------------------------------------
 
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateResponse]:
+        if self._refuse > 0:  # fault injection (tests): refuse as an overloaded worker would
+            self._refuse -= 1
+            context.abort(grpc.StatusCode.UNAVAILABLE, "refused (MOESERVE_FAULT_REFUSE_GENERATE)")
         ctl = self.ctl
         pinned = request.data_parallel_rank if request.HasField("data_parallel_rank") else None
         dp = request.disaggregated_params if request.HasField("disaggregated_params") else None

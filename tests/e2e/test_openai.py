@@ -247,7 +247,9 @@ def test_killed_prefill_gives_a_clear_error_and_frees_decode(ds_dir):
                 fut.result()
         assert time.monotonic() - start < 15
         assert e.value.status_code == 503
-        assert "KV hand-off from prefill" in str(e.value)
+        # Either the decode's failed hand-off or the prefill call itself names the prefill (the
+        # orchestrator retried the request first, and had no other prefill to retry on).
+        assert "KV hand-off from prefill" in str(e.value) or "prefill worker" in str(e.value)
         load = c.load("decode")
         assert load.num_used_tokens == 0 and load.num_total_reqs == 0
     finally:
