@@ -14,7 +14,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from orchestrator.admin import add_admin_routes
+from orchestrator import metrics
+from orchestrator.admin import add_admin_routes, check_admin
 from orchestrator.admission import Admission
 from orchestrator.config import ApiConfig
 from orchestrator.envelopes import Envelope
@@ -91,6 +92,12 @@ def create_app(config: ApiConfig, pool: Registry, membership: Membership) -> Fas
             return JSONResponse({"status": "ready", "workers": workers})
         return JSONResponse({"status": "not ready", "workers": workers}, status_code=503)
 
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        if config.admin_token:  # with an admin token configured, metrics need it too
+            check_admin(request, config.admin_token, config.api_keys)
+        return Response(metrics.exposition(pool), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         model = {
@@ -103,12 +110,18 @@ def create_app(config: ApiConfig, pool: Registry, membership: Membership) -> Fas
         return {"object": "list", "data": [model]}
 
     async def complete(request: Request, kind: Kind) -> Response:
-        req = parse_request(await read_body(request, config.max_body_bytes), kind, config)
-        prompt = prompt_ids(req, tokenizer)
-        sampling = sampling_params(req, len(prompt), pool.context_limit())
-        slot = admission.admit()
-        envelope = Envelope.for_request(kind, req, config.served_model_name)
-        tokens = generate(router, prompt, sampling, envelope.id)
+        start = time.monotonic()
+        model = config.served_model_name
+        try:
+            req = parse_request(await read_body(request, config.max_body_bytes), kind, config)
+            prompt = prompt_ids(req, tokenizer)
+            sampling = sampling_params(req, len(prompt), pool.context_limit())
+            slot = admission.admit()
+        except ApiError as e:
+            metrics.REQUESTS.labels(model, "rejected" if e.status in (429, 503) else "invalid").inc()
+            raise
+        envelope = Envelope.for_request(kind, req, model)
+        tokens = metrics.timed(generate(router, prompt, sampling, envelope.id), model, start)
         events = text_events(tokens, tokenizer, req.stop_list, req.skip_special_tokens)
         return await respond(envelope, req.stream, events, slot, admission)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
+from orchestrator import metrics
 from orchestrator.errors import ApiError, upstream_error
 from orchestrator.registry import Instance, State
 from orchestrator.router import Lease, NoWorkers, Router
@@ -83,6 +84,7 @@ async def generate(
             failed.blame.breaker.failure()
             avoid.add(failed.blame.id)
             last = failed.error
+            metrics.RETRIES.inc()
             if attempt + 1 == MAX_ATTEMPTS or time.monotonic() > deadline:
                 raise failed.error from None
             await asyncio.sleep(BACKOFF_S * 2**attempt * (0.5 + random.random()))

@@ -59,3 +59,37 @@ def test_a_refusing_prefill_is_retried_around_then_its_breaker_opens_and_closes(
     for _ in range(4):
         client.completions.create(model="deepseek_v3", prompt="retry me", max_tokens=2, temperature=0)
     assert breaker_of(url, bad)["served"] > before
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_parse_and_move_under_load(flaky):
+    _, url, _ = flaky
+    model = ("model", "deepseek_v3")
+    before = scrape(url)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+    for i in range(6):
+        stream = client.completions.create(model="deepseek_v3", prompt=f"m {i}", max_tokens=5, stream=True)
+        list(stream)
+    after = scrape(url)
+
+    def moved(name: str, labels: tuple = (model,)) -> float:
+        key = (name, tuple(sorted(labels)))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert moved("moeserve_time_to_first_token_seconds_count") == 6
+    assert moved("moeserve_e2e_request_latency_seconds_count") == 6
+    assert moved("moeserve_inter_token_latency_seconds_count") >= 6 * 3
+    assert moved("moeserve_requests_total", (model, ("outcome", "success"))) == 6
+    assert after[("moeserve_retries_total", ())] >= REFUSALS  # the refusals of the first test
+    instances = {dict(k[1]).get("instance") for k in after if k[0] == "moeserve_instance_state"}
+    assert {"prefill-1", "prefill-2", "decode-3"} <= instances

@@ -1,0 +1,111 @@
+"""Prometheus metrics of the orchestrator (`GET /metrics`), all named `moeserve_*`.
+
+Per request: time to first token, inter-token latency, end-to-end latency (histograms by model)
+and the outcome (counter); retries before the first token; per instance at scrape time: state,
+breaker state, running and waiting requests, KV tokens in use and in total.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from orchestrator.breaker import BreakerState
+from orchestrator.registry import Registry, State
+
+if TYPE_CHECKING:
+    from orchestrator.generate import TokenEvent
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+REGISTRY = CollectorRegistry()
+TTFT = Histogram(
+    "moeserve_time_to_first_token_seconds", "From request arrival to its first token.", ["model"],
+    buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+ITL = Histogram(
+    "moeserve_inter_token_latency_seconds", "Between consecutive tokens of a request.", ["model"],
+    buckets=ITL_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+E2E = Histogram(
+    "moeserve_e2e_request_latency_seconds", "From request arrival to its last token.", ["model"],
+    buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+REQUESTS = Counter(
+    "moeserve_requests", "Requests by outcome: success, error, cancelled (client left), rejected, invalid.",
+    ["model", "outcome"], registry=REGISTRY,
+)  # fmt: skip
+RETRIES = Counter(
+    "moeserve_retries", "Requests retried on a fresh pair before their first token.", registry=REGISTRY
+)
+
+
+async def timed(events: AsyncIterator[TokenEvent], model: str, start: float) -> AsyncIterator[TokenEvent]:
+    """`events` unchanged; records TTFT, ITL (per token), end-to-end latency and the outcome."""
+    last: float | None = None
+    outcome = "error"
+    try:
+        async for event in events:
+            now = time.monotonic()
+            if event.token_ids:
+                if last is None:
+                    TTFT.labels(model).observe(now - start)
+                else:
+                    for _ in event.token_ids:  # tokens that arrive together share the interval
+                        ITL.labels(model).observe((now - last) / len(event.token_ids))
+                last = now
+            if event.finish_reason is not None:
+                outcome = "success"
+                E2E.labels(model).observe(now - start)
+            yield event
+    except GeneratorExit:  # closed by its consumer: after the last token, or the client left
+        outcome = "success" if outcome == "success" else "cancelled"
+        raise
+    finally:
+        REQUESTS.labels(model, outcome).inc()
+
+
+class InstanceCollector(Collector):
+    """The registry's instances as gauges, read at scrape time."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        labels = ["instance", "role"]
+        state = GaugeMetricFamily(
+            "moeserve_instance_state", "1 for the instance's current state.", labels=[*labels, "state"]
+        )
+        breaker = GaugeMetricFamily(
+            "moeserve_instance_breaker",
+            "1 for the instance's circuit-breaker state.",
+            labels=[*labels, "state"],
+        )
+        running = GaugeMetricFamily("moeserve_instance_running_requests", "Requests running.", labels=labels)
+        waiting = GaugeMetricFamily("moeserve_instance_waiting_requests", "Requests waiting.", labels=labels)
+        kv_used = GaugeMetricFamily("moeserve_instance_kv_used_tokens", "KV tokens in use.", labels=labels)
+        kv_total = GaugeMetricFamily("moeserve_instance_kv_total_tokens", "KV tokens in all.", labels=labels)
+        for inst in self.registry.all:
+            ids = [inst.id, inst.role]
+            for s in State:
+                state.add_metric([*ids, s.value], 1.0 if inst.state == s else 0.0)
+            for b in BreakerState:
+                breaker.add_metric([*ids, b.value], 1.0 if inst.breaker.state == b else 0.0)
+            running.add_metric(ids, sum(ld.running for ld in inst.loads))
+            waiting.add_metric(ids, sum(ld.waiting for ld in inst.loads))
+            kv_used.add_metric(ids, sum(ld.kv_used_tokens for ld in inst.loads))
+            kv_total.add_metric(ids, sum(ld.kv_total_tokens for ld in inst.loads))
+        yield from (state, breaker, running, waiting, kv_used, kv_total)
+
+
+def exposition(registry: Registry) -> bytes:
+    """The text exposition: the request metrics and this registry's instances."""
+    instances = CollectorRegistry()
+    instances.register(InstanceCollector(registry))
+    return generate_latest(REGISTRY) + generate_latest(instances)
