@@ -49,8 +49,19 @@ RETRY_BUDGET_S = 30.0
 BACKOFF_S = 0.05
 
 
+MAX_MIGRATIONS = 2
+"""How many times one request may move to a fresh pair after its first token."""
+
+
 class _BeforeFirstToken(Exception):
     """An attempt failed before the client saw anything: retry it on a fresh pair."""
+
+    def __init__(self, blame: Instance, error: ApiError):
+        self.blame, self.error = blame, error
+
+
+class _MidStream(Exception):
+    """The decode instance failed after tokens went out: migrate what is left to a fresh pair."""
 
     def __init__(self, blame: Instance, error: ApiError):
         self.blame, self.error = blame, error
@@ -64,8 +75,43 @@ async def generate(
     A failure before the first token (an instance refusing, unreachable, a failed KV hand-off) is
     retried on a fresh pair — up to MAX_ATTEMPTS within RETRY_BUDGET_S, with jittered backoff —
     and counts against the failing instance's circuit breaker; the client sees none of it.
+    A decode instance that fails mid-stream is migrated from: the prompt plus the tokens already
+    sent go to a fresh pair (the prefill recomputes them) for what is left of `max_tokens`, and
+    the stream goes on with no token repeated or missing; usage counts what the client got.
+    Greedy requests continue exactly; sampled ones continue with the request's seed restarted.
     """
+    generated: list[int] = []
     avoid: set[str] = set()
+    for migration in range(MAX_MIGRATIONS + 1):
+        left = sampling.max_new_tokens - len(generated)
+        if generated and left <= 0:
+            yield TokenEvent([], "length", len(prompt_ids), len(generated))
+            return
+        part = pb.SamplingParams()
+        part.CopyFrom(sampling)
+        part.max_new_tokens = left
+        segment_id = request_id if not migration else f"{request_id}-m{migration}"
+        base = len(generated)  # tokens sent before this segment; its worker counts from zero
+        try:
+            async for event in _with_retries(router, [*prompt_ids, *generated], part, segment_id, avoid):
+                generated += event.token_ids
+                yield TokenEvent(
+                    event.token_ids, event.finish_reason, len(prompt_ids), base + event.completion_tokens,
+                    event.cached_tokens,
+                )  # fmt: skip
+            return
+        except _MidStream as moved:
+            moved.blame.breaker.failure()
+            avoid.add(moved.blame.id)
+            if migration == MAX_MIGRATIONS:
+                raise moved.error from None
+            metrics.MIGRATIONS.inc()
+
+
+async def _with_retries(
+    router: Router, prompt_ids: list[int], sampling: pb.SamplingParams, request_id: str, avoid: set[str]
+) -> AsyncIterator[TokenEvent]:
+    """One segment of a request, retried on fresh pairs until its first token."""
     deadline = time.monotonic() + RETRY_BUDGET_S
     last: ApiError | None = None
     for attempt in range(MAX_ATTEMPTS):
@@ -138,11 +184,12 @@ async def _attempt(
             pass
         except grpc.aio.AioRpcError as e:
             error = upstream_error("decode", decode.address, e.code(), e.details())
-            if not started and e.code() in RETRYABLE:
-                raise _BeforeFirstToken(decode, error) from None
+            if e.code() in RETRYABLE:
+                raise (_MidStream if started else _BeforeFirstToken)(decode, error) from None
             raise error from None
         if not finished:
-            raise ApiError(502, f"decode worker {decode.address} ended the stream early", "upstream_error")
+            error = ApiError(502, f"decode worker {decode.address} ended the stream early", "upstream_error")
+            raise (_MidStream if started else _BeforeFirstToken)(decode, error)
     finally:
         if not finished:
             for call in (pcall, dcall):

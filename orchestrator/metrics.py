@@ -1,7 +1,8 @@
 """Prometheus metrics of the orchestrator (`GET /metrics`), all named `moeserve_*`.
 
 Per request: time to first token, inter-token latency, end-to-end latency (histograms by model)
-and the outcome (counter); retries before the first token; per instance at scrape time: state,
+and the outcome (counter); retries before the first token and migrations after it; per instance
+at scrape time: state,
 breaker state, running and waiting requests, KV tokens in use and in total.
 """
 
@@ -43,6 +44,11 @@ REQUESTS = Counter(
 )  # fmt: skip
 RETRIES = Counter(
     "moeserve_retries", "Requests retried on a fresh pair before their first token.", registry=REGISTRY
+)
+MIGRATIONS = Counter(
+    "moeserve_migrations",
+    "Requests moved to a fresh pair after their decode instance failed mid-stream.",
+    registry=REGISTRY,
 )
 
 
