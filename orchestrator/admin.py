@@ -5,7 +5,8 @@
     POST /admin/pools/{role}/scale          {"count": N}: scale the role (drains before removing)
     POST /admin/instances/{id}/drain        {"deadline_s": S}: stop sending it work, let it finish
 
-Guarded by its own bearer token (`--admin-token` / MOESERVE_ADMIN_TOKEN), never by an API key.
+Guarded (`check_admin`, run by `guard.Guard` before the routes) by its own bearer token
+(`--admin-token` / MOESERVE_ADMIN_TOKEN), never by an API key.
 Without a token configured, the admin API answers loopback clients only. Errors have the
 OpenAI error shape: 401 without a valid token, 403 for an API key or a remote client without a
 token configured.
@@ -84,20 +85,7 @@ def pools(registry: Registry, membership: Membership) -> dict[str, Any]:
     return out
 
 
-def add_admin_routes(
-    app: FastAPI, registry: Registry, membership: Membership, token: str | None, api_keys: frozenset[str]
-) -> None:
-    @app.middleware("http")
-    async def _admin_guard(request: Request, call_next):
-        if request.url.path.startswith("/admin/"):
-            try:
-                check_admin(request, token, api_keys)
-            except ApiError as e:
-                from orchestrator.api import error_response
-
-                return error_response(e)
-        return await call_next(request)
-
+def add_admin_routes(app: FastAPI, registry: Registry, membership: Membership) -> None:
     @app.get("/admin/pools")
     async def get_pools() -> dict[str, Any]:
         return pools(registry, membership)

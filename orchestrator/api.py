@@ -21,6 +21,7 @@ from orchestrator.config import ApiConfig
 from orchestrator.envelopes import Envelope
 from orchestrator.errors import ApiError
 from orchestrator.generate import generate, settle
+from orchestrator.guard import Guard
 from orchestrator.membership import Membership
 from orchestrator.parsing import parse_request, prompt_ids, sampling_params
 from orchestrator.protocol import Kind
@@ -52,32 +53,30 @@ def create_app(config: ApiConfig, pool: Registry, membership: Membership) -> Fas
 
     app = FastAPI(title="moeserve", lifespan=lifespan)
     app.state.router, app.state.admission, app.state.membership = router, admission, membership
-    add_admin_routes(app, pool, membership, config.admin_token or None, config.api_keys)
+    add_admin_routes(app, pool, membership)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc)
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            if config.api_keys:
-                auth = request.headers.get("authorization", "")
-                if not auth.startswith("Bearer ") or auth[7:] not in config.api_keys:
-                    return error_response(
-                        ApiError(
-                            401,
-                            "invalid or missing API key; send Authorization: Bearer <key>",
-                            "authentication_error",
-                            "invalid_api_key",
-                        )
-                    )
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-                return error_response(
-                    ApiError(413, f"request body over {config.max_body_bytes} bytes", code="body_too_large")
+    def check_v1(request: Request) -> None:
+        if config.api_keys:
+            auth = request.headers.get("authorization", "")
+            if not auth.startswith("Bearer ") or auth[7:] not in config.api_keys:
+                raise ApiError(
+                    401,
+                    "invalid or missing API key; send Authorization: Bearer <key>",
+                    "authentication_error",
+                    "invalid_api_key",
                 )
-        return await call_next(request)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            raise ApiError(413, f"request body over {config.max_body_bytes} bytes", code="body_too_large")
+
+    def check_admin_request(request: Request) -> None:
+        check_admin(request, config.admin_token or None, config.api_keys)
+
+    app.add_middleware(Guard, rules=[("/v1/", check_v1), ("/admin/", check_admin_request)])
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -123,7 +122,7 @@ def create_app(config: ApiConfig, pool: Registry, membership: Membership) -> Fas
         envelope = Envelope.for_request(kind, req, model)
         tokens = metrics.timed(generate(router, prompt, sampling, envelope.id), model, start)
         events = text_events(tokens, tokenizer, req.stop_list, req.skip_special_tokens)
-        return await respond(envelope, req.stream, events, slot, admission)
+        return await respond(envelope, req.stream, events, slot, admission, request)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:

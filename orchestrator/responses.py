@@ -6,9 +6,12 @@ the stream reports them in an error event. Either way the stream ends with `data
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
@@ -17,6 +20,36 @@ from orchestrator.envelopes import DONE, Envelope, error_event
 from orchestrator.errors import ApiError
 from orchestrator.text import TextEvent
 
+DISCONNECT_POLL_S = 0.1
+"""How often a request waiting for output checks that its client is still there."""
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited for output."""
+
+
+async def unless_gone(request: Request | None, work: Awaitable[Any]) -> Any:
+    """`work`'s result, or ClientGone as soon as the client disconnects (the work is cancelled)."""
+    if request is None:
+        return await work
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise ClientGone
+
 
 async def respond(
     envelope: Envelope,
@@ -24,8 +57,13 @@ async def respond(
     events: AsyncGenerator[TextEvent, None],
     slot: Slot,
     admission: Admission,
+    request: Request | None = None,
 ) -> Response:
-    """Waits for the first event, then answers; the slot is released once the events are closed."""
+    """Waits for the first event, then answers; the slot is released once the events are closed.
+
+    A client that leaves while its request waits for output (its first token; or, not streaming,
+    the whole answer) ends it at once: both worker calls are cancelled and aborted, no KV stays.
+    """
 
     async def finish() -> None:
         # Idempotent; also runs when the client left before the stream body started (then
@@ -34,9 +72,12 @@ async def respond(
         slot.release()
 
     try:
-        first = await admission.next(events)
+        first = await unless_gone(request, admission.next(events))
         if first is None:
             raise ApiError(502, "the workers returned no output", "upstream_error")
+    except ClientGone:
+        await finish()
+        return Response(status_code=499)  # nobody reads it: the client has gone
     except BaseException:
         await finish()
         raise
@@ -47,7 +88,9 @@ async def respond(
             background=BackgroundTask(finish),
         )
     try:
-        return JSONResponse(await collect(envelope, first, events, admission))
+        return JSONResponse(await unless_gone(request, collect(envelope, first, events, admission)))
+    except ClientGone:
+        return Response(status_code=499)
     finally:
         await finish()
 

@@ -168,6 +168,18 @@ def test_client_disconnect_mid_stream_frees_both_workers(served, ds_dir):
     c.assert_idle()
 
 
+def test_a_non_streaming_client_that_leaves_ends_its_request_at_once(served, ds_dir):
+    """Not streaming, nothing is sent until the end: the orchestrator must notice the client left
+    (it used to run to max_tokens, holding KV and its admission slot)."""
+    c, url = served
+    body = {"model": model_name(ds_dir), "prompt": list(range(1, 50)), "max_tokens": 1990, "ignore_eos": True}
+    with httpx.Client() as http, contextlib.suppress(httpx.TimeoutException):
+        http.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5)
+    start = time.monotonic()
+    c.assert_idle(timeout=10)
+    assert time.monotonic() - start < 1.5  # the answer alone would take seconds more
+
+
 @pytest.mark.parametrize(
     "body, status, fragment",
     [
@@ -260,12 +272,12 @@ def test_disconnect_before_first_token_releases_slot_and_kv(ds_dir):
     """A client gone during a slow prefill: its admission slot and both workers' KV come back."""
     c = LocalCluster()
     try:
-        p = c.worker("prefill", "prefill", ds_dir, "--max-prefill-tokens", "8")
+        p = c.worker("prefill", "prefill", ds_dir, "--max-prefill-tokens", "4")
         d = c.worker("decode", "decode", ds_dir)
         url = c.orchestrator(ds_dir, [p], [d], "--max-concurrency", "1")
         body = {
             "model": model_name(ds_dir),
-            "prompt": [i % 400 + 5 for i in range(900)],
+            "prompt": [i % 400 + 5 for i in range(1800)],
             "max_tokens": 1500,
             "temperature": 0,
             "stream": True,
@@ -273,7 +285,9 @@ def test_disconnect_before_first_token_releases_slot_and_kv(ds_dir):
         }
         with httpx.Client(timeout=30) as http, contextlib.suppress(httpx.TimeoutException):
             http.post(f"{url}/v1/completions", json=body, timeout=0.3)  # gives up mid-prefill
-        c.assert_idle(timeout=30)
+        start = time.monotonic()
+        c.assert_idle(timeout=10)
+        assert time.monotonic() - start < 1.5  # at once, not after the whole prefill
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
         res = client.completions.create(model=model_name(ds_dir), prompt="hi", max_tokens=2, temperature=0)
         assert res.choices[0].finish_reason in ("stop", "length")  # the one slot is free again, no 429
