@@ -13,6 +13,7 @@ import sys
 import typer
 
 from orchestrator import pools_cli
+from services.typer_main import run_app
 
 app = typer.Typer(
     name="moeserve",
@@ -64,11 +65,7 @@ def serve(ctx: typer.Context) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        app(args=argv, prog_name="moeserve", standalone_mode=True)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+    return run_app(app, argv, "moeserve")
 
 
 if __name__ == "__main__":

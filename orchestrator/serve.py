@@ -23,6 +23,7 @@ from orchestrator.membership import create as create_membership
 from orchestrator.registry import Registry
 from orchestrator.tokenizer import TokenizerError
 from services.process import die_with_parent_if_asked
+from services.typer_main import namespace, run_app
 
 GRACE_S = 2
 """After a stop signal, how long connections may take to finish before uvicorn cancels them (the
@@ -106,9 +107,7 @@ def serve(
     ] = 5.0,
 ) -> None:
     addresses = take_variadic(ctx.args)
-    options = argparse.Namespace(
-        **{k: v.value if isinstance(v, StrEnum) else v for k, v in ctx.params.items()}
-    )
+    options = namespace(ctx.params)
     options.prefill, options.decode = addresses["--prefill"], addresses["--decode"]
     options.api_key = api_key or []
     raise typer.Exit(run(options))
@@ -145,11 +144,7 @@ class _Server(uvicorn.Server):
 
 def main(argv: list[str] | None = None) -> int:
     """`moeserve serve ...` / `python -m orchestrator.serve ...`: parse, then run."""
-    try:
-        app(args=argv, prog_name="moeserve serve", standalone_mode=True)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+    return run_app(app, argv, "moeserve serve")
 
 
 def run(a: argparse.Namespace) -> int:

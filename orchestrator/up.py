@@ -31,6 +31,7 @@ from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
 from orchestrator.config import env_keys, read_keys
 from services.process import port_in_use, spawn_env, stop_on_signals
+from services.typer_main import namespace, run_app
 
 ORCHESTRATOR_STOP_S = 2.0
 WORKER_STOP_S = 4.0
@@ -150,18 +151,14 @@ def up(
     decode_ep: Annotated[int, typer.Option(help="expert-parallel ranks per decode instance")] = 2,
     ready_timeout: float = 180.0,
 ) -> None:
-    a = argparse.Namespace(**{k: v.value if isinstance(v, StrEnum) else v for k, v in ctx.params.items()})
+    a = namespace(ctx.params)
     a.api_key = api_key or []
     raise typer.Exit(run(a))
 
 
 def main(argv: list[str] | None = None) -> int:
     """`moeserve up ...` / `python -m orchestrator.up ...`: parse, then run."""
-    try:
-        app(args=argv, prog_name="moeserve up", standalone_mode=True)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+    return run_app(app, argv, "moeserve up")
 
 
 def run(a: argparse.Namespace) -> int:

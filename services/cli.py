@@ -17,6 +17,8 @@ from typing import Annotated
 
 import typer
 
+from services.typer_main import namespace, run_app
+
 DEFAULT_CACHE = Path(os.environ.get("MOESERVE_CACHE", Path.home() / ".cache" / "moeserve"))
 
 
@@ -140,9 +142,8 @@ app = typer.Typer(name="moeserve", add_completion=False, no_args_is_help=True, p
 
 def _run(cmd, **params) -> None:
     """Run a command; our errors (ValueError: they say what to change) exit 2 without a traceback."""
-    params = {k: v.value if isinstance(v, StrEnum) else v for k, v in params.items()}
     try:
-        code = cmd(argparse.Namespace(**params))
+        code = cmd(namespace(params))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
@@ -191,11 +192,7 @@ def inspect_model(
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
-    try:
-        app(args=argv, prog_name="moeserve", standalone_mode=True)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+    return run_app(app, argv, "moeserve")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import typer
 
 from services.engine.config import EngineConfig, EngineConfigError
 from services.process import die_with_parent_if_asked
+from services.typer_main import namespace, run_app
 from services.worker.config import WorkerConfig
 
 
@@ -90,7 +91,7 @@ def worker(
     threads: Annotated[int, Opt(help="torch threads in this process")] = 1,
 ) -> None:
     params = dict(locals())
-    a = argparse.Namespace(**{k: v.value if isinstance(v, StrEnum) else v for k, v in params.items()})
+    a = namespace(params)
     raise typer.Exit(run(a))
 
 
@@ -132,11 +133,7 @@ def build_config(a: argparse.Namespace) -> WorkerConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """`moeserve worker ...` / `python -m services.worker ...`: parse, then run."""
-    try:
-        app(args=argv, prog_name="moeserve worker", standalone_mode=True)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+    return run_app(app, argv, "moeserve worker")
 
 
 def run(a: argparse.Namespace) -> int:

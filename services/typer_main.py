@@ -1,0 +1,23 @@
+"""Shared glue of the typer command lines (both sides use it: no torch, no engine imports)."""
+
+from __future__ import annotations
+
+import argparse
+from enum import Enum
+from typing import Any
+
+import typer
+
+
+def run_app(app: typer.Typer, argv: list[str] | None, prog: str) -> int:
+    """Run a typer app as a `main(argv) -> exit code` function (usage errors give 2, as argparse did)."""
+    try:
+        app(args=argv, prog_name=prog, standalone_mode=True)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def namespace(params: dict[str, Any]) -> argparse.Namespace:
+    """A command's parameters as a namespace, choices as their plain values."""
+    return argparse.Namespace(**{k: v.value if isinstance(v, Enum) else v for k, v in params.items()})
