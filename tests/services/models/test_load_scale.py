@@ -60,10 +60,10 @@ def test_each_ep4_rank_reads_its_share_and_peaks_near_its_weights(big_dir):
 
 
 def test_a_long_load_reports_its_progress_in_a_few_lines(big_dir, monkeypatch):
-    import services.models.loader as loader
+    import services.models.reading as reading
 
-    monkeypatch.setattr(loader, "PROGRESS_AFTER_S", 0.0)
-    monkeypatch.setattr(loader, "PROGRESS_EVERY_S", 0.02)
+    monkeypatch.setattr(reading, "PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr(reading, "PROGRESS_EVERY_S", 0.02)
     lines: list[str] = []
     start = time.monotonic()
     load_model(big_dir, dtype=torch.bfloat16, report=lines.append)
