@@ -13,6 +13,24 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+UNSUPPORTED: dict[str, tuple] = {
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "logit_bias": ({},),
+    "best_of": (1,),
+    "suffix": ("",),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+}
+"""Fields accepted only with the values that ask for nothing (`tools: []`, `logprobs: false`...)."""
+
+
 class _Sampling(BaseModel):
     """Fields shared by both endpoints: the model id, sampling and streaming."""
 
@@ -31,6 +49,18 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, raw: Any) -> Any:
+        """OpenAI features this server does not offer: a clear 400, never silently ignored."""
+        if not isinstance(raw, dict):
+            return raw
+        for field, harmless in UNSUPPORTED.items():
+            value = raw.get(field)
+            if value is not None and value not in harmless:
+                raise ValueError(f"{field} is not supported by this server; remove it")
+        return raw
 
     @field_validator("stop")
     @classmethod
@@ -52,6 +82,12 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _content(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (got null)")
+        return self
 
     def text(self) -> str:
         if self.content is None:

@@ -57,8 +57,46 @@ def test_large_bodies_are_refused_before_reading(app):
     "path, body, status, fragment",
     [
         ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
-        ("/v1/chat/completions", b'{"model": "nope", "messages": [{"role": "user"}]}', 404, "does not exist"),
+        (
+            "/v1/chat/completions",
+            b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}',
+            404,
+            "does not exist",
+        ),
         ("/v1/completions", b'{"model": "tiny", "prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+        (
+            "/v1/chat/completions",
+            b'{"model": "tiny", "messages": [{"role": "user", "content": null}]}',
+            400,
+            "needs content",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
+            b'"tools": [{"type": "function", "function": {"name": "f"}}]}',
+            400,
+            "tools is not supported",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
+            b'"response_format": {"type": "json_object"}}',
+            400,
+            "response_format is not supported",
+        ),
+        (
+            "/v1/completions",
+            b'{"model": "tiny", "prompt": "x", "logprobs": 2}',
+            400,
+            "logprobs is not supported",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
+            b'"logprobs": true, "top_logprobs": 2}',
+            400,
+            "logprobs is not supported",
+        ),
     ],
 )
 def test_bad_requests_get_openai_errors(app, path, body, status, fragment):
