@@ -39,7 +39,7 @@ def create_app(config: ApiConfig, pool: Registry, membership: Membership) -> Fas
     """The app; `app.state.admission.close()` starts an orderly stop (serve calls it on SIGINT/SIGTERM)."""
     tokenizer = Tokenizer(config.model_dir)
     router = Router(pool)
-    admission = Admission(config.max_concurrency)
+    admission = Admission(config.max_concurrency, config.max_queue, config.queue_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -115,10 +115,11 @@ def create_app(config: ApiConfig, pool: Registry, membership: Membership) -> Fas
             req = parse_request(await read_body(request, config.max_body_bytes), kind, config)
             prompt = prompt_ids(req, tokenizer)
             sampling = sampling_params(req, len(prompt), pool.context_limit())
-            slot = admission.admit()
+            slot = await admission.enter()
         except ApiError as e:
             metrics.REQUESTS.labels(model, "rejected" if e.status in (429, 503) else "invalid").inc()
             raise
+        metrics.QUEUE_TIME.labels(model).observe(slot.waited)
         envelope = Envelope.for_request(kind, req, model)
         tokens = metrics.timed(generate(router, prompt, sampling, envelope.id), model, start)
         events = text_events(tokens, tokenizer, req.stop_list, req.skip_special_tokens)

@@ -19,6 +19,10 @@ class ApiConfig:
     """Bearer keys accepted on /v1/*; empty means no authentication (local use only)."""
     max_concurrency: int = 256
     """Requests in flight beyond this get 429 with Retry-After."""
+    max_queue: int = 64
+    """Requests that may wait for a place once max_concurrency are in flight (0: none wait)."""
+    queue_timeout_s: float = 10.0
+    """Longest wait in that queue before a 429."""
     max_body_bytes: int = 1 << 20
     """Larger request bodies get 413."""
     admin_token: str = ""

@@ -34,6 +34,10 @@ ITL = Histogram(
     "moeserve_inter_token_latency_seconds", "Between consecutive tokens of a request.", ["model"],
     buckets=ITL_BUCKETS, registry=REGISTRY,
 )  # fmt: skip
+QUEUE_TIME = Histogram(
+    "moeserve_queue_time_seconds", "Time a request waited for a place in flight.", ["model"],
+    buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
 E2E = Histogram(
     "moeserve_e2e_request_latency_seconds", "From request arrival to its last token.", ["model"],
     buckets=LATENCY_BUCKETS, registry=REGISTRY,

@@ -99,6 +99,10 @@ def serve(
     ] = None,
     api_key_file: Annotated[Path | None, typer.Option(help="file of accepted keys, one per line")] = None,
     max_concurrency: int = 256,
+    max_queue: Annotated[
+        int, typer.Option(help="requests that may wait for a place beyond max-concurrency")
+    ] = 64,
+    queue_timeout: Annotated[float, typer.Option(help="seconds a request may wait before a 429")] = 10.0,
     breaker_threshold: Annotated[
         int, typer.Option(help="failed requests in a row that stop an instance's traffic")
     ] = 3,
@@ -116,7 +120,13 @@ def serve(
 def config_from_args(a: argparse.Namespace) -> ApiConfig:
     keys = set(a.api_key) | set(read_keys(a.api_key_file)) | set(env_keys())
     return ApiConfig(
-        a.model, a.served_model_name, frozenset(keys), a.max_concurrency, admin_token=a.admin_token
+        a.model,
+        a.served_model_name,
+        frozenset(keys),
+        a.max_concurrency,
+        max_queue=a.max_queue,
+        queue_timeout_s=a.queue_timeout,
+        admin_token=a.admin_token,
     )
 
 

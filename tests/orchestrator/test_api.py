@@ -19,7 +19,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
 
 @pytest.fixture
 def app(ds_dir):
-    config = ApiConfig(ds_dir, "tiny", frozenset({KEY}), max_concurrency=1, max_body_bytes=4096)
+    config = ApiConfig(ds_dir, "tiny", frozenset({KEY}), max_concurrency=1, max_queue=0, max_body_bytes=4096)
     registry = Registry()
     return create_app(
         config,
@@ -166,3 +166,53 @@ def test_bad_text_and_token_ids_are_400s_not_500s(app, body, fragment):
         content=body,
     )
     assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+
+
+def queued_app(ds_dir, queue: int, timeout: float):
+    config = ApiConfig(
+        ds_dir, "tiny", frozenset({KEY}), max_concurrency=1, max_queue=queue, queue_timeout_s=timeout
+    )
+    registry = Registry()
+    membership = create_membership("static", registry, prefill=["127.0.0.1:1"], decode=["127.0.0.1:2"])
+    return create_app(config, registry, membership)
+
+
+def test_a_burst_waits_in_the_bounded_queue_then_gets_429_with_retry_after(ds_dir):
+    app = queued_app(ds_dir, queue=1, timeout=0.3)
+    slot = app.state.admission.admit()  # the one place is taken
+
+    async def burst():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            post = lambda: client.post("/v1/chat/completions", headers=AUTH, json=CHAT)  # noqa: E731
+            start = asyncio.get_running_loop().time()
+            waiting, over = await asyncio.gather(post(), post())  # one waits, one finds the queue full
+            return waiting, over, asyncio.get_running_loop().time() - start
+
+    waiting, over, took = asyncio.run(burst())
+    statuses = sorted([waiting.status_code, over.status_code])
+    assert statuses == [429, 429] and all(r.headers["retry-after"] == "1" for r in (waiting, over))
+    messages = " | ".join(r.json()["error"]["message"] for r in (waiting, over))
+    assert "wait queue (1) is full" in messages and "did not free up within 0.3s" in messages
+    assert 0.3 <= took < 5  # nothing hangs
+    slot.release()
+    assert app.state.admission.in_flight == 0
+
+
+def test_a_queued_request_goes_in_when_a_place_frees_up(ds_dir):
+    app = queued_app(ds_dir, queue=4, timeout=5.0)
+    slot = app.state.admission.admit()
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            request = asyncio.ensure_future(client.post("/v1/chat/completions", headers=AUTH, json=CHAT))
+            await asyncio.sleep(0.2)
+            assert not request.done()  # waiting for the place
+            slot.release()
+            return await request
+
+    r = asyncio.run(main())
+    # Admitted: it got past the queue to the router (no workers here: 503), not a 429.
+    assert r.status_code == 503 and "no ready decode instance" in r.json()["error"]["message"]
+    assert app.state.admission.in_flight == 0
