@@ -53,18 +53,24 @@ MAX_MIGRATIONS = 2
 """How many times one request may move to a fresh pair after its first token."""
 
 
-class _BeforeFirstToken(Exception):
-    """An attempt failed before the client saw anything: retry it on a fresh pair."""
+class _InstanceFailed(Exception):
+    """An attempt failed because of `blame` (not the request): try elsewhere."""
 
     def __init__(self, blame: Instance, error: ApiError):
         self.blame, self.error = blame, error
 
+    def charge(self, avoid: set[str]) -> None:
+        """Count it against the instance's breaker and keep the request away from it."""
+        self.blame.breaker.failure()
+        avoid.add(self.blame.id)
 
-class _MidStream(Exception):
+
+class _BeforeFirstToken(_InstanceFailed):
+    """Before the client saw anything: retry on a fresh pair."""
+
+
+class _MidStream(_InstanceFailed):
     """The decode instance failed after tokens went out: migrate what is left to a fresh pair."""
-
-    def __init__(self, blame: Instance, error: ApiError):
-        self.blame, self.error = blame, error
 
 
 async def generate(
@@ -101,8 +107,7 @@ async def generate(
                 )  # fmt: skip
             return
         except _MidStream as moved:
-            moved.blame.breaker.failure()
-            avoid.add(moved.blame.id)
+            moved.charge(avoid)
             if migration == MAX_MIGRATIONS:
                 raise moved.error from None
             metrics.MIGRATIONS.inc()
@@ -127,8 +132,7 @@ async def _with_retries(
                 yield event
             return
         except _BeforeFirstToken as failed:
-            failed.blame.breaker.failure()
-            avoid.add(failed.blame.id)
+            failed.charge(avoid)
             last = failed.error
             metrics.RETRIES.inc()
             if attempt + 1 == MAX_ATTEMPTS or time.monotonic() > deadline:
