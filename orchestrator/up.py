@@ -20,7 +20,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -31,7 +30,7 @@ from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
 from orchestrator.config import env_keys, read_keys
 from services.process import port_in_use, spawn_env, stop_on_signals
-from services.typer_main import namespace, run_app
+from services.typer_main import ModelArch, namespace, run_app
 
 ORCHESTRATOR_STOP_S = 2.0
 WORKER_STOP_S = 4.0
@@ -115,11 +114,6 @@ def tiny_model(arch: str) -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-class Arch(StrEnum):
-    deepseek_v3 = "deepseek_v3"
-    qwen3_moe = "qwen3_moe"
-
-
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -132,8 +126,8 @@ def up(
         Path | None, typer.Option(help="model directory (default: the tiny DeepSeek-V3-shaped model)")
     ] = None,
     arch: Annotated[
-        Arch, typer.Option(help="the tiny model's family when --model is not given")
-    ] = Arch.deepseek_v3,
+        ModelArch, typer.Option(help="the tiny model's family when --model is not given")
+    ] = ModelArch.deepseek_v3,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: Annotated[

@@ -17,14 +17,9 @@ from typing import Annotated
 
 import typer
 
-from services.typer_main import namespace, run_app
+from services.typer_main import ModelArch, namespace, run_app
 
 DEFAULT_CACHE = Path(os.environ.get("MOESERVE_CACHE", Path.home() / ".cache" / "moeserve"))
-
-
-class ArchChoice(StrEnum):
-    deepseek_v3 = "deepseek_v3"
-    qwen3_moe = "qwen3_moe"
 
 
 class DtypeChoice(StrEnum):
@@ -136,7 +131,7 @@ def cmd_inspect_model(args: argparse.Namespace) -> int:
     return 0
 
 
-Arch = Annotated[ArchChoice, typer.Option(help="which tiny model")]
+Arch = Annotated[ModelArch, typer.Option(help="which tiny model")]
 app = typer.Typer(name="moeserve", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
@@ -151,12 +146,12 @@ def _run(cmd, **params) -> None:
 
 
 @app.command("make-tiny-model", help="write a tiny random-weight checkpoint with a tokenizer")
-def make_tiny_model(dir: str, arch: Arch = ArchChoice.deepseek_v3, seed: int = 0) -> None:
+def make_tiny_model(dir: str, arch: Arch = ModelArch.deepseek_v3, seed: int = 0) -> None:
     _run(cmd_make_tiny_model, dir=dir, arch=arch, seed=seed)
 
 
 @app.command("tiny-model-path", help="print the cached tiny model's directory (building it if needed)")
-def tiny_model_path(arch: Arch = ArchChoice.deepseek_v3) -> None:
+def tiny_model_path(arch: Arch = ModelArch.deepseek_v3) -> None:
     _run(cmd_tiny_model_path, arch=arch)
 
 
@@ -166,7 +161,7 @@ def generate(
     model: Annotated[
         str | None, typer.Option(help="model directory (default: the cached tiny model)")
     ] = None,
-    arch: Arch = ArchChoice.deepseek_v3,
+    arch: Arch = ModelArch.deepseek_v3,
     max_tokens: int = 32,
     temperature: float = 0.0,
     seed: int | None = None,

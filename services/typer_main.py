@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 import typer
+
+
+class ModelArch(StrEnum):
+    """The tiny model families a command can build (`services.tiny.ARCHS`)."""
+
+    deepseek_v3 = "deepseek_v3"
+    qwen3_moe = "qwen3_moe"
 
 
 def run_app(app: typer.Typer, argv: list[str] | None, prog: str) -> int:
