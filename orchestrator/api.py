@@ -23,7 +23,7 @@ from orchestrator.errors import ApiError
 from orchestrator.generate import generate, settle
 from orchestrator.guard import Guard
 from orchestrator.membership import Membership
-from orchestrator.parsing import parse_request, prompt_ids, sampling_params
+from orchestrator.parsing import parse_request, prompt_ids, prompt_text, sampling_params
 from orchestrator.protocol import Kind
 from orchestrator.registry import Registry
 from orchestrator.responses import respond
@@ -120,8 +120,9 @@ def create_app(config: ApiConfig, pool: Registry, membership: Membership) -> Fas
             metrics.REQUESTS.labels(model, "rejected" if e.status in (429, 503) else "invalid").inc()
             raise
         metrics.QUEUE_TIME.labels(model).observe(slot.waited)
-        envelope = Envelope.for_request(kind, req, model)
-        tokens = metrics.timed(generate(router, prompt, sampling, envelope.id), model, start)
+        envelope = Envelope.for_request(kind, req, model, prompt_text(req, prompt, tokenizer))
+        work = generate(router, prompt, sampling, envelope.id, req.logprob_count)
+        tokens = metrics.timed(work, model, start)
         events = text_events(tokens, tokenizer, req.stop_list, req.skip_special_tokens)
         return await respond(envelope, req.stream, events, slot, admission, request)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.errors import ApiError
+from orchestrator.logprobs import ShownLogprob, chat_logprobs, completion_logprobs
 from orchestrator.protocol import CompletionRequest, Kind, OpenAIRequest
 from orchestrator.text import TextEvent
 
@@ -41,13 +42,14 @@ class Envelope:
     stream_usage: bool = False
     """The client asked for a usage chunk at the end of the stream (`stream_options.include_usage`)."""
     echo: str = ""
-    """The prompt, put back before the text of a non-streamed completion (`echo`)."""
+    """The prompt's text, put before the completion's (`echo`): first in a stream, else in the body."""
+    logprobs: bool = False
+    """The client asked for log-probabilities (each choice carries them; otherwise null)."""
 
     @classmethod
-    def for_request(cls, kind: Kind, req: OpenAIRequest, model: str) -> Envelope:
-        echo = ""
-        if isinstance(req, CompletionRequest) and req.echo and isinstance(req.prompt, str):
-            echo = req.prompt
+    def for_request(cls, kind: Kind, req: OpenAIRequest, model: str, prompt_text: str = "") -> Envelope:
+        """`prompt_text` is the prompt as text (echoed when a completion asks for `echo`)."""
+        echo = prompt_text if isinstance(req, CompletionRequest) and req.echo else ""
         return cls(
             kind,
             f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
@@ -55,19 +57,23 @@ class Envelope:
             int(time.time()),
             req.stream_options is not None and req.stream_options.include_usage,
             echo,
+            req.logprob_count is not None,
         )
 
     def opening(self) -> list[str]:
-        """The events a stream starts with: for chat, the assistant's role before any content."""
-        return [sse(self._body(True, self._choice(True, "", None, role=True)))] if self.kind == "chat" else []
+        """The events a stream starts with: for chat, the assistant's role before any content; for an
+        echoing completion, the prompt."""
+        if self.kind == "chat":
+            return [sse(self._body(True, self._choice(True, "", None, (), role=True)))]
+        return [sse(self._body(True, self._choice(True, self.echo, None, ())))] if self.echo else []
 
     def chunk(self, ev: TextEvent) -> str:
-        """A streamed event with new text and, at the end, the finish reason."""
-        return sse(self._body(True, self._choice(True, ev.text, ev.finish_reason)))
+        """A streamed event: new text, its tokens' log-probabilities, and at the end the finish reason."""
+        return sse(self._body(True, self._choice(True, ev.text, ev.finish_reason, ev.logprobs)))
 
-    def final(self, text: str, last: TextEvent) -> dict[str, Any]:
-        """The whole (non-streamed) response: all the text, the finish reason and usage."""
-        return self._body(False, self._choice(False, text, last.finish_reason), usage(last))
+    def final(self, text: str, last: TextEvent, logprobs: tuple[ShownLogprob, ...] = ()) -> dict[str, Any]:
+        """The whole (non-streamed) response: all the text, the finish reason, `logprobs` and usage."""
+        return self._body(False, self._choice(False, text, last.finish_reason, logprobs), usage(last))
 
     def usage_chunk(self, last: TextEvent) -> str:
         """The stream's closing usage event (no choices), sent when the client asked for it."""
@@ -91,8 +97,20 @@ class Envelope:
             body["usage"] = use  # null on content chunks, as OpenAI sends them
         return body
 
-    def _choice(self, stream: bool, text: str, finish: str | None, role: bool = False) -> dict[str, Any]:
+    def _choice(
+        self,
+        stream: bool,
+        text: str,
+        finish: str | None,
+        logprobs: tuple[ShownLogprob, ...],
+        role: bool = False,
+    ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if self.logprobs and not role:  # (echo with logprobs is refused at parsing)
+            if self.kind == "chat":
+                choice["logprobs"] = chat_logprobs(logprobs)
+            else:
+                choice["logprobs"] = completion_logprobs(logprobs, len(self.echo))
         if self.kind == "completion":
             choice["text"] = text if stream else self.echo + text
         elif stream:

@@ -15,6 +15,7 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
 from orchestrator import metrics
 from orchestrator.errors import ApiError, upstream_error
+from orchestrator.logprobs import TokenLogprob, from_proto
 from orchestrator.registry import Instance, State
 from orchestrator.router import Lease, NoWorkers, Router
 
@@ -32,6 +33,8 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """Those of `token_ids`, when the request asked for log-probabilities."""
 
 
 RETRYABLE = {
@@ -74,9 +77,15 @@ class _MidStream(_InstanceFailed):
 
 
 async def generate(
-    router: Router, prompt_ids: list[int], sampling: pb.SamplingParams, request_id: str
+    router: Router,
+    prompt_ids: list[int],
+    sampling: pb.SamplingParams,
+    request_id: str,
+    logprobs: int | None = None,
 ) -> AsyncIterator[TokenEvent]:
     """The decode worker's token stream; raises ApiError when no worker can take it or a worker fails.
+
+    `logprobs` (k >= 0) asks for each token's log-probability with k alternatives.
 
     A failure before the first token (an instance refusing, unreachable, a failed KV hand-off) is
     retried on a fresh pair — up to MAX_ATTEMPTS within RETRY_BUDGET_S, with jittered backoff —
@@ -99,11 +108,12 @@ async def generate(
         segment_id = request_id if not migration else f"{request_id}-m{migration}"
         base = len(generated)  # tokens sent before this segment; its worker counts from zero
         try:
-            async for event in _with_retries(router, [*prompt_ids, *generated], part, segment_id, avoid):
+            segment = _with_retries(router, [*prompt_ids, *generated], part, segment_id, avoid, logprobs)
+            async for event in segment:
                 generated += event.token_ids
                 yield TokenEvent(
                     event.token_ids, event.finish_reason, len(prompt_ids), base + event.completion_tokens,
-                    event.cached_tokens,
+                    event.cached_tokens, event.logprobs,
                 )  # fmt: skip
             return
         except _MidStream as moved:
@@ -114,7 +124,12 @@ async def generate(
 
 
 async def _with_retries(
-    router: Router, prompt_ids: list[int], sampling: pb.SamplingParams, request_id: str, avoid: set[str]
+    router: Router,
+    prompt_ids: list[int],
+    sampling: pb.SamplingParams,
+    request_id: str,
+    avoid: set[str],
+    logprobs: int | None,
 ) -> AsyncIterator[TokenEvent]:
     """One segment of a request, retried on fresh pairs until its first token."""
     deadline = time.monotonic() + RETRY_BUDGET_S
@@ -128,7 +143,7 @@ async def _with_retries(
                 raise ApiError(last.status, message, last.type) from None
             raise ApiError(503, str(e), "service_unavailable") from None
         try:
-            async for event in _attempt(lease, prompt_ids, sampling, request_id):
+            async for event in _attempt(lease, prompt_ids, sampling, request_id, logprobs):
                 yield event
             return
         except _BeforeFirstToken as failed:
@@ -141,7 +156,7 @@ async def _with_retries(
 
 
 async def _attempt(
-    lease: Lease, prompt_ids: list[int], sampling: pb.SamplingParams, request_id: str
+    lease: Lease, prompt_ids: list[int], sampling: pb.SamplingParams, request_id: str, logprobs: int | None
 ) -> AsyncIterator[TokenEvent]:
     prefill, decode = lease.prefill, lease.decode
     request = pb.GenerateRequest(
@@ -154,6 +169,9 @@ async def _attempt(
             bootstrap_room=lease.room,
         ),
         stream=True,
+        return_logprob=logprobs is not None,
+        top_logprobs_num=logprobs or 0,
+        logprob_start_len=-1,
     )
     pcall = dcall = prefill_done = None
     finished = started = False
@@ -173,8 +191,9 @@ async def _attempt(
                     decode.breaker.success()
                 if resp.HasField("chunk"):
                     c = resp.chunk
+                    lps = from_proto(c.output_logprobs) if c.HasField("output_logprobs") else ()
                     yield TokenEvent(
-                        list(c.token_ids), None, c.prompt_tokens, c.completion_tokens, c.cached_tokens
+                        list(c.token_ids), None, c.prompt_tokens, c.completion_tokens, c.cached_tokens, lps
                     )
                 else:
                     c = resp.complete

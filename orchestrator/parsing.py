@@ -14,7 +14,7 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
 from orchestrator.config import ApiConfig
 from orchestrator.errors import ApiError
-from orchestrator.protocol import BODIES, ChatCompletionRequest, Kind, OpenAIRequest
+from orchestrator.protocol import BODIES, ChatCompletionRequest, CompletionRequest, Kind, OpenAIRequest
 from orchestrator.tokenizer import ChatTemplateError, Tokenizer
 
 
@@ -72,6 +72,13 @@ def prompt_ids(req: OpenAIRequest, tokenizer: Tokenizer) -> list[int]:
             400, f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}", param="prompt"
         )
     return ids
+
+
+def prompt_text(req: OpenAIRequest, ids: list[int], tokenizer: Tokenizer) -> str:
+    """A completion's prompt as text, for `echo`: as sent, or its token ids decoded ("" otherwise)."""
+    if not isinstance(req, CompletionRequest) or not req.echo:
+        return ""
+    return req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def sampling_params(req: OpenAIRequest, prompt_len: int, limit: int) -> pb.SamplingParams:

@@ -6,6 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives per token a request may ask for (`top_logprobs`, completions' `logprobs`)."""
+
 
 class StreamOptions(BaseModel):
     """`stream_options`: whether a streamed response ends with a usage chunk."""
@@ -19,8 +22,6 @@ UNSUPPORTED: dict[str, tuple] = {
     "functions": ([],),
     "function_call": ("none",),
     "response_format": ({"type": "text"},),
-    "logprobs": (False, 0),
-    "top_logprobs": (0,),
     "logit_bias": ({},),
     "best_of": (1,),
     "suffix": ("",),
@@ -107,12 +108,21 @@ class ChatCompletionRequest(_Sampling):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @model_validator(mode="after")
     def _max(self) -> ChatCompletionRequest:
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @property
+    def logprob_count(self) -> int | None:
+        """None: no log-probabilities; k: each token's, with the k most likely alternatives."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
@@ -120,6 +130,21 @@ class CompletionRequest(_Sampling):
 
     prompt: str | list[int] = Field(min_length=1)
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _echo(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None:
+            raise ValueError(
+                "echo with logprobs asks for the prompt's log-probabilities, which this server does "
+                "not compute; drop echo or logprobs"
+            )
+        return self
+
+    @property
+    def logprob_count(self) -> int | None:
+        """None: no log-probabilities; k: each token's, with the k most likely alternatives."""
+        return self.logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod

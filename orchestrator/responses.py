@@ -99,11 +99,12 @@ async def collect(
     envelope: Envelope, first: TextEvent, events: AsyncIterator[TextEvent], admission: Admission
 ) -> dict[str, Any]:
     """The whole response body, once the last event is in."""
-    parts, last = [first.text], first
+    parts, logprobs, last = [first.text], list(first.logprobs), first
     while (ev := await admission.next(events)) is not None:
         parts.append(ev.text)
+        logprobs += ev.logprobs
         last = ev
-    return envelope.final("".join(parts), last)
+    return envelope.final("".join(parts), last, tuple(logprobs))
 
 
 async def sse_stream(
@@ -121,7 +122,7 @@ async def sse_stream(
         last = first
         while ev is not None:
             last = ev
-            if ev.text or ev.finish_reason:
+            if ev.text or ev.finish_reason or ev.logprobs:
                 yield envelope.chunk(ev)
             if ev.finish_reason is not None:
                 break

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from orchestrator.generate import TokenEvent
+from orchestrator.logprobs import ShownLogprob, Speller
 from orchestrator.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
 
 
@@ -18,6 +19,8 @@ class TextEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    logprobs: tuple[ShownLogprob, ...] = ()
+    """Those of the tokens this event consumed, when the request asked for log-probabilities."""
 
 
 async def text_events(
@@ -32,14 +35,15 @@ async def text_events(
     """
     detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
     stops = StopStrings(stop)
+    speller = Speller(lambda t: tokenizer.decode([t], skip_special_tokens=False))
     try:
         async for ev in tokens:
             final = ev.finish_reason is not None
             text = stops.feed(detok.add(ev.token_ids) + (detok.flush() if final else ""), final=final)
-            counts = (ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens)
+            rest = (ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens, speller.show(ev.logprobs))
             if stops.matched is not None:
-                yield TextEvent(text, "stop", *counts)
+                yield TextEvent(text, "stop", *rest)
                 return  # closing the token stream aborts the request on both workers
-            yield TextEvent(text, ev.finish_reason, *counts)
+            yield TextEvent(text, ev.finish_reason, *rest)
     finally:
         await tokens.aclose()

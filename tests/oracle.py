@@ -43,3 +43,22 @@ def greedy_ids(model_dir: Path, prompt_ids: list[int], max_new: int) -> list[int
     ids = torch.tensor([prompt_ids])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False)
     return out[0, len(prompt_ids) :].tolist()
+
+
+def greedy_logprobs(model_dir: Path, prompt_ids: list[int], max_new: int) -> list[torch.Tensor]:
+    """The log-softmax of transformers' logits at each step of its greedy continuation ([V] each)."""
+    _, model = _load(str(model_dir))
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+        output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    return [torch.log_softmax(step[0].float(), dim=-1) for step in out.logits]
+
+
+def position_logprobs(model_dir: Path, ids: list[int]) -> torch.Tensor:
+    """transformers' log-softmax after each token of `ids` ([len(ids), V]): one forward, no sampling."""
+    _, model = _load(str(model_dir))
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
+    return torch.log_softmax(logits[0].float(), dim=-1)

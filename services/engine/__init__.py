@@ -3,7 +3,7 @@
 from services.engine.config import EngineConfig, EngineConfigError
 from services.engine.engine import Engine, InvalidRequestError, KVStats
 from services.engine.request import RequestOutput
-from services.engine.sampling import SamplingParams, SamplingParamsError
+from services.engine.sampling import SamplingParams, SamplingParamsError, TokenLogprob
 
 __all__ = [
     "Engine",
@@ -14,4 +14,5 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "SamplingParamsError",
+    "TokenLogprob",
 ]

@@ -178,17 +178,18 @@ class Engine(KVHandoffHooks):
                 self.runner.idle()
             return []
         run = self.runner.prefill if batch.phase == "prefill" else self.runner.decode
-        tokens = run(batch)
+        picks = run(batch)
         recorder = self.model.parallel.recorder
         if recorder is not None:
             recorder.end_step(sum(batch.num_new))
         outputs = []
-        for req, n, tok in zip(batch.requests, batch.num_new, tokens, strict=True):
+        for req, n, pick in zip(batch.requests, batch.num_new, picks, strict=True):
             req.num_computed += n
-            if tok is None:
+            if pick is None:
                 continue  # a prompt chunk that did not reach the end of the prompt
             self.scheduler.to_decode(req)
-            req.output_ids.append(tok)
+            tok = pick.token
+            req.append(tok, pick.logprob)
             reason = self._stop_reason(req, tok)
             if reason is not None:
                 del self._requests[req.request_id]
@@ -283,5 +284,6 @@ class Engine(KVHandoffHooks):
     @staticmethod
     def _output(req: Request, new: list[int]) -> RequestOutput:
         return RequestOutput(
-            req.request_id, list(req.prompt_ids), list(req.output_ids), req.finish_reason, new
-        )
+            req.request_id, list(req.prompt_ids), list(req.output_ids), req.finish_reason, new,
+            list(req.output_logprobs),
+        )  # fmt: skip

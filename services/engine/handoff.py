@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from services.engine.request import InvalidRequestError, KVSource, Phase, Request, RequestOutput
-from services.engine.sampling import SamplingParams
+from services.engine.sampling import SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from services.engine.engine import Engine
@@ -41,8 +41,10 @@ class KVHandoffHooks:
         req = self._requests.get(request_id)
         return req is not None and req.phase is Phase.WAITING_FOR_KV and not req.pages
 
-    def kv_arrived(self: Engine, request_id: str, first_token: int) -> RequestOutput | None:
-        """The prompt KV is in the request's pages and prefill sampled `first_token`.
+    def kv_arrived(
+        self: Engine, request_id: str, first_token: int, logprob: TokenLogprob | None = None
+    ) -> RequestOutput | None:
+        """The prompt KV is in the request's pages and prefill sampled `first_token` (with `logprob`).
 
         Returns the output for the first token (None if the request is gone); the request joins
         the running batch under `max_num_seqs`, or finishes here if that token ends it.
@@ -50,7 +52,7 @@ class KVHandoffHooks:
         req = self._requests.get(request_id)
         if req is None or req.phase is not Phase.WAITING_FOR_KV or not req.pages:
             return None
-        return self._arrive(req, first_token)
+        return self._arrive(req, first_token, logprob)
 
     def reserve_pages(self: Engine, num_tokens: int) -> list[int] | None:
         """Pages for `num_tokens` of KV written from elsewhere, outside the scheduler; None if full."""
@@ -68,6 +70,7 @@ class KVHandoffHooks:
         pages: list[int],
         params: SamplingParams,
         request_id: str | None = None,
+        logprob: TokenLogprob | None = None,
     ) -> RequestOutput:
         """Admit a request whose prompt KV is already in `pages` (from `reserve_pages`) and whose first
         token was sampled elsewhere; it joins the decode batch when a seat is free. The pages belong
@@ -83,7 +86,7 @@ class KVHandoffHooks:
             raise
         req.pages = pages
         self._requests[req.request_id] = req
-        return self._arrive(req, first_token)
+        return self._arrive(req, first_token, logprob)
 
     def release(self: Engine, request_id: str) -> bool:
         """Free the pages a finished request kept for its KV listener."""
@@ -111,9 +114,9 @@ class KVHandoffHooks:
         """Finished requests whose pages await `release`."""
         return len(self._held)
 
-    def _arrive(self: Engine, req: Request, first_token: int) -> RequestOutput:
+    def _arrive(self: Engine, req: Request, first_token: int, logprob: TokenLogprob | None) -> RequestOutput:
         req.num_computed = len(req.prompt_ids)
-        req.output_ids.append(first_token)
+        req.append(first_token, logprob)
         reason = self._stop_reason(req, first_token)
         if reason is not None:
             del self._requests[req.request_id]

@@ -6,7 +6,7 @@ import torch
 
 from services.engine.page_pool import KVCache
 from services.engine.request import Request
-from services.engine.sampling import sample
+from services.engine.sampling import Sampled, sample
 from services.engine.scheduler import ScheduledBatch
 from services.models.attention import AttnBatch
 from services.models.base import MoECausalLM
@@ -22,12 +22,12 @@ class ModelRunner:
         self.device = torch.device(device)
 
     @torch.inference_mode()
-    def prefill(self, batch: ScheduledBatch) -> list[int | None]:
+    def prefill(self, batch: ScheduledBatch) -> list[Sampled | None]:
         """Compute prompt chunks; a token is sampled only for requests whose prompt is now complete."""
         return self._step(batch.requests, batch.num_new, decode=False)
 
     @torch.inference_mode()
-    def decode(self, batch: ScheduledBatch) -> list[int | None]:
+    def decode(self, batch: ScheduledBatch) -> list[Sampled | None]:
         """Compute each request's last token and sample the next one."""
         return self._step(batch.requests, batch.num_new, decode=True)
 
@@ -48,7 +48,7 @@ class ModelRunner:
 
         return after_layer
 
-    def _step(self, reqs: list[Request], num_new: list[int], decode: bool) -> list[int | None]:
+    def _step(self, reqs: list[Request], num_new: list[int], decode: bool) -> list[Sampled | None]:
         ids: list[int] = []
         positions: list[int] = []
         ctx_lens: list[int] = []
@@ -67,10 +67,10 @@ class ModelRunner:
         hidden = self.model(input_ids, pos, batch, self.kv.layers, self._layer_hook(reqs, num_new))  # [T, D]
 
         done = [i for i, (r, c) in enumerate(zip(reqs, ctx_lens, strict=True)) if c == r.num_tokens]
-        tokens: list[int | None] = [None] * len(reqs)
+        picks: list[Sampled | None] = [None] * len(reqs)
         if done:
             logits = self.model.logits(hidden[batch.last_index[done]])  # [N, V]
             picked = sample(logits.cpu(), [reqs[i].params for i in done], [reqs[i].generator for i in done])
-            for i, tok in zip(done, picked, strict=True):
-                tokens[i] = tok
-        return tokens
+            for i, pick in zip(done, picked, strict=True):
+                picks[i] = pick
+        return picks

@@ -8,7 +8,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from services.engine.sampling import SamplingParams
+from services.engine.sampling import SamplingParams, TokenLogprob
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -65,6 +65,8 @@ class Request:
     params: SamplingParams
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """One per output token when the request asks for log-probabilities (`params.logprobs`)."""
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0
     """Tokens whose KV is in this request's pages."""
@@ -74,6 +76,12 @@ class Request:
     """When set, pages outlive the request until released (they are being read remotely)."""
     kv_source: KVSource | None = None
     """When set, the prompt's KV is written into this request's pages by another worker."""
+
+    def append(self, token: int, logprob: TokenLogprob | None) -> None:
+        """Record a generated token (and its log-probability, when the request asks for them)."""
+        self.output_ids.append(token)
+        if logprob is not None and self.params.logprobs is not None:
+            self.output_logprobs.append(logprob)
 
     @property
     def num_tokens(self) -> int:
@@ -96,6 +104,15 @@ class RequestOutput:
     finish_reason: FinishReason | None
     new_token_ids: list[int] = field(default_factory=list)
     """Tokens produced by the step that returned this output."""
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """One per output token, when the request asked for log-probabilities; else empty."""
+
+    @property
+    def new_logprobs(self) -> list[TokenLogprob]:
+        """The log-probabilities of `new_token_ids` (empty when not asked for)."""
+        if not self.output_logprobs or not self.new_token_ids:
+            return []
+        return self.output_logprobs[-len(self.new_token_ids) :]
 
     @property
     def finished(self) -> bool:

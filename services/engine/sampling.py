@@ -3,13 +3,20 @@
 Every non-greedy request owns a `torch.Generator` (seeded from `seed` when given), and draws the
 same amount of randomness per step whatever else is in the batch, so a seeded request gives the
 same tokens alone or batched.
+
+Log-probabilities, when a request asks for them, are those of the model's own distribution
+(log-softmax of the raw logits, before temperature and filters), as OpenAI and vLLM report them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives a request may ask for per token (OpenAI's limit)."""
 
 
 class SamplingParamsError(ValueError):
@@ -36,6 +43,8 @@ class SamplingParams:
     """Token ids that end generation (the stop token is kept in the output ids)."""
     ignore_eos: bool = False
     """Keep generating past the model's end-of-sequence tokens."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k >= 0: each token's, with the k most likely alternatives."""
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -53,11 +62,31 @@ class SamplingParams:
             bad(f"min_p must be in [0, 1], got {self.min_p!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             bad(f"seed must be an integer, got {self.seed!r}")
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS
+        ):
+            bad(f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability and the most likely tokens at its position."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, log-probability), most likely first."""
+
+
+class Sampled(NamedTuple):
+    """One request's pick at one step: the token, and its log-probability when asked for."""
+
+    token: int
+    logprob: TokenLogprob | None = None
 
 
 def make_generator(params: SamplingParams, fallback: torch.Generator) -> torch.Generator | None:
@@ -70,8 +99,8 @@ def make_generator(params: SamplingParams, fallback: torch.Generator) -> torch.G
 
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> list[int]:
-    """logits: [B, V] fp32 -> one token id per row."""
+) -> list[Sampled]:
+    """logits: [B, V] fp32 -> one pick per row (with its log-probability where the row asks)."""
     out = logits.argmax(dim=-1).tolist()  # greedy rows are done here
     for i, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if p.greedy:
@@ -80,7 +109,19 @@ def sample(
         # Exponential race: argmax(p / q), q ~ Exp(1), is a draw from `probs`.
         q = torch.empty_like(probs).exponential_(generator=gen)
         out[i] = int((probs / q).argmax())
-    return out
+    picks = zip(out, params, strict=True)
+    return [Sampled(tok, _logprob(logits[i], tok, p.logprobs)) for i, (tok, p) in enumerate(picks)]
+
+
+def _logprob(logits: torch.Tensor, token: int, k: int | None) -> TokenLogprob | None:
+    """logits: [V] -> `token`'s log-probability and the k most likely tokens' (None if k is None)."""
+    if k is None:
+        return None
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    if not k:
+        return TokenLogprob(float(lp[token]))
+    top = lp.topk(k)
+    return TokenLogprob(float(lp[token]), tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
 
 
 def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

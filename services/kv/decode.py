@@ -92,7 +92,7 @@ class RemotePrefill:
     def _arrived(self, res: AttachResult) -> None:
         loop = self.side.loop
         self.side.attaching.pop(self.request_id, None)
-        out = loop.engine.kv_arrived(self.request_id, res.first_token_id)
+        out = loop.engine.kv_arrived(self.request_id, res.first_token_id, res.first_logprob)
         if out is not None:
             loop.deliver(out)
             if self.cancelled:  # aborted just as the KV arrived: prefill is done, the pages are free to go

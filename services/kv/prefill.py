@@ -60,6 +60,7 @@ class RoomListener:
                     first_token_id=output.output_token_ids[0],
                     prompt_tokens=len(output.prompt_token_ids),
                     transferred_bytes=self.side.sender.sent.get(room.room_id, 0),
+                    first_logprob=output.output_logprobs[0] if output.output_logprobs else None,
                 )
             )
         # Every write for this request is done (jobs run in order): its pages may be reused now.

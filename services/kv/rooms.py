@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from services.engine.sampling import TokenLogprob
 from services.kv.layout import KVLayout
 from services.kv.status import Caller, HandoffError
 
@@ -41,6 +42,8 @@ class AttachResult:
     cached_tokens: int = 0
     """Prompt tokens prefill found in its own cache (never the transferred KV)."""
     transferred_bytes: int = 0
+    first_logprob: TokenLogprob | None = None
+    """The first token's log-probability, when the request asked for them."""
 
 
 @dataclass(eq=False)

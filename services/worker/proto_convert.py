@@ -4,12 +4,28 @@ from __future__ import annotations
 
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
-from services.engine import InvalidRequestError, RequestOutput, SamplingParams
+from services.engine import InvalidRequestError, RequestOutput, SamplingParams, TokenLogprob
 from services.kv import AttachResult, AttachSpec, KVLayout
 from services.proto.moeserve.v1 import kv_handoff_pb2 as kvpb
 
 
-def sampling_params(sp: pb.SamplingParams, prompt_len: int, max_model_len: int) -> SamplingParams:
+def request_params(request: pb.GenerateRequest, max_model_len: int) -> SamplingParams:
+    """The engine's parameters for a Generate: its sampling parameters and whether it wants logprobs.
+
+    `return_logprob` asks for each output token's log-probability, with `top_logprobs_num`
+    alternatives; prompt log-probabilities (`logprob_start_len`) and `token_ids_logprob` are refused.
+    """
+    if request.return_logprob and request.token_ids_logprob:
+        raise InvalidRequestError("token_ids_logprob is not supported; ask for top_logprobs_num instead")
+    if request.return_logprob and request.logprob_start_len not in (0, -1):
+        raise InvalidRequestError("prompt log-probabilities are not supported; send logprob_start_len=-1")
+    logprobs = int(request.top_logprobs_num) if request.return_logprob else None
+    return sampling_params(request.sampling_params, len(request.tokenized.input_ids), max_model_len, logprobs)
+
+
+def sampling_params(
+    sp: pb.SamplingParams, prompt_len: int, max_model_len: int, logprobs: int | None = None
+) -> SamplingParams:
     """Proto3 zeros mean 'unset' here (the protocol's own note): top_p 0 -> 1, top_k <= 0 -> off.
 
     `max_new_tokens` unset means 'up to the context limit', as SGLang does.
@@ -28,6 +44,7 @@ def sampling_params(sp: pb.SamplingParams, prompt_len: int, max_model_len: int) 
         seed=_seed(sp),
         stop_token_ids=tuple(sp.stop_token_ids),
         ignore_eos=bool(sp.ignore_eos),
+        logprobs=logprobs,
     )
 
 
@@ -48,6 +65,7 @@ def chunk(out: RequestOutput, cached_tokens: int = 0) -> pb.GenerateResponse:
             prompt_tokens=len(out.prompt_token_ids),
             completion_tokens=len(out.output_token_ids),
             cached_tokens=cached_tokens,
+            output_logprobs=output_logprobs(out.new_token_ids, out.new_logprobs),
         ),
     )
 
@@ -60,10 +78,26 @@ def complete(out: RequestOutput, cached_tokens: int = 0) -> pb.GenerateResponse:
         prompt_tokens=len(out.prompt_token_ids),
         completion_tokens=len(out.output_token_ids),
         cached_tokens=cached_tokens,
+        output_logprobs=output_logprobs(out.output_token_ids, out.output_logprobs),
     )
     if out.finish_reason == "stop" and out.output_token_ids:
         done.matched_token_id = out.output_token_ids[-1]
     return pb.GenerateResponse(request_id=out.request_id, complete=done)
+
+
+def output_logprobs(token_ids: list[int], logprobs: list[TokenLogprob]) -> pb.OutputLogProbs | None:
+    """SGLang's per-token log-probabilities (None when the request did not ask for them)."""
+    if not logprobs:
+        return None
+    return pb.OutputLogProbs(
+        token_logprobs=[lp.logprob for lp in logprobs],
+        token_ids=token_ids,
+        top_logprobs=[top_logprobs(lp.top) for lp in logprobs],
+    )
+
+
+def top_logprobs(top: tuple[tuple[int, float], ...]) -> pb.TopLogProbs:
+    return pb.TopLogProbs(token_ids=[t for t, _ in top], values=[v for _, v in top])
 
 
 def layout_to_proto(layout: KVLayout) -> kvpb.KVLayout:
@@ -108,13 +142,24 @@ def attach_from_proto(msg: kvpb.AttachRequest) -> AttachSpec:
 
 
 def result_to_proto(res: AttachResult) -> kvpb.AttachResponse:
-    return kvpb.AttachResponse(
+    msg = kvpb.AttachResponse(
         first_token_id=res.first_token_id,
         prompt_tokens=res.prompt_tokens,
         cached_tokens=res.cached_tokens,
         transferred_bytes=res.transferred_bytes,
     )
+    if (lp := res.first_logprob) is not None:
+        msg.first_token_logprob = lp.logprob
+        msg.first_top_token_ids.extend(t for t, _ in lp.top)
+        msg.first_top_logprobs.extend(v for _, v in lp.top)
+    return msg
 
 
 def result_from_proto(msg: kvpb.AttachResponse) -> AttachResult:
-    return AttachResult(msg.first_token_id, msg.prompt_tokens, msg.cached_tokens, msg.transferred_bytes)
+    first = None
+    if msg.HasField("first_token_logprob"):
+        top = zip(msg.first_top_token_ids, msg.first_top_logprobs, strict=True)
+        first = TokenLogprob(msg.first_token_logprob, tuple(top))
+    return AttachResult(
+        msg.first_token_id, msg.prompt_tokens, msg.cached_tokens, msg.transferred_bytes, first
+    )

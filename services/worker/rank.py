@@ -155,7 +155,7 @@ class Rank:
         engine = self.engine
         prompt = list(request.tokenized.input_ids)
         try:
-            params = proto_convert.sampling_params(request.sampling_params, len(prompt), engine.max_model_len)
+            params = proto_convert.request_params(request, engine.max_model_len)
             engine.validate(prompt, params)
         except ValueError as e:  # bad prompt or sampling parameters
             raise HandoffError("INVALID_ARGUMENT", str(e)) from None
@@ -164,7 +164,8 @@ class Rank:
             request_id = request.request_id or f"room-{dp.bootstrap_room}"
             if self.prefill is not None:
                 res = self.prefill.generate(dp.bootstrap_room, request_id, prompt, params, call)
-                out = RequestOutput(request_id, prompt, [res.first_token_id], "length")
+                first_lp = [res.first_logprob] if res.first_logprob is not None else []
+                out = RequestOutput(request_id, prompt, [res.first_token_id], "length", [], first_lp)
                 yield proto_convert.complete(out, res.cached_tokens).SerializeToString()
                 return
             decode = self.decode

@@ -17,7 +17,7 @@ import transformers
 
 from services.engine import Engine, SamplingParams
 from tests.cluster import LocalCluster
-from tests.oracle import chat_ids, encode, greedy
+from tests.oracle import chat_ids, encode, greedy, greedy_ids, greedy_logprobs
 
 KEY = "test-key"
 QUESTION = "What is a mixture of experts?"
@@ -91,6 +91,57 @@ def test_completions_match_transformers(client, ds_dir, stream):
     )
     got = "".join(c.choices[0].text for c in res) if stream else res.choices[0].text
     assert got == text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_logprobs_are_the_models_across_the_handoff(client, ds_dir, stream):
+    """The first token's log-probability comes from prefill (over the KV hand-off), the rest from
+    decode; all equal transformers' log-softmax, with the top 3 alternatives in order."""
+    prompt = chat_prompt(ds_dir, QUESTION)
+    ids, expected = greedy_ids(ds_dir, prompt, 8), greedy_logprobs(ds_dir, prompt, 8)
+    res = client.chat.completions.create(
+        model=model_name(ds_dir), messages=[{"role": "user", "content": QUESTION}], max_tokens=8,
+        temperature=0, logprobs=True, top_logprobs=3, stream=stream, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    chunks = list(res) if stream else [res]
+    choices = [choice for ch in chunks for choice in ch.choices if choice.logprobs]
+    content = [c for choice in choices for c in choice.logprobs.content]
+    tok = transformers.AutoTokenizer.from_pretrained(ds_dir)
+    assert [c.token for c in content] == [tok.decode([t]) for t in ids]
+    for c, t, lp in zip(content, ids, expected, strict=True):
+        assert c.logprob == pytest.approx(float(lp[t]), abs=1e-3)
+        top = lp.topk(3)
+        assert [x.token for x in c.top_logprobs] == [tok.decode([i]) for i in top.indices.tolist()]
+        assert [x.logprob for x in c.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-3)
+        assert c.bytes == list(c.token.encode())
+
+
+def test_completion_logprobs_stream_equals_body(client, ds_dir):
+    kw = dict(model=model_name(ds_dir), prompt="Experts are", max_tokens=6, temperature=0, logprobs=2)
+    body = client.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True) if c.choices]
+    streamed = [(t, v) for c in chunks if c.logprobs for t, v in zip(*_columns(c.logprobs), strict=True)]
+    assert streamed == list(zip(*_columns(body.logprobs), strict=True))
+    assert "".join(body.logprobs.tokens) == body.text
+    assert body.logprobs.text_offset == [len("".join(body.logprobs.tokens[:i])) for i in range(6)]
+    assert all(len(top) == 2 for top in body.logprobs.top_logprobs)
+    plain = client.completions.create(model=model_name(ds_dir), prompt="Experts are", max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def _columns(logprobs) -> tuple[list[str], list[float]]:
+    return logprobs.tokens, logprobs.token_logprobs
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_of_a_token_id_prompt(client, ds_dir, stream):
+    ids = encode(ds_dir, "Routers route")
+    res = client.completions.create(
+        model=model_name(ds_dir), prompt=ids, max_tokens=4, temperature=0, echo=True, stream=stream
+    )
+    text = "".join(c.choices[0].text for c in res) if stream else res.choices[0].text
+    prompt = transformers.AutoTokenizer.from_pretrained(ds_dir).decode(ids)
+    assert text == prompt + greedy(ds_dir, ids, 4)[0]
 
 
 def test_sixteen_concurrent_streams_are_independent(client, ds_dir, served):

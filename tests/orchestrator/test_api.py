@@ -86,16 +86,23 @@ def test_large_bodies_are_refused_before_reading(app):
         ),
         (
             "/v1/completions",
-            b'{"model": "tiny", "prompt": "x", "logprobs": 2}',
+            b'{"model": "tiny", "prompt": "x", "logprobs": 2, "echo": true}',
             400,
-            "logprobs is not supported",
+            "drop echo or logprobs",
+        ),
+        ("/v1/completions", b'{"model": "tiny", "prompt": "x", "logprobs": 21}', 400, "logprobs"),
+        (
+            "/v1/chat/completions",
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}',
+            400,
+            "top_logprobs needs logprobs: true",
         ),
         (
             "/v1/chat/completions",
             b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
-            b'"logprobs": true, "top_logprobs": 2}',
+            b'"logprobs": true, "top_logprobs": 21}',
             400,
-            "logprobs is not supported",
+            "top_logprobs",
         ),
     ],
 )

@@ -12,6 +12,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from orchestrator.envelopes import DONE, Envelope, error_event
 from orchestrator.errors import ApiError
+from orchestrator.logprobs import ShownLogprob
 from orchestrator.protocol import ChatCompletionRequest, CompletionRequest
 from orchestrator.text import TextEvent
 
@@ -30,7 +31,8 @@ def chat(**fields) -> Envelope:
 
 
 def completion(**fields) -> Envelope:
-    return Envelope.for_request("completion", CompletionRequest(model="tiny", prompt="Hi", **fields), "tiny")
+    req = CompletionRequest(model="tiny", prompt="Hi", **fields)
+    return Envelope.for_request("completion", req, "tiny", prompt_text="Hi")
 
 
 def read_stream(sse: str, cast_to: type) -> list:
@@ -120,6 +122,42 @@ def test_completion_final_body_echoes_the_prompt_if_asked(echo, text):
     assert body["choices"] == [{"index": 0, "finish_reason": "stop", "logprobs": None, "text": text}]
     assert body["usage"] == USAGE and body["object"] == "text_completion"
     assert Completion.model_validate(body).choices[0].text == text
+
+
+def test_streamed_completion_echo_comes_first():
+    env = completion(echo=True, stream=True)
+    opening = env.opening()
+    assert len(opening) == 1 and data(opening[0])["choices"][0]["text"] == "Hi"
+    sse = "".join([env.chunk(TextEvent(" there", "length")), DONE])
+    assert [c.choices[0].text for c in read_stream(sse, Completion)] == [" there"]
+
+
+SHOWN = (
+    ShownLogprob("Hel", -0.5, (("Hel", -0.5), ("He", -1.5)), 0),
+    ShownLogprob("lo", -0.25, (("lo", -0.25), ("p", -2.0)), 3),
+)
+
+
+def test_chat_logprobs_in_chunks_and_body():
+    env = chat(stream=True, logprobs=True, top_logprobs=2)
+    sse = "".join([*env.opening(), env.chunk(TextEvent("Hel", None, logprobs=SHOWN[:1])), DONE])
+    chunks = read_stream(sse, ChatCompletionChunk)
+    assert chunks[0].choices[0].logprobs is None  # the role chunk
+    content = chunks[1].choices[0].logprobs.content
+    assert [(c.token, c.logprob, c.bytes) for c in content] == [("Hel", -0.5, [72, 101, 108])]
+    assert [(t.token, t.logprob) for t in content[0].top_logprobs] == [("Hel", -0.5), ("He", -1.5)]
+    body = chat(logprobs=True, top_logprobs=2).final("Hello", LAST, SHOWN)
+    res = ChatCompletion.model_validate(body)
+    assert [c.token for c in res.choices[0].logprobs.content] == ["Hel", "lo"]
+    assert chat().final("Hello", LAST, ())["choices"][0]["logprobs"] is None
+
+
+def test_completion_logprobs_are_the_legacy_columns():
+    body = completion(logprobs=1).final("Hello", LAST, SHOWN)
+    lp = Completion.model_validate(body).choices[0].logprobs
+    assert lp.tokens == ["Hel", "lo"] and lp.token_logprobs == [-0.5, -0.25]
+    assert lp.top_logprobs == [{"Hel": -0.5, "He": -1.5}, {"lo": -0.25, "p": -2.0}]
+    assert lp.text_offset == [0, 3]
 
 
 def test_stream_error_event_is_raised_by_the_client():

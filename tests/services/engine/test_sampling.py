@@ -1,7 +1,9 @@
+import pytest
 import torch
 
-from services.engine import Engine, SamplingParams
+from services.engine import Engine, SamplingParams, SamplingParamsError
 from services.engine.sampling import _filtered_probs, sample
+from tests import oracle
 
 PROMPT = [11, 12, 13, 14]
 
@@ -39,7 +41,7 @@ def test_filters_keep_the_right_tokens():
 def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.6, 0.3, 0.1])
     gen = torch.Generator().manual_seed(0)
-    draws = [sample(probs.log()[None], [SamplingParams()], [gen])[0] for _ in range(3000)]
+    draws = [sample(probs.log()[None], [SamplingParams()], [gen])[0].token for _ in range(3000)]
     freq = torch.bincount(torch.tensor(draws), minlength=3).float() / len(draws)
     assert torch.allclose(freq, probs, atol=0.03)
 
@@ -50,3 +52,38 @@ def test_unseeded_requests_differ_but_engine_seed_reproduces(ds_dir):
     b = Engine.from_pretrained(ds_dir, seed=5).generate([PROMPT, PROMPT], p)
     assert a[0].output_token_ids != a[1].output_token_ids
     assert [o.output_token_ids for o in a] == [o.output_token_ids for o in b]
+
+
+def test_logprobs_are_the_models_own_and_follow_the_tokens(ds_dir):
+    """Greedy with logprobs=3: each token's log-probability and top 3 equal transformers' log-softmax,
+    chunk by chunk; with temperature and filters the log-probabilities stay the model's (unscaled)."""
+    prompt = PROMPT
+    out = Engine.from_pretrained(ds_dir).generate(
+        [prompt], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3)
+    )[0]
+    expected = oracle.greedy_logprobs(ds_dir, prompt, 6)
+    assert len(out.output_logprobs) == len(out.output_token_ids) == 6
+    for tok, got, lp in zip(out.output_token_ids, out.output_logprobs, expected, strict=True):
+        top = lp.topk(3)
+        assert got.logprob == pytest.approx(float(lp[tok]), abs=1e-4)
+        assert [t for t, _ in got.top] == top.indices.tolist()
+        assert [v for _, v in got.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert got.top[0][0] == tok  # greedy: the chosen token is the most likely one
+
+    hot = SamplingParams(max_tokens=4, temperature=1.7, top_k=5, seed=3, ignore_eos=True, logprobs=0)
+    sampled = Engine.from_pretrained(ds_dir).generate([prompt], hot)[0]
+    ids = prompt + sampled.output_token_ids
+    model_lp = oracle.position_logprobs(ds_dir, ids)[len(prompt) - 1 : -1]  # what predicted each output
+    assert len(sampled.output_logprobs) == 4
+    for tok, got, lp in zip(sampled.output_token_ids, sampled.output_logprobs, model_lp, strict=True):
+        assert got.top == ()
+        assert got.logprob == pytest.approx(float(lp[tok]), abs=1e-4)
+    plain = Engine.from_pretrained(ds_dir).generate([prompt], SamplingParams(max_tokens=2, temperature=0))[0]
+    assert plain.output_logprobs == [] and plain.new_logprobs == []
+
+
+def test_logprobs_out_of_range_are_refused():
+    with pytest.raises(SamplingParamsError, match="logprobs must be"):
+        SamplingParams(logprobs=21)
+    with pytest.raises(SamplingParamsError, match="logprobs must be"):
+        SamplingParams(logprobs=-1)

@@ -43,16 +43,22 @@ class AttachRequest(_message.Message):
     def __init__(self, room: _Optional[int] = ..., request_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., transfer_session: _Optional[str] = ..., kv_base_address: _Optional[int] = ..., layer_stride_bytes: _Optional[int] = ..., page_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class AttachResponse(_message.Message):
-    __slots__ = ("first_token_id", "prompt_tokens", "cached_tokens", "transferred_bytes")
+    __slots__ = ("first_token_id", "prompt_tokens", "cached_tokens", "transferred_bytes", "first_token_logprob", "first_top_token_ids", "first_top_logprobs")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRANSFERRED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     prompt_tokens: int
     cached_tokens: int
     transferred_bytes: int
-    def __init__(self, first_token_id: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., transferred_bytes: _Optional[int] = ...) -> None: ...
+    first_token_logprob: float
+    first_top_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    first_top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, first_token_id: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., transferred_bytes: _Optional[int] = ..., first_token_logprob: _Optional[float] = ..., first_top_token_ids: _Optional[_Iterable[int]] = ..., first_top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("room", "reason")
