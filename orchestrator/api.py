@@ -21,7 +21,7 @@ from orchestrator.config import ApiConfig
 from orchestrator.envelopes import Envelope
 from orchestrator.errors import ApiError
 from orchestrator.generate import generate, settle
-from orchestrator.guard import Guard
+from orchestrator.guard import Guard, RequestIds
 from orchestrator.membership import Membership
 from orchestrator.parsing import parse_request, prompt_ids, prompt_text, sampling_params
 from orchestrator.protocol import Kind
@@ -77,6 +77,7 @@ def create_app(config: ApiConfig, pool: Registry, membership: Membership) -> Fas
         check_admin(request, config.admin_token or None, config.api_keys)
 
     app.add_middleware(Guard, rules=[("/v1/", check_v1), ("/admin/", check_admin_request)])
+    app.add_middleware(RequestIds)  # outermost: refusals carry the id too
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -120,9 +121,10 @@ def create_app(config: ApiConfig, pool: Registry, membership: Membership) -> Fas
             metrics.REQUESTS.labels(model, "rejected" if e.status in (429, 503) else "invalid").inc()
             raise
         metrics.QUEUE_TIME.labels(model).observe(slot.waited)
-        envelope = Envelope.for_request(kind, req, model, prompt_text(req, prompt, tokenizer))
-        work = generate(router, prompt, sampling, envelope.id, req.logprob_count)
-        tokens = metrics.timed(work, model, start)
+        rid = request.state.request_id
+        envelope = Envelope.for_request(kind, req, model, rid, prompt_text(req, prompt, tokenizer))
+        work = generate(router, prompt, sampling, rid, req.logprob_count)  # the workers know it by `rid`
+        tokens = metrics.timed(work, model, start, rid)
         events = text_events(tokens, tokenizer, req.stop_list, req.skip_special_tokens)
         return await respond(envelope, req.stream, events, slot, admission, request)
 

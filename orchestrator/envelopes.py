@@ -47,12 +47,15 @@ class Envelope:
     """The client asked for log-probabilities (each choice carries them; otherwise null)."""
 
     @classmethod
-    def for_request(cls, kind: Kind, req: OpenAIRequest, model: str, prompt_text: str = "") -> Envelope:
-        """`prompt_text` is the prompt as text (echoed when a completion asks for `echo`)."""
+    def for_request(
+        cls, kind: Kind, req: OpenAIRequest, model: str, request_id: str = "", prompt_text: str = ""
+    ) -> Envelope:
+        """The response's id is `chatcmpl-`/`cmpl-` and `request_id` (default: a fresh one);
+        `prompt_text` is the prompt as text (echoed when a completion asks for `echo`)."""
         echo = prompt_text if isinstance(req, CompletionRequest) and req.echo else ""
         return cls(
             kind,
-            f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request_id or uuid.uuid4().hex[:24]}",
             model,
             int(time.time()),
             req.stream_options is not None and req.stream_options.include_usage,

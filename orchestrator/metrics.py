@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from orchestrator.breaker import BreakerState
 from orchestrator.registry import Registry, State
+from services.logs import requests
 
 if TYPE_CHECKING:
     from orchestrator.generate import TokenEvent
@@ -56,16 +57,22 @@ MIGRATIONS = Counter(
 )
 
 
-async def timed(events: AsyncIterator[TokenEvent], model: str, start: float) -> AsyncIterator[TokenEvent]:
-    """`events` unchanged; records TTFT, ITL (per token), end-to-end latency and the outcome."""
+async def timed(
+    events: AsyncIterator[TokenEvent], model: str, start: float, request_id: str
+) -> AsyncIterator[TokenEvent]:
+    """`events` unchanged; records TTFT, ITL (per token), end-to-end latency and the outcome, and
+    logs the finished request (`--log-requests`)."""
     last: float | None = None
+    first: float | None = None
     outcome = "error"
+    event = None
     try:
         async for event in events:
             now = time.monotonic()
             if event.token_ids:
                 if last is None:
-                    TTFT.labels(model).observe(now - start)
+                    first = now - start
+                    TTFT.labels(model).observe(first)
                 else:
                     for _ in event.token_ids:  # tokens that arrive together share the interval
                         ITL.labels(model).observe((now - last) / len(event.token_ids))
@@ -79,6 +86,25 @@ async def timed(events: AsyncIterator[TokenEvent], model: str, start: float) -> 
         raise
     finally:
         REQUESTS.labels(model, outcome).inc()
+        _log_finished(request_id, outcome, event, first, time.monotonic() - start)
+
+
+def _log_finished(
+    request_id: str, outcome: str, last: TokenEvent | None, first: float | None, seconds: float
+) -> None:
+    fields = {
+        "outcome": outcome,
+        "prompt_tokens": last.prompt_tokens if last else 0,
+        "completion_tokens": last.completion_tokens if last else 0,
+        "ttft_s": None if first is None else round(first, 6),
+        "e2e_s": round(seconds, 6),
+    }
+    requests.info(
+        "request %s %s: %d prompt + %d completion tokens, first token after %s, %.3f s in all",
+        request_id, outcome, fields["prompt_tokens"], fields["completion_tokens"],
+        "-" if first is None else f"{first:.3f} s", seconds,
+        extra={"request_id": request_id, "fields": fields},
+    )  # fmt: skip
 
 
 class InstanceCollector(Collector):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
-import os
 import sys
 from collections.abc import Callable
 from enum import StrEnum
@@ -22,8 +20,17 @@ from orchestrator.config import ApiConfig, env_keys, read_keys
 from orchestrator.membership import create as create_membership
 from orchestrator.registry import Registry
 from orchestrator.tokenizer import TokenizerError
+from services.logs import setup_logging
 from services.process import die_with_parent_if_asked
-from services.typer_main import namespace, run_app
+from services.typer_main import (
+    LogFormat,
+    LogFormatOption,
+    LogLevel,
+    LogLevelOption,
+    LogRequestsOption,
+    namespace,
+    run_app,
+)
 
 GRACE_S = 2
 """After a stop signal, how long connections may take to finish before uvicorn cancels them (the
@@ -109,6 +116,9 @@ def serve(
     breaker_cooldown: Annotated[
         float, typer.Option(help="seconds before a stopped instance gets a probe")
     ] = 5.0,
+    log_level: LogLevelOption = LogLevel.info,
+    log_format: LogFormatOption = LogFormat.text,
+    log_requests: LogRequestsOption = False,
 ) -> None:
     addresses = take_variadic(ctx.args)
     options = namespace(ctx.params)
@@ -159,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(a: argparse.Namespace) -> int:
     die_with_parent_if_asked()
-    logging.basicConfig(level=os.environ.get("MOESERVE_LOG_LEVEL", "WARNING"))
+    setup_logging(a.log_level, a.log_format, a.log_requests)
     try:
         config = config_from_args(a)
     except ValueError as e:
@@ -197,7 +207,7 @@ def run(a: argparse.Namespace) -> int:
         print(f"moeserve serve: {e}", file=sys.stderr)
         return 2
     server_config = uvicorn.Config(
-        app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=GRACE_S
+        app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=GRACE_S, log_config=None
     )
     server = _Server(server_config, on_stop=app.state.admission.close)
     # Once stopped, uvicorn re-raises the signal it caught: SIGTERM ends the process with that

@@ -14,6 +14,7 @@ with it (PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -29,8 +30,18 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
 from orchestrator.config import env_keys, read_keys
+from services.logs import setup_logging
 from services.process import port_in_use, spawn_env, stop_on_signals
-from services.typer_main import ModelArch, namespace, run_app
+from services.typer_main import (
+    LogFormat,
+    LogFormatOption,
+    LogLevel,
+    LogLevelOption,
+    LogRequestsOption,
+    ModelArch,
+    namespace,
+    run_app,
+)
 
 ORCHESTRATOR_STOP_S = 2.0
 WORKER_STOP_S = 4.0
@@ -44,10 +55,17 @@ class Cluster:
     def __init__(self) -> None:
         self.children: list[tuple[str, subprocess.Popen]] = []
 
-    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        """Start a child; `env` adds variables (secrets go there, never on a command line)."""
+    def spawn(
+        self, name: str, args: list[str], env: dict[str, str] | None = None, output: Path | None = None
+    ) -> subprocess.Popen:
+        """Start a child; `env` adds variables (secrets go there, never on a command line); `output`
+        takes its stdout and stderr (default: this process's)."""
         env = spawn_env({**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
-        proc = subprocess.Popen([sys.executable, *args], env=env, start_new_session=True)
+        with contextlib.ExitStack() as files:
+            sink = files.enter_context(output.open("ab")) if output is not None else None
+            proc = subprocess.Popen(
+                [sys.executable, *args], env=env, start_new_session=True, stdout=sink, stderr=sink
+            )
         self.children.append((name, proc))
         return proc
 
@@ -144,6 +162,9 @@ def up(
     prefill_ep: Annotated[int, typer.Option(help="expert-parallel ranks per prefill instance")] = 2,
     decode_ep: Annotated[int, typer.Option(help="expert-parallel ranks per decode instance")] = 2,
     ready_timeout: float = 180.0,
+    log_level: LogLevelOption = LogLevel.info,
+    log_format: LogFormatOption = LogFormat.text,
+    log_requests: LogRequestsOption = False,
 ) -> None:
     a = namespace(ctx.params)
     a.api_key = api_key or []
@@ -159,6 +180,7 @@ def run(a: argparse.Namespace) -> int:
     if port_in_use(a.host, a.port):
         print(f"moeserve up: {a.host}:{a.port} is in use; stop what holds it or pass --port", file=sys.stderr)
         return 2
+    setup_logging(a.log_level, a.log_format, a.log_requests)  # the children read it from the environment
     stop = stop_on_signals()
     cluster = Cluster()
     try:

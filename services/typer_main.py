@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from enum import Enum, StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -14,6 +14,33 @@ class ModelArch(StrEnum):
 
     deepseek_v3 = "deepseek_v3"
     qwen3_moe = "qwen3_moe"
+
+
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+LogLevelOption = Annotated[
+    LogLevel,
+    typer.Option(
+        envvar="MOESERVE_LOG_LEVEL", case_sensitive=False,
+        help="this process and its children; third-party logs (Mooncake's glog too) only at debug",
+    ),
+]  # fmt: skip
+LogFormatOption = Annotated[
+    LogFormat, typer.Option(envvar="MOESERVE_LOG_FORMAT", help="json: one object per line, with request_id")
+]
+LogRequestsOption = Annotated[
+    bool, typer.Option(envvar="MOESERVE_LOG_REQUESTS", help="one line per finished request, with its id")
+]
 
 
 def run_app(app: typer.Typer, argv: list[str] | None, prog: str) -> int:

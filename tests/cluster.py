@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
@@ -22,10 +23,12 @@ class LocalCluster:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
 
-    def worker(self, name: str, role: str, model, *extra: str, env: dict[str, str] | None = None) -> str:
+    def worker(
+        self, name: str, role: str, model, *extra: str, env: dict | None = None, output: Path | None = None
+    ) -> str:
         port = free_port()
         args = ["-m", "services.worker", "--role", role, "--model", str(model), "--port", str(port), *extra]
-        self.procs[name] = self.cluster.spawn(name, args, env=env)
+        self.procs[name] = self.cluster.spawn(name, args, env=env, output=output)
         address = f"127.0.0.1:{port}"
         wait_worker(self.cluster, address, READY_TIMEOUT_S)
         self.addresses[name] = address
@@ -44,7 +47,9 @@ class LocalCluster:
         self.addresses[name] = address
         return address
 
-    def orchestrator(self, model, prefill: list[str], decode: list[str], *extra: str) -> str:
+    def orchestrator(
+        self, model, prefill: list[str], decode: list[str], *extra: str, output: Path | None = None
+    ) -> str:
         port = free_port()
         args = [
             "-m",
@@ -59,7 +64,7 @@ class LocalCluster:
             *decode,
             *extra,
         ]
-        self.procs["orchestrator"] = self.cluster.spawn("orchestrator", args)
+        self.procs["orchestrator"] = self.cluster.spawn("orchestrator", args, output=output)
         url = f"http://127.0.0.1:{port}"
         wait_http(self.cluster, f"{url}/ready", READY_TIMEOUT_S)
         return url

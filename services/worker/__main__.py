@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from enum import StrEnum
@@ -13,8 +12,17 @@ from typing import Annotated
 import typer
 
 from services.engine.config import EngineConfig, EngineConfigError
+from services.logs import setup_logging
 from services.process import die_with_parent_if_asked
-from services.typer_main import namespace, run_app
+from services.typer_main import (
+    LogFormat,
+    LogFormatOption,
+    LogLevel,
+    LogLevelOption,
+    LogRequestsOption,
+    namespace,
+    run_app,
+)
 from services.worker.config import WorkerConfig
 
 
@@ -89,6 +97,9 @@ def worker(
     max_prefill_tokens: int = 512,
     max_model_len: int | None = None,
     threads: Annotated[int, Opt(help="torch threads in this process")] = 1,
+    log_level: LogLevelOption = LogLevel.info,
+    log_format: LogFormatOption = LogFormat.text,
+    log_requests: LogRequestsOption = False,
 ) -> None:
     params = dict(locals())
     a = namespace(params)
@@ -138,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(a: argparse.Namespace) -> int:
     die_with_parent_if_asked()
-    logging.basicConfig(level=os.environ.get("MOESERVE_LOG_LEVEL", "WARNING"))
+    setup_logging(a.log_level, a.log_format, a.log_requests)
     try:
         config = build_config(a)
     except (EngineConfigError, ValueError) as e:

@@ -21,6 +21,7 @@ import threading
 import time
 from multiprocessing.connection import Connection, wait
 
+from services.logs import setup_logging
 from services.process import die_with_parent, stop_on_signals
 from services.worker.config import WorkerConfig
 
@@ -142,6 +143,7 @@ def rank_process(config: WorkerConfig, rank: int, dist_init: str, report: Connec
     """Entry point of one rank process of a group."""
     die_with_parent()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    setup_logging()  # as the launcher's options set it (they travel in the environment)
     stop = stop_on_signals()
     try:
         code = run_rank(config, rank, dist_init, stop, report)

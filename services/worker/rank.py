@@ -24,7 +24,7 @@ from services.kv.sender import KVSender, TransferStats
 from services.worker import messages as msg
 from services.worker import proto_convert
 from services.worker.config import WorkerConfig
-from services.worker.streams import stream_outputs
+from services.worker.streams import logged, stream_outputs
 
 MAX_CALLS = 1024
 """Generate and Attach calls one rank serves at once (each holds a thread while it runs)."""
@@ -135,7 +135,8 @@ class Rank:
 
     def _answer(self, command: msg.Command, call: RankCall) -> Iterator[Any]:
         if isinstance(command, msg.Generate):
-            yield from self._generate(pb.GenerateRequest.FromString(command.request), call)
+            request = pb.GenerateRequest.FromString(command.request)
+            yield from logged(request.request_id, self.config.role, self._generate(request, call))
         elif isinstance(command, msg.Attach):
             assert self.prefill is not None and command.spec is not None
             yield self.prefill.attach(command.spec, call)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterator
 
+from smg_grpc_proto import sglang_scheduler_pb2 as pb
+
 from services.engine.loop import EngineLoop, RequestStream
-from services.kv import Caller
+from services.kv import Caller, HandoffError
+from services.logs import REQUEST_ID, requests
 from services.worker import proto_convert
 
 
@@ -41,3 +46,33 @@ def stream_outputs(
         if out.finished:
             yield proto_convert.complete(out, cached_tokens()).SerializeToString()
             return
+
+
+def logged(request_id: str, role: str, responses: Iterator[bytes]) -> Iterator[bytes]:
+    """`responses` of one Generate, with `request_id` on every record logged meanwhile, and one
+    line on `moeserve.requests` when it ends (`--log-requests`)."""
+    token = REQUEST_ID.set(request_id or None)
+    start, last = time.monotonic(), b""
+    try:
+        for last in responses:
+            yield last
+    except HandoffError as e:
+        requests.info("request %s on %s failed: %s %s", request_id, role, e.code, e.message)
+        raise
+    finally:
+        REQUEST_ID.reset(token)
+    if requests.isEnabledFor(logging.INFO) and last:
+        done = pb.GenerateResponse.FromString(last).complete
+        fields = {
+            "role": role,
+            "finish_reason": done.finish_reason,
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "cached_tokens": done.cached_tokens,
+            "seconds": round(time.monotonic() - start, 6),
+        }
+        requests.info(
+            "request %s on %s: %s after %d prompt + %d completion tokens, %.3f s", request_id, role,
+            done.finish_reason, done.prompt_tokens, done.completion_tokens, fields["seconds"],
+            extra={"request_id": request_id, "fields": fields},
+        )  # fmt: skip
