@@ -44,6 +44,10 @@ class RankLoad:
     waiting: int
     kv_used_tokens: int
     kv_total_tokens: int
+    kv_transfer_latency_ms: float = 0.0
+    """Prefill: mean time its KV writes took per handed-off request (0 on decode)."""
+    kv_transfer_gb_s: float = 0.0
+    """Prefill: KV bytes written per second of writing."""
 
 
 @dataclass(eq=False)
@@ -138,6 +142,8 @@ class Instance:
                         ld.num_waiting_reqs,
                         ld.num_used_tokens,
                         ld.max_total_num_tokens,
+                        ld.disaggregation.kv_transfer_latency_ms,
+                        ld.disaggregation.kv_transfer_speed_gb_s,
                     )
                     for ld in loads.loads
                 ]

@@ -127,6 +127,19 @@ class InstanceCollector(Collector):
         waiting = GaugeMetricFamily("moeserve_instance_waiting_requests", "Requests waiting.", labels=labels)
         kv_used = GaugeMetricFamily("moeserve_instance_kv_used_tokens", "KV tokens in use.", labels=labels)
         kv_total = GaugeMetricFamily("moeserve_instance_kv_total_tokens", "KV tokens in all.", labels=labels)
+        handoff = GaugeMetricFamily(
+            "moeserve_instance_kv_transfer_latency_seconds",
+            "Prefill: mean time of a request's KV hand-off writes, over its ranks.",
+            labels=labels,
+        )
+        speed = GaugeMetricFamily(
+            "moeserve_instance_kv_transfer_bytes_per_second", "Prefill: KV write speed.", labels=labels
+        )
+        balance = GaugeMetricFamily(
+            "moeserve_instance_expert_balancedness",
+            "Mean / max tokens per EP rank over the recent window (1 = even; EP instances only).",
+            labels=labels,
+        )
         for inst in self.registry.all:
             ids = [inst.id, inst.role]
             for s in State:
@@ -137,7 +150,13 @@ class InstanceCollector(Collector):
             waiting.add_metric(ids, sum(ld.waiting for ld in inst.loads))
             kv_used.add_metric(ids, sum(ld.kv_used_tokens for ld in inst.loads))
             kv_total.add_metric(ids, sum(ld.kv_total_tokens for ld in inst.loads))
-        yield from (state, breaker, running, waiting, kv_used, kv_total)
+            if inst.role == "prefill" and inst.loads:
+                latency_ms = sum(ld.kv_transfer_latency_ms for ld in inst.loads) / len(inst.loads)
+                handoff.add_metric(ids, latency_ms / 1e3)
+                speed.add_metric(ids, sum(ld.kv_transfer_gb_s for ld in inst.loads) * 1e9)
+            if inst.balancedness is not None:
+                balance.add_metric(ids, inst.balancedness)
+        yield from (state, breaker, running, waiting, kv_used, kv_total, handoff, speed, balance)
 
 
 def exposition(registry: Registry) -> bytes:

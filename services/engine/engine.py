@@ -7,6 +7,7 @@ Like `vllm.LLM` / `sglang.Engine`, plus the step-level API a server drives: `add
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from services.engine.page_pool import KVCache, PagePool
 from services.engine.request import FinishReason, InvalidRequestError, KVListener, Request, RequestOutput
 from services.engine.sampling import SamplingParams, make_generator
 from services.engine.scheduler import Scheduler
+from services.engine.stats import StepStats
 from services.ep import ExpertParallel
 from services.models import ModelConfig, load_model
 from services.models.base import MoECausalLM
@@ -75,6 +77,8 @@ class Engine(KVHandoffHooks):
         """Pages a remote writer may still reach: never reused (`strand`)."""
         self._ids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
+        self.stats = StepStats()
+        """Step time, batch size and tokens per phase (engine thread; copy with `snapshot`)."""
         self.idle = True
         """The last `step` found no work (on any rank of an expert-parallel group)."""
         self.stopped = False
@@ -178,7 +182,9 @@ class Engine(KVHandoffHooks):
                 self.runner.idle()
             return []
         run = self.runner.prefill if batch.phase == "prefill" else self.runner.decode
+        began = time.perf_counter()
         picks = run(batch)
+        self.stats.record(batch.phase, time.perf_counter() - began, len(batch.requests), sum(batch.num_new))
         recorder = self.model.parallel.recorder
         if recorder is not None:
             recorder.end_step(sum(batch.num_new))

@@ -64,6 +64,21 @@ class ExpertPlacement:
         row = torch.arange(num_slots) % num_experts
         return cls(num_experts, ep_size, row.repeat(num_layers, 1))
 
+    def balancedness(self, counts: torch.Tensor) -> float | None:
+        """Mean ÷ max tokens per rank, averaged over layers that had traffic (None: none had).
+
+        `counts` [layers, experts] are tokens per logical expert; an expert's tokens split evenly
+        over its replicas, as `route` spreads them. 1.0 is perfect balance.
+        """
+        layers = self.phys_to_log.shape[0]
+        per_slot = counts.gather(1, self.phys_to_log).double() / self.replicas.gather(1, self.phys_to_log)
+        per_rank = per_slot.view(layers, self.ep_size, -1).sum(-1)  # [L, R]
+        peak = per_rank.max(1).values
+        busy = peak > 0
+        if not bool(busy.any()):
+            return None
+        return float((per_rank.mean(1)[busy] / peak[busy]).mean())
+
     @property
     def num_slots(self) -> int:
         return self.phys_to_log.shape[1]

@@ -97,6 +97,7 @@ def worker(
     max_prefill_tokens: int = 512,
     max_model_len: int | None = None,
     threads: Annotated[int, Opt(help="torch threads in this process")] = 1,
+    metrics_port: Annotated[int, Opt(help="serve Prometheus /metrics on --host:PORT (0: off)")] = 0,
     log_level: LogLevelOption = LogLevel.info,
     log_format: LogFormatOption = LogFormat.text,
     log_requests: LogRequestsOption = False,
@@ -138,6 +139,7 @@ def build_config(a: argparse.Namespace) -> WorkerConfig:
         deepep_mode=a.deepep_mode,
         handoff_timeout_s=a.handoff_timeout,
         prefill_timeout_s=a.prefill_timeout,
+        metrics_port=a.metrics_port,
         engine=engine,
     )
 

@@ -34,6 +34,8 @@ class WorkerConfig:
     handoff_timeout_s: float = 30.0
     """Longest wait for the other side of a room (Generate or Attach) to show up."""
     prefill_timeout_s: float = 300.0
+    metrics_port: int = 0
+    """Rank 0 serves Prometheus `/metrics` on host:metrics_port (0: off)."""
     """Longest a decode rank waits for a prefill to deliver a prompt's KV."""
     ep_size: int = 1
     """Ranks in this instance's expert-parallel group (one process each)."""

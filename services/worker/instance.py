@@ -65,12 +65,13 @@ def run_rank(
     from services.worker.channels import LocalLink, ZmqReceiver, ZmqSender
     from services.worker.decode import GrpcAttachClient
     from services.worker.dp_controller import DPController
+    from services.worker.metrics import serve_metrics
     from services.worker.rank import Rank
     from services.worker.rendezvous import join_group, rank_device
     from services.worker.server import add_services, bind_server
 
     world = config.ep_size
-    server = None
+    server = metrics = None
     if rank == 0:  # take the public port first: ports drawn later (ZeroMQ, Mooncake) cannot collide
         server, counter, port = bind_server(config)
     engine_config = config.engine
@@ -114,6 +115,8 @@ def run_rank(
         me.reply = controller.on_event
         me.loop.add_stop_callback(lambda e: controller.fail_all(f"the instance's engine stopped: {e}"))
         add_services(server, counter, config, engine, controller)
+        if config.metrics_port:
+            metrics = serve_metrics(config, engine, controller, counter)
     else:
         me.reply = ZmqSender(zctx, peers[0]["address"]).send
     me.loop.add_stop_callback(lambda e: stop.set())  # the group stopped (or died): leave too
@@ -123,7 +126,8 @@ def run_rank(
     if server is not None:
         server.start()
     detail = (
-        f"kv={me.layout.describe()} transfer={me.transfer.session_id}/{config.transfer_protocol} "
+        (f"metrics={config.host}:{config.metrics_port} " if metrics is not None else "")
+        + f"kv={me.layout.describe()} transfer={me.transfer.session_id}/{config.transfer_protocol} "
         f"weights: {engine.model.load_report.summary()}"
     )
     if report is not None:
@@ -134,6 +138,8 @@ def run_rank(
     me.loop.stop(timeout=STOP_TIMEOUT_S)  # every rank leaves at the same step
     if server is not None:
         server.stop(SERVER_GRACE_S).wait()
+    if metrics is not None:
+        metrics.shutdown()
     if receiver is not None:
         receiver.close()
     return 1 if me.loop.crashed else 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from services.engine.stats import StepStats
 from services.kv import AttachSpec
 from services.kv.sender import TransferStats
 
@@ -51,12 +52,12 @@ class Abort(Command):
     request_id: str = ""
 
 
-Query = Literal["load", "health", "expert_load"]
+Query = Literal["load", "health", "expert_load", "metrics"]
 
 
 @dataclass(frozen=True)
 class Ask(Command):
-    """A read-only question: replies a `RankLoad`, a `RankHealth` or an `ExpertLoad`."""
+    """A read-only question: replies a `RankLoad`, a `RankHealth`, an `ExpertLoad` or `RankMetrics`."""
 
     what: Query = "health"
 
@@ -125,3 +126,11 @@ class ExpertLoad:
     counts: list[list[int]]
     tokens: int
     steps: int
+
+
+@dataclass(frozen=True)
+class RankMetrics:
+    """What the worker's `/metrics` shows of one DP rank: its load and its engine's step statistics."""
+
+    load: RankLoad
+    steps: StepStats

@@ -217,6 +217,12 @@ class Rank:
         if what == "expert_load":
             counts, tokens, steps = self.loop.run(engine.expert_load)
             return msg.ExpertLoad(counts.tolist(), tokens, steps)
+        if what == "metrics":
+            return msg.RankMetrics(self._load(), self.loop.run(engine.stats.snapshot))
+        return self._load()
+
+    def _load(self) -> msg.RankLoad:
+        engine = self.engine
         kv = engine.kv_stats()
         half = self.prefill or self.decode
         return msg.RankLoad(

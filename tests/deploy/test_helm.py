@@ -28,6 +28,7 @@ LWS_SCHEMA = Path(__file__).with_name("lws-v0.10.0.schema.json")
 CRD_KINDS = {
     ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
 }
 
 
@@ -81,6 +82,9 @@ def validate(obj: dict) -> None:
         return
     if key == ("monitoring.coreos.com/v1", "ServiceMonitor"):
         assert set(obj) == {"apiVersion", "kind", "metadata", "spec"} and obj["spec"]["endpoints"]
+        return
+    if key == ("monitoring.coreos.com/v1", "PodMonitor"):
+        assert set(obj) == {"apiVersion", "kind", "metadata", "spec"} and obj["spec"]["podMetricsEndpoints"]
         return
     # An unknown or removed apiVersion raises SchemaNotFoundError here: a failure, not a warning.
     kubernetes_validate.validate(obj, K8S, strict=True)
@@ -198,3 +202,20 @@ def test_moeserve_command_lines_start_our_workers_with_the_same_topology():
         assert config.dist_init_addr == "ms-decode-0.ms-decode:29500" and config.advertised == "10.1.2.3"
         assert config.dispatcher == "deepep" and config.engine.device == "cuda"
         assert config.transfer_protocol == "rdma" and config.transfer_device.startswith("mlx5_0")
+        assert config.metrics_port == 9090
+
+
+def test_the_pod_monitor_scrapes_the_leaders_metrics_port():
+    objs = render(sets=("serviceMonitor.enabled=true",))
+    (monitor,) = [o for o in objs if o["kind"] == "PodMonitor"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector["leaderworkerset.sigs.k8s.io/worker-index"] == "0"  # only leaders serve it
+    for lws in pools(objs).values():
+        pod = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]
+        labels = pod["metadata"]["labels"]
+        assert all(labels[k] == v for k, v in selector.items() if not k.startswith("leaderworkerset"))
+        ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+        assert ports["metrics"] == 9090 and "--metrics-port=9090" in args_of(lws)
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    off = pools(render(sets=("decode.metricsPort=0",)))["decode"]
+    assert not any(a.startswith("--metrics-port") for a in args_of(off))

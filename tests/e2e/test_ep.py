@@ -10,11 +10,14 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
+from services.process import free_port
 from services.proto.moeserve.v1 import worker_control_pb2 as ctl
 from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
 from tests.cluster import LocalCluster
@@ -31,8 +34,8 @@ def client_for(url: str) -> openai.OpenAI:
 def ep2_ep2(ds_dir):
     c = LocalCluster()
     try:
-        p = c.worker("prefill", "prefill", ds_dir, "--ep", "2", "--ep-slots", "18")
-        d = c.worker("decode", "decode", ds_dir, "--ep", "2", "--ep-slots", "20")
+        p = c.worker("prefill", "prefill", ds_dir, "--ep", "2", "--ep-slots", "18", *metrics(c, "prefill"))
+        d = c.worker("decode", "decode", ds_dir, "--ep", "2", "--ep-slots", "20", *metrics(c, "decode"))
         yield c, c.orchestrator(ds_dir, [p], [d])
     finally:
         c.stop()
@@ -140,6 +143,67 @@ def test_dp_ranks_loads_and_expert_statistics(ep2_ep2, ds_dir):
     assert load.window_tokens > 0 and len(load.layers) == 2
     for layer in load.layers:  # every token's top-k choices are counted once, over all ranks
         assert sum(layer.tokens_per_expert) == load.window_tokens * load.top_k
+
+
+def metrics(c: LocalCluster, name: str) -> tuple[str, str]:
+    c.addresses[f"{name}-metrics"] = f"127.0.0.1:{(port := free_port())}"
+    return "--metrics-port", str(port)
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a Prometheus text page: (name, sorted labels) -> value."""
+    text = httpx.get(url, timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_workers_serve_their_own_metrics(ep2_ep2, ds_dir):
+    """Step time, batch size, tokens, KV, hand-off totals and balancedness, per DP rank, on a port apart."""
+    c, url = ep2_ep2
+    pm, dm = (f"http://{c.addresses[f'{n}-metrics']}/metrics" for n in ("prefill", "decode"))
+    before_p, before_d = scrape(pm), scrape(dm)
+    prompt = encode(ds_dir, "metrics of a worker " * 4)
+    res = client_for(url).completions.create(model=ds_dir.name, prompt=prompt, max_tokens=5, temperature=0)
+    assert res.usage.completion_tokens == 5
+    after_p, after_d = scrape(pm), scrape(dm)
+
+    def moved(before, after, name, **labels) -> float:
+        keys = [k for k in after if k[0] == name and labels.items() <= dict(k[1]).items()]
+        return sum(after[k] - before.get(k, 0.0) for k in keys)
+
+    assert after_p[("moeserve_worker_up", ())] == 1.0
+    ranks = {dict(k[1])["dp_rank"] for k in after_d if k[0] == "moeserve_worker_step_seconds_count"}
+    assert ranks == {"0", "1"}
+    assert moved(before_p, after_p, "moeserve_worker_tokens_total", phase="prefill") == len(prompt)
+    # decode computes 4 tokens: the first of the 5 was sampled by prefill
+    assert moved(before_d, after_d, "moeserve_worker_tokens_total", phase="decode") == 4
+    assert moved(before_p, after_p, "moeserve_worker_step_seconds_count", phase="prefill") >= 1
+    assert moved(before_p, after_p, "moeserve_worker_step_seconds_sum", phase="prefill") > 0
+    assert moved(before_d, after_d, "moeserve_worker_batch_requests_count", phase="decode") >= 4
+    assert moved(before_p, after_p, "moeserve_worker_kv_transfer_rooms_total") == 1
+    assert moved(before_p, after_p, "moeserve_worker_kv_transfer_bytes_total") > 0
+    assert after_d[("moeserve_worker_kv_total_tokens", (("dp_rank", "0"), ("role", "decode")))] > 0
+    assert moved(before_d, after_d, "moeserve_worker_grpc_calls_total", method="Generate") == 1
+
+    load = ctl_grpc.WorkerControlStub(grpc.insecure_channel(c.addresses["decode"])).GetExpertLoad(
+        ctl.GetExpertLoadRequest(), timeout=10
+    )
+    per_rank = []  # default placement of 20 slots over 2 ranks: slots 16..19 replicate experts 0..3
+    for layer in load.layers:
+        tokens = list(layer.tokens_per_expert)
+        slots = [tokens[s % 16] / (2 if s % 16 < 4 else 1) for s in range(20)]
+        ranks_load = [sum(slots[:10]), sum(slots[10:])]
+        per_rank.append(sum(ranks_load) / 2 / max(ranks_load))
+    gauge = scrape(dm)[("moeserve_worker_expert_balancedness", (("role", "decode"),))]
+    assert gauge == pytest.approx(sum(per_rank) / len(per_rank)) and 0.5 <= gauge <= 1.0
+
+    front = scrape(f"{url}/metrics")
+    latency = [v for k, v in front.items() if k[0] == "moeserve_instance_kv_transfer_latency_seconds"]
+    assert len(latency) == 1 and latency[0] > 0
+    assert any(k[0] == "moeserve_instance_expert_balancedness" for k in front)
 
 
 def test_prefill_ep1_to_decode_ep2_is_exact_qwen3(model_dirs):

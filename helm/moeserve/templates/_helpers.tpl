@@ -71,6 +71,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - --ep={{ $pool.ep }}
 - --dispatcher={{ $pool.dispatcher }}
 - --deepep-mode={{ $pool.deepepMode }}
+{{- if $pool.metricsPort }}
+- --metrics-port={{ $pool.metricsPort }}
+{{- end }}
 {{- if .root.Values.gpu }}
 - --device=cuda
 {{- if $pool.ibDevices }}
