@@ -8,6 +8,7 @@ breaker state, running and waiting requests, KV tokens in use and in total.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING
@@ -66,20 +67,21 @@ async def timed(
     first: float | None = None
     outcome = "error"
     event = None
+    ttft, itl, e2e = _series(model)
     try:
         async for event in events:
             now = time.monotonic()
             if event.token_ids:
                 if last is None:
                     first = now - start
-                    TTFT.labels(model).observe(first)
+                    ttft.observe(first)
                 else:
                     for _ in event.token_ids:  # tokens that arrive together share the interval
-                        ITL.labels(model).observe((now - last) / len(event.token_ids))
+                        itl.observe((now - last) / len(event.token_ids))
                 last = now
             if event.finish_reason is not None:
                 outcome = "success"
-                E2E.labels(model).observe(now - start)
+                e2e.observe(now - start)
             yield event
     except GeneratorExit:  # closed by its consumer: after the last token, or the client left
         outcome = "success" if outcome == "success" else "cancelled"
@@ -87,6 +89,12 @@ async def timed(
     finally:
         REQUESTS.labels(model, outcome).inc()
         _log_finished(request_id, outcome, event, first, time.monotonic() - start)
+
+
+@functools.cache
+def _series(model: str) -> tuple:
+    """A model's TTFT, ITL and end-to-end series (looked up once, not per token)."""
+    return TTFT.labels(model), ITL.labels(model), E2E.labels(model)
 
 
 def _log_finished(

@@ -69,6 +69,19 @@ class LocalCluster:
         wait_http(self.cluster, f"{url}/ready", READY_TIMEOUT_S)
         return url
 
+    def smg(self, model, prefill: str, decode: str) -> str:
+        """SGLang's gateway (PyPI `smg`) in PD mode over our workers' gRPC; its base URL once ready."""
+        port, prometheus = free_port(), free_port()
+        args = ["-m", "smg", "launch", "--pd-disaggregation", "--prefill", f"grpc://{prefill}"]
+        args += [prefill.rsplit(":", 1)[1], "--decode", f"grpc://{decode}", "--model-path", str(model)]
+        args += ["--tokenizer-path", str(model), "--host", "127.0.0.1", "--port", str(port)]
+        args += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(prometheus)]
+        args += ["--log-level", "error"]
+        self.procs["smg"] = self.cluster.spawn("smg", args)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(self.cluster, f"{url}/readiness", READY_TIMEOUT_S)
+        return url
+
     def stub(self, name: str) -> pb_grpc.SglangSchedulerStub:
         return pb_grpc.SglangSchedulerStub(grpc.insecure_channel(self.addresses[name]))
 

@@ -2,70 +2,23 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from services.engine import Engine, SamplingParams
-from services.process import free_port
 from tests.cluster import LocalCluster
-
-SMG = shutil.which("smg") or str(Path(sys.executable).with_name("smg"))
 
 
 @pytest.fixture(scope="module")
 def smg_url(ds_dir):
     c = LocalCluster()
-    smg = None
     try:
         p = c.worker("prefill", "prefill", ds_dir)
         d = c.worker("decode", "decode", ds_dir)
-        port, prom = free_port(), free_port()
-        cmd = [
-            SMG,
-            "launch",
-            "--pd-disaggregation",
-            "--prefill",
-            f"grpc://{p}",
-            p.rsplit(":", 1)[1],
-            "--decode",
-            f"grpc://{d}",
-            "--model-path",
-            str(ds_dir),
-            "--tokenizer-path",
-            str(ds_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--prometheus-host",
-            "127.0.0.1",
-            "--prometheus-port",
-            str(prom),
-            "--log-level",
-            "error",
-        ]
-        smg = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert smg.poll() is None, "smg exited"
-            try:
-                if httpx.get(f"{url}/readiness", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        yield url, c
+        yield c.smg(ds_dir, p, d), c
     finally:
-        if smg is not None:
-            smg.terminate()
-            smg.wait(10)
         c.stop()
 
 
