@@ -83,6 +83,7 @@ class Instance:
     drain_deadline: float | None = None
     _failures: int = 0
     _channel: grpc.aio.Channel | None = field(default=None, repr=False)
+    _stub: pb_grpc.SglangSchedulerStub | None = field(default=None, repr=False)
 
     @property
     def host(self) -> str:
@@ -103,9 +104,11 @@ class Instance:
 
     @property
     def stub(self) -> pb_grpc.SglangSchedulerStub:
+        """The instance's stub, made once per channel (a stub builds a callable per RPC)."""
         if self._channel is None:
             self._channel = grpc.aio.insecure_channel(self.address)
-        return pb_grpc.SglangSchedulerStub(self._channel)
+            self._stub = pb_grpc.SglangSchedulerStub(self._channel)
+        return self._stub
 
     def set_state(self, state: State, reason: str = "") -> None:
         if state != self.state:
