@@ -24,6 +24,7 @@ from orchestrator.generate import generate, settle
 from orchestrator.guard import Guard, RequestIds
 from orchestrator.membership import Membership
 from orchestrator.parsing import parse_request, prompt_ids, prompt_text, sampling_params
+from orchestrator.policies import PrefillPolicy
 from orchestrator.protocol import Kind
 from orchestrator.registry import Registry
 from orchestrator.responses import respond
@@ -35,10 +36,14 @@ SETTLE_S = 0.5
 """At shutdown, how long ended requests' aborts may still take before the channels close."""
 
 
-def create_app(config: ApiConfig, pool: Registry, membership: Membership) -> FastAPI:
-    """The app; `app.state.admission.close()` starts an orderly stop (serve calls it on SIGINT/SIGTERM)."""
+def create_app(
+    config: ApiConfig, pool: Registry, membership: Membership, policy: PrefillPolicy | None = None
+) -> FastAPI:
+    """The app; `app.state.admission.close()` starts an orderly stop (serve calls it on SIGINT/SIGTERM).
+
+    `policy` picks prefill instances (default: least load)."""
     tokenizer = Tokenizer(config.model_dir)
-    router = Router(pool)
+    router = Router(pool, policy=policy)
     admission = Admission(config.max_concurrency, config.max_queue, config.queue_timeout_s)
 
     @contextlib.asynccontextmanager

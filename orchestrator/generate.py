@@ -136,7 +136,7 @@ async def _with_retries(
     last: ApiError | None = None
     for attempt in range(MAX_ATTEMPTS):
         try:
-            lease = router.lease(request_id, frozenset(avoid))
+            lease = router.lease(request_id, frozenset(avoid), prompt_ids)
         except NoWorkers as e:
             if last is not None:  # the failure that started the retry says more
                 message = f"{last}; no instance left to retry on ({e})"
@@ -173,10 +173,15 @@ async def _attempt(
         top_logprobs_num=logprobs or 0,
         logprob_start_len=-1,
     )
+    to_prefill = request
+    if lease.prefill_rank is not None:  # the prefill rank whose cache holds the prefix; decode picks its own
+        to_prefill = pb.GenerateRequest()
+        to_prefill.CopyFrom(request)
+        to_prefill.data_parallel_rank = lease.prefill_rank
     pcall = dcall = prefill_done = None
     finished = started = False
     try:
-        pcall = prefill.stub.Generate(request, timeout=REQUEST_TIMEOUT_S)
+        pcall = prefill.stub.Generate(to_prefill, timeout=REQUEST_TIMEOUT_S)
         dcall = decode.stub.Generate(request, timeout=REQUEST_TIMEOUT_S)
         prefill_done = _keep(asyncio.ensure_future(_drain(pcall)))
         responses = dcall.__aiter__()

@@ -1,15 +1,18 @@
 """Leases a (prefill, decode) pair and a bootstrap room to each request.
 
-Decode is chosen first, then prefill, each with the shared least-loaded rule (`services.picking`):
-the `ready` instance with the fewest requests in flight from this orchestrator, ties in turn.
-Starting, draining, failed and gone instances get nothing new.
+Decode is chosen first, with the shared least-loaded rule (`services.picking`): the `ready`
+instance with the fewest requests in flight from this orchestrator, ties in turn. Prefill is the
+prefill policy's choice for the prompt (`policies`; by default prefix affinity), with the DP rank
+to pin. Starting, draining, failed and gone instances get nothing new.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from orchestrator.policies import PrefillPolicy, create
 from orchestrator.registry import Instance, Registry, State
 from services.picking import LeastLoaded
 
@@ -29,6 +32,8 @@ class Lease:
     room: int
     request_id: str
     _router: Router = field(repr=False)
+    prefill_rank: int | None = None
+    """The prefill instance's DP rank to pin (None: its own choice)."""
     released: bool = False
 
     def release(self) -> None:
@@ -44,28 +49,34 @@ class Lease:
 class Router:
     """Hands out leases on the registry's ready instances, least loaded first."""
 
-    def __init__(self, pool: Registry, seed: int | None = None):
+    def __init__(self, pool: Registry, seed: int | None = None, policy: PrefillPolicy | None = None):
         self.pool = pool
-        self._pickers = {"prefill": LeastLoaded(), "decode": LeastLoaded()}
+        self.policy = policy or create("least_load")
+        self._decode_picker = LeastLoaded()
         self._rng = random.Random(seed)
         self.live_rooms: set[int] = set()
 
-    def lease(self, request_id: str = "", avoid: frozenset[str] = frozenset()) -> Lease:
-        """Picks decode then prefill and counts the request on both; raises NoWorkers if a role has none.
+    def lease(
+        self, request_id: str = "", avoid: frozenset[str] = frozenset(), prompt_ids: Sequence[int] = ()
+    ) -> Lease:
+        """Picks decode then prefill (for `prompt_ids`) and counts the request on both; raises
+        NoWorkers if a role has none.
 
         `avoid`: instance ids this request already failed on (a retry prefers others, but takes
         one of them again rather than none).
         """
-        decode = self._pick(self.pool.decode, "decode", avoid)
-        prefill = self._pick(self.pool.prefill, "prefill", avoid)
+        decode = self._decode_picker.pick(
+            self._ready(self.pool.decode, "decode", avoid), lambda i: i.inflight
+        )
+        prefill, rank = self.policy.pick(self._ready(self.pool.prefill, "prefill", avoid), prompt_ids)
         for inst in (prefill, decode):
             inst.inflight += 1
             inst.served += 1
             inst.requests.add(request_id)
             inst.breaker.picked()
-        return Lease(prefill, decode, self._new_room(), request_id, self)
+        return Lease(prefill, decode, self._new_room(), request_id, self, prefill_rank=rank)
 
-    def _pick(self, instances: list[Instance], role: str, avoid: frozenset[str]) -> Instance:
+    def _ready(self, instances: list[Instance], role: str, avoid: frozenset[str]) -> list[Instance]:
         ready = [i for i in instances if i.state == State.READY and i.breaker.allows()]
         ready = [i for i in ready if i.id not in avoid] or ready
         if not ready:
@@ -78,7 +89,7 @@ class Router:
                 or "none registered"
             )
             raise NoWorkers(f"no ready {role} instance ({states}); check the {role} pool")
-        return self._pickers[role].pick(ready, load=lambda i: i.inflight)
+        return ready
 
     def _new_room(self) -> int:
         while True:

@@ -18,6 +18,8 @@ import uvicorn
 from orchestrator.api import create_app
 from orchestrator.config import ApiConfig, env_keys, read_keys
 from orchestrator.membership import create as create_membership
+from orchestrator.policies import DEFAULT as DEFAULT_POLICY
+from orchestrator.policies import create as create_policy
 from orchestrator.registry import Registry
 from orchestrator.tokenizer import TokenizerError
 from services.logs import setup_logging
@@ -116,6 +118,15 @@ def serve(
     breaker_cooldown: Annotated[
         float, typer.Option(help="seconds before a stopped instance gets a probe")
     ] = 5.0,
+    prefill_policy: Annotated[
+        str, typer.Option(help="how prefill instances are picked: prefix_affinity or least_load")
+    ] = DEFAULT_POLICY,
+    policy_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KEY=VALUE parameter of the prefill policy (repeatable; see orchestrator/policies)"
+        ),
+    ] = None,
     log_level: LogLevelOption = LogLevel.info,
     log_format: LogFormatOption = LogFormat.text,
     log_requests: LogRequestsOption = False,
@@ -202,7 +213,11 @@ def run(a: argparse.Namespace) -> int:
                 decode_ep=a.decode_ep,
             )
         membership = create_membership(a.membership, registry, **options)
-        app = create_app(config, registry, membership)
+        pairs = [opt.partition("=") for opt in a.policy_option or []]
+        if any(not sep for _, sep, _ in pairs):
+            raise ValueError("--policy-option takes KEY=VALUE")
+        policy = create_policy(a.prefill_policy, {k: v for k, _, v in pairs})
+        app = create_app(config, registry, membership, policy)
     except (TokenizerError, ValueError) as e:
         print(f"moeserve serve: {e}", file=sys.stderr)
         return 2

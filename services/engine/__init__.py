@@ -1,7 +1,8 @@
 """The reference MoE engine: paged KV cache, continuous batching, chunked prefill, sampling."""
 
 from services.engine.config import EngineConfig, EngineConfigError
-from services.engine.engine import Engine, InvalidRequestError, KVStats
+from services.engine.engine import Engine, InvalidRequestError
+from services.engine.page_pool import KVStats
 from services.engine.request import RequestOutput
 from services.engine.sampling import SamplingParams, SamplingParamsError, TokenLogprob
 

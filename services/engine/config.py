@@ -37,6 +37,8 @@ class EngineConfig:
     """Seeds the generators of sampling requests that bring no seed of their own."""
     num_threads: int | None = None
     """torch intra-op threads for this process; None leaves torch's setting alone."""
+    prefix_cache: bool = True
+    """Reuse the KV of cached page-aligned prompt prefixes (`prefix_cache.py`)."""
     fp8: str = "auto"
     """FP8 block-quantized checkpoints: keep (weights stay FP8, block-scaled GEMMs), dequantize
     (to `dtype` at load), auto (keep where the device has a native FP8 GEMM: CUDA, compute 9.0+)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,7 +16,8 @@ import torch
 from services.engine.config import EngineConfig
 from services.engine.handoff import KVHandoffHooks
 from services.engine.model_runner import ModelRunner
-from services.engine.page_pool import KVCache, PagePool
+from services.engine.page_pool import KVCache, KVStats, PagePool
+from services.engine.prefix_cache import PrefixCache
 from services.engine.request import FinishReason, InvalidRequestError, KVListener, Request, RequestOutput
 from services.engine.sampling import SamplingParams, make_generator
 from services.engine.scheduler import Scheduler
@@ -27,19 +27,6 @@ from services.models import ModelConfig, load_model
 from services.models.base import MoECausalLM
 
 DEFAULT_KV_POOL_TOKENS = 32768
-
-
-@dataclass(frozen=True)
-class KVStats:
-    """Page pool occupancy."""
-
-    page_size: int
-    total_pages: int
-    free_pages: int
-
-    @property
-    def used_pages(self) -> int:
-        return self.total_pages - self.free_pages
 
 
 class Engine(KVHandoffHooks):
@@ -67,7 +54,10 @@ class Engine(KVHandoffHooks):
         self.max_model_len = min(
             config.max_model_len or model_config.max_position_embeddings, num_pages * config.page_size
         )
-        self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_prefill_tokens)
+        self.prefix_cache = PrefixCache(self.pool) if config.prefix_cache else None
+        self.scheduler = Scheduler(
+            self.pool, config.max_num_seqs, config.max_prefill_tokens, self.prefix_cache
+        )
         self.runner = ModelRunner(model, self.kv, config.page_size, config.device)
         self.eos_ids = frozenset(model_config.eos_token_ids)
         self._requests: dict[str, Request] = {}
@@ -191,6 +181,7 @@ class Engine(KVHandoffHooks):
         outputs = []
         for req, n, pick in zip(batch.requests, batch.num_new, picks, strict=True):
             req.num_computed += n
+            req.kv_reported = max(req.kv_reported, req.num_computed)
             if pick is None:
                 continue  # a prompt chunk that did not reach the end of the prompt
             self.scheduler.to_decode(req)
@@ -241,7 +232,9 @@ class Engine(KVHandoffHooks):
         return recorder.snapshot()
 
     def kv_stats(self) -> KVStats:
-        return KVStats(self.pool.page_size, self.pool.num_pages, self.pool.num_free)
+        cache = self.prefix_cache
+        cached, evictable = (cache.num_cached, cache.num_evictable) if cache is not None else (0, 0)
+        return KVStats(self.pool.page_size, self.pool.num_pages, self.pool.num_free, cached, evictable)
 
     @property
     def num_waiting(self) -> int:
@@ -291,5 +284,5 @@ class Engine(KVHandoffHooks):
     def _output(req: Request, new: list[int]) -> RequestOutput:
         return RequestOutput(
             req.request_id, list(req.prompt_ids), list(req.output_ids), req.finish_reason, new,
-            list(req.output_logprobs),
+            req.cached_tokens, list(req.output_logprobs),
         )  # fmt: skip

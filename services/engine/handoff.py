@@ -57,7 +57,7 @@ class KVHandoffHooks:
     def reserve_pages(self: Engine, num_tokens: int) -> list[int] | None:
         """Pages for `num_tokens` of KV written from elsewhere, outside the scheduler; None if full."""
         need = self.pool.pages_for(num_tokens)
-        return self.pool.allocate(need) if need <= self.pool.num_free else None
+        return self.pool.allocate(need) if need <= self.pool.num_available else None
 
     def free_pages(self: Engine, pages: list[int]) -> None:
         """Return pages from `reserve_pages` that never became a request."""
@@ -93,8 +93,7 @@ class KVHandoffHooks:
         req = self._held.pop(request_id, None)
         if req is None:
             return False
-        self.pool.free(req.pages)
-        req.pages = []
+        self.scheduler.drop_pages(req)  # through the prefix cache: its computed pages stay cached
         return True
 
     def strand(self: Engine, request_id: str) -> int:

@@ -43,8 +43,10 @@ class ModelRunner:
             return None
 
         def after_layer(layer: int) -> None:
-            for req, n in watched:
-                req.listener.on_layer(layer, req.num_computed, req.num_computed + n, req.pages)  # type: ignore[union-attr]
+            for req, n in watched:  # from what was last reported: a cached prefix goes with the first chunk
+                end = req.num_computed + n
+                if end > req.kv_reported:
+                    req.listener.on_layer(layer, req.kv_reported, end, req.pages)  # type: ignore[union-attr]
 
         return after_layer
 

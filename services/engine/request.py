@@ -76,6 +76,12 @@ class Request:
     """When set, pages outlive the request until released (they are being read remotely)."""
     kv_source: KVSource | None = None
     """When set, the prompt's KV is written into this request's pages by another worker."""
+    cached: list = field(default_factory=list)
+    """The prefix-cache path (`prefix_cache.Node`s) this request uses: its leading pages' nodes."""
+    cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache at admission (not computed here)."""
+    kv_reported: int = 0
+    """Tokens whose KV the listener has been told about (cached ones included)."""
 
     def append(self, token: int, logprob: TokenLogprob | None) -> None:
         """Record a generated token (and its log-probability, when the request asks for them)."""
@@ -104,6 +110,8 @@ class RequestOutput:
     finish_reason: FinishReason | None
     new_token_ids: list[int] = field(default_factory=list)
     """Tokens produced by the step that returned this output."""
+    cached_tokens: int = 0
+    """Prompt tokens this rank found in its prefix cache (not computed)."""
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     """One per output token, when the request asked for log-probabilities; else empty."""
 

@@ -14,6 +14,11 @@ Requests whose prompt KV comes from another worker (the decode side of a KV hand
 through WAITING_FOR_KV: the scheduler reserves their pages when the pool has room (first come,
 first served, at most `max_num_seqs` in transfer at once), the KV connector fills them, and the
 scheduler admits them to the running batch under `max_num_seqs` once the KV has arrived.
+
+With a prefix cache, admission takes the longest cached page-aligned prefix (its pages are
+shared, the request computes the rest), a computed prompt's full pages are inserted into the
+cache, and a request's pages go back through the cache when it ends; cached pages nobody uses
+count as available and are evicted on demand.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from services.engine.page_pool import PagePool
+from services.engine.prefix_cache import Node, PrefixCache
 from services.engine.request import FinishReason, Phase, Request
 
 
@@ -39,8 +45,11 @@ class ScheduledBatch:
 class Scheduler:
     """Continuous batching of one DP rank: admission, chunked prefill, decode, preemption, hand-off."""
 
-    def __init__(self, pool: PagePool, max_num_seqs: int, max_prefill_tokens: int):
+    def __init__(
+        self, pool: PagePool, max_num_seqs: int, max_prefill_tokens: int, cache: PrefixCache | None = None
+    ):
         self.pool = pool
+        self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Request] = deque()
@@ -53,6 +62,9 @@ class Scheduler:
         self.kv_ready: deque[Request] = deque()
         """KV_READY requests: prompt KV in place, waiting for a seat in the running batch."""
         self.num_preemptions = 0
+        self.prompt_tokens = 0
+        """Prompt tokens admitted (first admissions), and of those, found in the prefix cache:"""
+        self.cached_tokens = 0
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -77,7 +89,25 @@ class Scheduler:
         """The head of the queue fits the pool now (otherwise only a freed page can change that)."""
         if not self.waiting or len(self.running) >= self.max_num_seqs:
             return False
-        return self.pool.pages_for(self.waiting[0].num_tokens) <= self.pool.num_free
+        return self._fit(self.waiting[0]) is not None
+
+    def _fit(self, req: Request) -> tuple[list[Node], int] | None:
+        """(cached path, new pages) to admit `req` now, or None if the pool cannot hold it."""
+        path = self.cache.match(req.tokens(0, req.num_tokens)) if self.cache is not None else []
+        need = self.pool.pages_for(req.num_tokens) - len(path)
+        available = self.pool.num_available - (self.cache.evictable_among(path) if path else 0)
+        return (path, need) if need <= available else None
+
+    def _admit(self, req: Request, path: list[Node], need: int) -> None:
+        if self.cache is not None:
+            self.cache.lock(path)
+        req.cached = path
+        req.pages = [node.page for node in path] + self.pool.allocate(need)
+        req.num_computed = len(path) * self.pool.page_size
+        if not req.output_ids:  # a first admission (a preempted request was counted already)
+            req.cached_tokens = req.num_computed
+            self.prompt_tokens += len(req.prompt_ids)
+            self.cached_tokens += req.num_computed
 
     def reserve_remote(self) -> list[Request]:
         """Reserve pages for waiting hand-off requests while the pool has room; returns those served."""
@@ -92,7 +122,7 @@ class Scheduler:
     def _can_reserve(self) -> bool:
         if not self.kv_waiting or len(self.kv_transferring) + len(self.kv_ready) >= self.max_num_seqs:
             return False
-        return self.pool.pages_for(len(self.kv_waiting[0].prompt_ids)) <= self.pool.num_free
+        return self.pool.pages_for(len(self.kv_waiting[0].prompt_ids)) <= self.pool.num_available
 
     def schedule(self) -> ScheduledBatch | None:
         while self.kv_ready and len(self.running) < self.max_num_seqs:
@@ -113,14 +143,14 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            need = self.pool.pages_for(req.num_tokens)
-            if need > self.pool.num_free:
+            fit = self._fit(req)
+            if fit is None:
                 break  # first come, first served: later arrivals do not overtake
             self.waiting.popleft()
-            req.pages = self.pool.allocate(need)
+            self._admit(req, *fit)
             req.phase = Phase.PREFILL
             self.running.append(req)
-            n = min(budget, req.num_tokens)
+            n = min(budget, req.num_tokens - req.num_computed)
             reqs.append(req)
             num_new.append(n)
             budget -= n
@@ -133,7 +163,7 @@ class Scheduler:
                 continue
             # The step writes the KV of the token at index num_tokens - 1.
             while len(req.pages) < self.pool.pages_for(req.num_tokens) and req.phase is Phase.DECODE:
-                if self.pool.num_free == 0:
+                if self.pool.num_available == 0:
                     self._preempt(self._newest_decoding())
                 else:
                     req.pages += self.pool.allocate(1)
@@ -154,13 +184,28 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         if req in self.running:
             self.running.remove(req)
-        if req.pages:
+        self.drop_pages(req)
+
+    def drop_pages(self, req: Request) -> None:
+        """Give a request's pages back: through the prefix cache (which keeps the full pages of
+        what was computed), or to the pool."""
+        if self.cache is None:
             self.pool.free(req.pages)
-            req.pages = []
+        elif req.pages:
+            self.cache.release(req.pages, self._cache_computed(req))
+        req.pages, req.cached = [], []
+
+    def _cache_computed(self, req: Request) -> list[Node]:
+        """Insert the full pages of the request's computed tokens; its path in the cache."""
+        assert self.cache is not None
+        return self.cache.insert(req.tokens(0, req.num_computed), req.pages, req.cached, req.num_computed)
 
     def to_decode(self, req: Request) -> None:
-        """The request's prompt is computed and its first token sampled."""
+        """The request's prompt is computed and its first token sampled: its full pages join the
+        prefix cache now (concurrent requests with the same prefix can use them at once)."""
         req.phase = Phase.DECODE
+        if self.cache is not None:
+            req.cached = self._cache_computed(req)
 
     def finish(self, req: Request, reason: FinishReason, keep_pages: bool = False) -> None:
         """End a request (finished or aborted); its pages go back to the pool unless `keep_pages`."""
@@ -168,7 +213,6 @@ class Scheduler:
             if req in queue:
                 queue.remove(req)
         if req.pages and not keep_pages:
-            self.pool.free(req.pages)
-            req.pages = []
+            self.drop_pages(req)
         req.phase = Phase.FINISHED
         req.finish_reason = reason

@@ -59,6 +59,7 @@ class RoomListener:
                 AttachResult(
                     first_token_id=output.output_token_ids[0],
                     prompt_tokens=len(output.prompt_token_ids),
+                    cached_tokens=output.cached_tokens,
                     transferred_bytes=self.side.sender.sent.get(room.room_id, 0),
                     first_logprob=output.output_logprobs[0] if output.output_logprobs else None,
                 )

@@ -96,6 +96,9 @@ def worker(
     max_num_seqs: int = 64,
     max_prefill_tokens: int = 512,
     max_model_len: int | None = None,
+    prefix_cache: Annotated[
+        bool, Opt(help="prefill: reuse the KV of cached prompt prefixes (decode receives its KV, no cache)")
+    ] = True,
     threads: Annotated[int, Opt(help="torch threads in this process")] = 1,
     metrics_port: Annotated[int, Opt(help="serve Prometheus /metrics on --host:PORT (0: off)")] = 0,
     log_level: LogLevelOption = LogLevel.info,
@@ -117,6 +120,7 @@ def build_config(a: argparse.Namespace) -> WorkerConfig:
         max_num_seqs=a.max_num_seqs,
         max_prefill_tokens=a.max_prefill_tokens,
         max_model_len=a.max_model_len,
+        prefix_cache=a.prefix_cache and a.role == "prefill",
         num_threads=a.threads,
     )
     return WorkerConfig(

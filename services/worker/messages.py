@@ -109,6 +109,16 @@ class RankLoad:
     """Hand-off queue depths (prefill_inflight, decode_prealloc, decode_transfer) and stranded_pages."""
     transfer: TransferStats = field(default_factory=TransferStats)
     """Prefill KV transfer totals (zero on decode)."""
+    cached_pages: int = 0
+    """Pages in the prefix cache (used by requests or evictable)."""
+    evictable_pages: int = 0
+    prompt_tokens: int = 0
+    """Prompt tokens admitted so far, and of those, found in the prefix cache:"""
+    cached_tokens: int = 0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
 @dataclass(frozen=True)

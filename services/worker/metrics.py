@@ -77,6 +77,8 @@ class WorkerCollector(Collector):
                 ("kv_used_tokens", "KV tokens in use (pages held, in tokens)."),
                 ("kv_total_tokens", "KV tokens in the pool."),
                 ("kv_stranded_pages", "Pages kept out of use: no prefill confirmed its writes stopped."),
+                ("prefix_cached_pages", "Pages in the prefix cache (in use or evictable)."),
+                ("prefix_evictable_pages", "Cached pages no request uses (available on demand)."),
             )
         }
         c = {
@@ -88,6 +90,12 @@ class WorkerCollector(Collector):
                 ("failed_rooms", "Requests whose KV hand-off failed (prefill)."),
             )
         }
+        prompt = CounterMetricFamily(
+            "moeserve_worker_prompt_tokens", "Prompt tokens admitted.", labels=labels
+        )
+        hits = CounterMetricFamily(
+            "moeserve_worker_prefix_cached_tokens", "Prompt tokens found in the prefix cache.", labels=labels
+        )
         for rank, m in enumerate(ranks):
             ld, ids = m.load, [self.role, str(rank)]
             g["running_requests"].add_metric(ids, ld.running)
@@ -95,10 +103,15 @@ class WorkerCollector(Collector):
             g["kv_used_tokens"].add_metric(ids, ld.used_tokens)
             g["kv_total_tokens"].add_metric(ids, ld.total_tokens)
             g["kv_stranded_pages"].add_metric(ids, ld.queues.get("stranded_pages", 0))
+            g["prefix_cached_pages"].add_metric(ids, ld.cached_pages)
+            g["prefix_evictable_pages"].add_metric(ids, ld.evictable_pages)
+            prompt.add_metric(ids, ld.prompt_tokens)
+            hits.add_metric(ids, ld.cached_tokens)
             for name, counter in c.items():
                 counter.add_metric(ids, getattr(ld.transfer, name))
         yield from g.values()
         yield from c.values()
+        yield from (prompt, hits)
 
     def _balancedness(self, loads: list[msg.ExpertLoad]) -> GaugeMetricFamily:
         gauge = GaugeMetricFamily(

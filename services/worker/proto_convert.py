@@ -56,28 +56,29 @@ def _seed(sp: pb.SamplingParams) -> int | None:
     return None
 
 
-def chunk(out: RequestOutput, cached_tokens: int = 0) -> pb.GenerateResponse:
-    """A streamed chunk with the tokens the last step produced."""
+def chunk(out: RequestOutput, cached_tokens: int | None = None) -> pb.GenerateResponse:
+    """A streamed chunk with the tokens the last step produced; `cached_tokens` (default: the
+    output's own) are the prompt tokens found in the prefix cache of the rank that computed it."""
     return pb.GenerateResponse(
         request_id=out.request_id,
         chunk=pb.GenerateStreamChunk(
             token_ids=out.new_token_ids,
             prompt_tokens=len(out.prompt_token_ids),
             completion_tokens=len(out.output_token_ids),
-            cached_tokens=cached_tokens,
+            cached_tokens=out.cached_tokens if cached_tokens is None else cached_tokens,
             output_logprobs=output_logprobs(out.new_token_ids, out.new_logprobs),
         ),
     )
 
 
-def complete(out: RequestOutput, cached_tokens: int = 0) -> pb.GenerateResponse:
+def complete(out: RequestOutput, cached_tokens: int | None = None) -> pb.GenerateResponse:
     """The final message of a Generate: every output token and why it stopped."""
     done = pb.GenerateComplete(
         output_ids=out.output_token_ids,
         finish_reason=out.finish_reason or "abort",
         prompt_tokens=len(out.prompt_token_ids),
         completion_tokens=len(out.output_token_ids),
-        cached_tokens=cached_tokens,
+        cached_tokens=out.cached_tokens if cached_tokens is None else cached_tokens,
         output_logprobs=output_logprobs(out.output_token_ids, out.output_logprobs),
     )
     if out.finish_reason == "stop" and out.output_token_ids:

@@ -166,8 +166,11 @@ class Rank:
             if self.prefill is not None:
                 res = self.prefill.generate(dp.bootstrap_room, request_id, prompt, params, call)
                 first_lp = [res.first_logprob] if res.first_logprob is not None else []
-                out = RequestOutput(request_id, prompt, [res.first_token_id], "length", [], first_lp)
-                yield proto_convert.complete(out, res.cached_tokens).SerializeToString()
+                out = RequestOutput(
+                    request_id, prompt, [res.first_token_id], "length",
+                    cached_tokens=res.cached_tokens, output_logprobs=first_lp,
+                )  # fmt: skip
+                yield proto_convert.complete(out).SerializeToString()
                 return
             decode = self.decode
             assert decode is not None
@@ -234,4 +237,8 @@ class Rank:
             queues=half.queue_depths() if half is not None else {},
             # A copy: the sender thread keeps adding to its own.
             transfer=dataclasses.replace(self.sender.stats) if self.sender is not None else TransferStats(),
+            cached_pages=kv.cached_pages,
+            evictable_pages=kv.evictable_pages,
+            prompt_tokens=engine.scheduler.prompt_tokens,
+            cached_tokens=engine.scheduler.cached_tokens,
         )

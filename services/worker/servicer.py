@@ -186,6 +186,9 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
                 "grpc_calls": dict(self.calls.counts),
                 # Pages kept out of use because no prefill confirmed its writes into them had stopped.
                 "kv_stranded_pages": sum(ld.queues.get("stranded_pages", 0) for ld in loads),
+                # Prefix cache, per DP rank (GetLoads carries each rank's cache_hit_rate).
+                "prefix_cached_pages": [ld.cached_pages for ld in loads],
+                "prefix_evictable_pages": [ld.evictable_pages for ld in loads],
             }
         )
         if self.config.role == "prefill":
@@ -215,6 +218,7 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
                 num_used_tokens=ld.used_tokens,
                 max_total_num_tokens=ld.total_tokens,
                 token_usage=ld.used_tokens / ld.total_tokens,
+                cache_hit_rate=ld.cache_hit_rate,
                 max_running_requests=ld.max_num_seqs,
                 memory=pb.MemoryMetrics(token_capacity=ld.total_tokens),
                 disaggregation=pb.DisaggregationMetrics(

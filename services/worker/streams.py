@@ -21,7 +21,7 @@ def stream_outputs(
     caller: Caller,
     want_chunks: bool,
     abort: Callable[[str], bool],
-    cached_tokens: Callable[[], int] = lambda: 0,
+    cached_tokens: Callable[[], int] | None = None,
 ) -> Iterator[bytes]:
     """Yield chunks (when streaming) and the final GenerateComplete of `request_id`.
 
@@ -41,10 +41,11 @@ def stream_outputs(
             if not caller.is_active():
                 return
             continue
+        cached = cached_tokens() if cached_tokens is not None else None  # None: the output's own
         if want_chunks and out.new_token_ids:
-            yield proto_convert.chunk(out, cached_tokens()).SerializeToString()
+            yield proto_convert.chunk(out, cached).SerializeToString()
         if out.finished:
-            yield proto_convert.complete(out, cached_tokens()).SerializeToString()
+            yield proto_convert.complete(out, cached).SerializeToString()
             return
 
 

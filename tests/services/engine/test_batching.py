@@ -43,7 +43,7 @@ def test_staggered_arrivals_are_batch_invariant(model_dir):
     assert max_batch >= 4  # requests really shared steps
     for i in range(len(prompts)):
         assert results[ids[i]] == solo[i], f"prompt {i} differs when batched"
-    assert engine.kv_stats().free_pages == engine.kv_stats().total_pages
+    assert engine.kv_stats().used_pages == 0  # free, or cached and evictable
 
 
 def test_generate_batch_matches_solo(ds_dir):

@@ -71,7 +71,7 @@ def test_greedy_32_tokens_match_transformers_generate(model_dir, oracle):
         assert len(ref) == 32
         assert out.output_token_ids == ref
         assert out.finish_reason == "length"
-    assert engine.kv_stats().free_pages == engine.kv_stats().total_pages
+    assert engine.kv_stats().used_pages == 0  # free, or cached and evictable
 
 
 def test_eos_and_stop_token_ids_stop_like_transformers(model_dir, tmp_path):

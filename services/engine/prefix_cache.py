@@ -1,0 +1,150 @@
+"""Prefix cache: a radix tree over page-aligned token blocks whose nodes own KV pages.
+
+Each node is one full page of tokens (the edge from its parent is that page's token ids), so a
+path from the root spells a page-aligned prompt prefix and its nodes' pages hold that prefix's
+KV. A request admitted with a cached prefix references the path's nodes (a count per node) and
+computes only the rest; when its prompt is computed, and again when it ends, its full pages are
+inserted (new nodes adopt its pages; blocks already cached keep theirs, the request's copy is
+freed at the end). Nodes nobody references are evictable, least recently used leaves first;
+the page pool asks for that when it runs out (`PagePool.reclaimer`), so cached pages never
+hold back a request and referenced pages are never evicted. At any time:
+free pages + pages held only by requests + cached pages = the pool.
+
+Like SGLang's RadixAttention and vLLM's automatic prefix caching; at most (prompt - 1) tokens
+come from the cache, so the last prompt token is always computed (it gives the first logits).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from services.engine.page_pool import PagePool
+
+
+@dataclass(eq=False)
+class Node:
+    """One cached page: its tokens (the edge from the parent), its page, and who uses it."""
+
+    key: tuple[int, ...]
+    page: int
+    parent: Node | None
+    children: dict[tuple[int, ...], Node] = field(default_factory=dict)
+    refs: int = 0
+    """Requests that use this page now (an in-use node's ancestors are in use too)."""
+    last_used: int = 0
+
+
+class PrefixCache:
+    """One DP rank's tree of cached KV pages over `pool`."""
+
+    def __init__(self, pool: PagePool):
+        self.pool = pool
+        self.page_size = pool.page_size
+        self.root = Node((), -1, None)
+        self.num_cached = 0
+        """Pages the tree owns."""
+        self.num_evictable = 0
+        """Of those, pages no request uses (each can be freed, leaves first)."""
+        self._clock = itertools.count(1)
+        pool.reclaimer = self
+
+    # -- lookup and use -------------------------------------------------------------------------
+
+    def match(self, tokens: list[int]) -> list[Node]:
+        """The cached path of `tokens`' leading full pages, leaving at least one token uncached."""
+        usable = (len(tokens) - 1) // self.page_size
+        path, node = [], self.root
+        for i in range(usable):
+            node = node.children.get(tuple(tokens[i * self.page_size : (i + 1) * self.page_size]))
+            if node is None:
+                break
+            path.append(node)
+        return path
+
+    def evictable_among(self, path: list[Node]) -> int:
+        """How many of `path`'s pages are evictable now (using them takes them out of the count)."""
+        return sum(1 for node in path if node.refs == 0)
+
+    def lock(self, path: list[Node]) -> None:
+        """The caller uses these pages: none of them is evicted until `unlock`."""
+        now = next(self._clock)
+        for node in path:
+            if node.refs == 0:
+                self.num_evictable -= 1
+            node.refs += 1
+            node.last_used = now
+
+    def unlock(self, path: list[Node]) -> None:
+        now = next(self._clock)
+        for node in path:
+            node.refs -= 1
+            if node.refs == 0:
+                self.num_evictable += 1
+            node.last_used = now
+
+    # -- filling and returning pages ------------------------------------------------------------
+
+    def insert(self, tokens: list[int], pages: list[int], held: list[Node], num_tokens: int) -> list[Node]:
+        """Cache the full pages of `tokens[:num_tokens]` (their KV is in `pages`, block by block)
+        past the `held` path the caller already uses; returns the caller's longer path (locked).
+
+        A block that is cached already keeps its page (the caller's copy stays the caller's until
+        `release`); a new block's node takes the caller's page.
+        """
+        held = list(held)
+        parent = held[-1] if held else self.root
+        now = next(self._clock)
+        for i in range(len(held), num_tokens // self.page_size):
+            key = tuple(tokens[i * self.page_size : (i + 1) * self.page_size])
+            node = parent.children.get(key)
+            if node is None:
+                node = parent.children[key] = Node(key, pages[i], parent)
+                self.num_cached += 1
+            elif node.refs == 0:
+                self.num_evictable -= 1
+            node.refs += 1
+            node.last_used = now
+            held.append(node)
+            parent = node
+        return held
+
+    def release(self, pages: list[int], held: list[Node]) -> None:
+        """The caller is done with `pages` (its page table) and the `held` path: pages the tree
+        owns stay cached (evictable once nobody uses them), the caller's own go back to the pool."""
+        self.unlock(held)
+        owned = {node.page for node in held}
+        self.pool.free([page for page in pages if page not in owned])
+
+    # -- eviction -------------------------------------------------------------------------------
+
+    def evict(self, num_pages: int) -> int:
+        """Free up to `num_pages` unused pages, least recently used leaves first; returns how many."""
+        heap = [(n.last_used, id(n), n) for n in self._nodes() if not n.children and n.refs == 0]
+        heapq.heapify(heap)
+        freed = []
+        while heap and len(freed) < num_pages:
+            _, _, node = heapq.heappop(heap)
+            parent = node.parent
+            assert parent is not None
+            del parent.children[node.key]
+            freed.append(node.page)
+            if parent is not self.root and not parent.children and parent.refs == 0:
+                heapq.heappush(heap, (parent.last_used, id(parent), parent))
+        self.num_cached -= len(freed)
+        self.num_evictable -= len(freed)
+        self.pool.free(freed)
+        return len(freed)
+
+    def clear(self) -> int:
+        """Evict every unused page (e.g. to compare against a cold start); returns how many."""
+        return self.evict(self.num_evictable)
+
+    def _nodes(self) -> list[Node]:
+        out, stack = [], list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            out.append(node)
+            stack.extend(node.children.values())
+        return out
