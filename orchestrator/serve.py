@@ -84,6 +84,10 @@ def serve(
     decode_instances: Annotated[int, typer.Option(help="local: decode instances to run")] = 1,
     prefill_ep: Annotated[int, typer.Option(help="local: EP ranks per prefill instance")] = 1,
     decode_ep: Annotated[int, typer.Option(help="local: EP ranks per decode instance")] = 1,
+    worker_arg: Annotated[
+        list[str] | None,
+        typer.Option(help="local: an argument for every worker, e.g. --worker-arg=--no-prefix-cache"),
+    ] = None,
     k8s_release: Annotated[
         str, typer.Option(help="kubernetes: the Helm release (LWS {release}-{role})")
     ] = "moeserve",
@@ -211,6 +215,7 @@ def run(a: argparse.Namespace) -> int:
                 decode=a.decode_instances,
                 prefill_ep=a.prefill_ep,
                 decode_ep=a.decode_ep,
+                worker_args=tuple(a.worker_arg or ()),
             )
         membership = create_membership(a.membership, registry, **options)
         pairs = [opt.partition("=") for opt in a.policy_option or []]

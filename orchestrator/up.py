@@ -162,6 +162,13 @@ def up(
     prefill_ep: Annotated[int, typer.Option(help="expert-parallel ranks per prefill instance")] = 2,
     decode_ep: Annotated[int, typer.Option(help="expert-parallel ranks per decode instance")] = 2,
     ready_timeout: float = 180.0,
+    prefill_policy: Annotated[
+        str, typer.Option(help="how prefill instances are picked: prefix_affinity or least_load")
+    ] = "prefix_affinity",
+    worker_arg: Annotated[
+        list[str] | None,
+        typer.Option(help="an argument for every worker, e.g. --worker-arg=--no-prefix-cache"),
+    ] = None,
     log_level: LogLevelOption = LogLevel.info,
     log_format: LogFormatOption = LogFormat.text,
     log_requests: LogRequestsOption = False,
@@ -188,7 +195,8 @@ def run(a: argparse.Namespace) -> int:
         serve = ["-m", "orchestrator.serve", "--model", str(model), "--host", a.host, "--port", str(a.port)]
         serve += ["--membership", "local", "--prefill-instances", str(a.prefill)]
         serve += ["--decode-instances", str(a.decode), "--prefill-ep", str(a.prefill_ep)]
-        serve += ["--decode-ep", str(a.decode_ep)]
+        serve += ["--decode-ep", str(a.decode_ep), "--prefill-policy", a.prefill_policy]
+        serve += [f"--worker-arg={arg}" for arg in a.worker_arg or ()]
         # Secrets go to the orchestrator through its environment: a command line shows in `ps`.
         keys = [*a.api_key, *read_keys(a.api_key_file), *env_keys()]
         secrets = {"MOESERVE_API_KEYS": ",".join(keys), "MOESERVE_ADMIN_TOKEN": a.admin_token}

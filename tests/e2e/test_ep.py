@@ -206,6 +206,40 @@ def test_workers_serve_their_own_metrics(ep2_ep2, ds_dir):
     assert any(k[0] == "moeserve_instance_expert_balancedness" for k in front)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_prefix_cache_hits_are_exact_and_reported_through_the_handoff(ep2_ep2, ds_dir, stream):
+    """A long system prompt, then other user turns: later turns find it in the prefill rank's cache
+    (the orchestrator pins that DP rank), report it as cached_tokens, and answer exactly."""
+    c, url = ep2_ep2
+    system = {"role": "system", "content": f"[{stream}] You are a terse assistant for MoE serving. " * 12}
+    client = client_for(url)
+    sent: list[list[int]] = []
+    for turn in ("first question", "second one", "third"):
+        messages = [system, {"role": "user", "content": turn}]
+        ids = chat_ids(ds_dir, messages)
+        res = client.chat.completions.create(
+            model=ds_dir.name, messages=messages, max_tokens=6, temperature=0, stream=stream,
+            stream_options={"include_usage": True} if stream else None,
+        )  # fmt: skip
+        chunks = list(res) if stream else [res]
+        if stream:
+            text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        else:
+            text = res.choices[0].message.content
+        assert text == greedy(ds_dir, ids, 6)[0]
+        usage = chunks[-1].usage
+        shared = max((common_prefix(ids, before) for before in sent), default=0)
+        assert usage.prompt_tokens == len(ids)
+        assert usage.prompt_tokens_details.cached_tokens == min(shared, len(ids) - 1) // 16 * 16
+        sent.append(ids)
+    assert shared >= 100  # the system prompt (more than six pages) is what the turns share
+    c.assert_idle()
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def test_prefill_ep1_to_decode_ep2_is_exact_qwen3(model_dirs):
     qwen = model_dirs["qwen3_moe"]
     c = LocalCluster()
