@@ -22,6 +22,7 @@ from orchestrator.envelopes import Envelope
 from orchestrator.errors import ApiError
 from orchestrator.generate import generate, settle
 from orchestrator.guard import Guard, RequestIds
+from orchestrator.kv_feed import KvEventFeed
 from orchestrator.membership import Membership
 from orchestrator.parsing import parse_request, prompt_ids, prompt_text, sampling_params
 from orchestrator.policies import PrefillPolicy
@@ -44,15 +45,18 @@ def create_app(
     `policy` picks prefill instances (default: least load)."""
     tokenizer = Tokenizer(config.model_dir)
     router = Router(pool, policy=policy)
+    feed = KvEventFeed(pool, router.policy)
     admission = Admission(config.max_concurrency, config.max_queue, config.queue_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await membership.start()
         await pool.start()
+        await feed.start()
         yield
         admission.close()
         await settle(SETTLE_S)
+        await feed.stop()
         await membership.stop()
         await pool.stop()
 

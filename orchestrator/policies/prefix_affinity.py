@@ -1,9 +1,11 @@
 """`prefix_affinity`: send a prompt where its longest prefix was computed, within a load bound.
 
-An approximate index, fed by this orchestrator's own decisions, maps the chained hash of each
-page-aligned block of a routed prompt (block i's hash covers tokens [0, (i+1)·block)) to the
-(instance, DP rank) targets it went to (the last few); it holds at most `index_size` blocks,
-least recently used out. A new prompt goes to the least loaded target of its longest indexed
+An approximate index maps the chained hash of each page-aligned block of a prompt (block i's
+hash covers tokens [0, (i+1)·block), `services.prefix_hash`) to the (instance, DP rank) targets
+that hold it (the last few). It is fed by this orchestrator's own decisions (at once) and
+corrected by the workers' own reports (`observe`: the KV events of their prefix caches, blocks
+stored and evicted, followed by `kv_feed`); it holds at most `index_size` blocks, least recently
+used out. A new prompt goes to the least loaded target of its longest indexed
 prefix, pinned to that DP rank (each rank has its own cache), unless loads are out of balance:
 the target has more than `balance_abs` requests in flight beyond the least loaded instance
 *and* more than `balance_rel` times its count. Then, or with no match, the least loaded
@@ -18,8 +20,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from smg_grpc_proto.generated import common_pb2
+
 from orchestrator.instance import Instance
 from services.picking import LeastLoaded
+from services.prefix_hash import block_hashes
 
 Target = tuple[str, int | None]
 """(instance id, DP rank) a prefix block was routed to."""
@@ -80,11 +85,34 @@ class PrefixAffinity:
         return extra > self.balance_abs and preferred.inflight > self.balance_rel * least.inflight
 
     def _hashes(self, ids: Sequence[int]) -> list[int]:
-        out, h = [], 0
-        for start in range(0, len(ids) - len(ids) % self.block_tokens, self.block_tokens):
-            h = hash((h, tuple(ids[start : start + self.block_tokens])))
-            out.append(h)
-        return out
+        return block_hashes(ids, self.block_tokens)
+
+    def observe(self, instance_id: str, dp_rank: int | None, event: common_pb2.KvCacheEvent) -> None:
+        """A worker's report: blocks its rank now caches, no longer caches, or a cleared cache."""
+        target = (instance_id, dp_rank)
+        kind = event.WhichOneof("data")
+        if kind == "stored":
+            self._remember([b.block_hash for b in event.stored.blocks], target)
+        elif kind == "removed":
+            for h in event.removed.block_hashes:
+                self._drop(h, target)
+        elif kind == "cleared":
+            self.forget(instance_id, dp_rank)
+
+    def forget(self, instance_id: str, dp_rank: int | None = None, any_rank: bool = False) -> None:
+        """Drop an instance's targets (one DP rank's, or all with `any_rank`)."""
+        for h in list(self._index):
+            for target in [
+                t for t in self._index[h] if t[0] == instance_id and (any_rank or t[1] == dp_rank)
+            ]:
+                self._drop(h, target)
+
+    def _drop(self, h: int, target: Target) -> None:
+        holders = self._index.get(h)
+        if holders is not None:
+            holders.pop(target, None)
+            if not holders:
+                del self._index[h]
 
 
 def _rank_for(inst: Instance, hashes: list[int]) -> int | None:

@@ -18,9 +18,15 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.engine.page_pool import PagePool
+from services.prefix_hash import next_hash
+
+Events = Callable[[str, list[int], int], None]
+"""Told of changes: ("stored", hashes of new pages in path order, their parent's hash) or
+("removed", hashes, 0); hashes are `services.prefix_hash`'s (the engine thread calls it)."""
 
 
 @dataclass(eq=False)
@@ -34,13 +40,16 @@ class Node:
     refs: int = 0
     """Requests that use this page now (an in-use node's ancestors are in use too)."""
     last_used: int = 0
+    hash: int = 0
+    """The chained hash of the prefix this node ends (`services.prefix_hash`)."""
 
 
 class PrefixCache:
     """One DP rank's tree of cached KV pages over `pool`."""
 
-    def __init__(self, pool: PagePool):
+    def __init__(self, pool: PagePool, events: Events | None = None):
         self.pool = pool
+        self.events = events
         self.page_size = pool.page_size
         self.root = Node((), -1, None)
         self.num_cached = 0
@@ -96,18 +105,23 @@ class PrefixCache:
         held = list(held)
         parent = held[-1] if held else self.root
         now = next(self._clock)
+        stored: list[Node] = []
         for i in range(len(held), num_tokens // self.page_size):
             key = tuple(tokens[i * self.page_size : (i + 1) * self.page_size])
             node = parent.children.get(key)
             if node is None:
-                node = parent.children[key] = Node(key, pages[i], parent)
+                node = parent.children[key] = Node(key, pages[i], parent, hash=next_hash(parent.hash, key))
                 self.num_cached += 1
+                stored.append(node)
             elif node.refs == 0:
                 self.num_evictable -= 1
             node.refs += 1
             node.last_used = now
             held.append(node)
             parent = node
+        if stored and self.events is not None:
+            first = stored[0].parent
+            self.events("stored", [n.hash for n in stored], first.hash if first is not None else 0)
         return held
 
     def release(self, pages: list[int], held: list[Node]) -> None:
@@ -123,18 +137,21 @@ class PrefixCache:
         """Free up to `num_pages` unused pages, least recently used leaves first; returns how many."""
         heap = [(n.last_used, id(n), n) for n in self._nodes() if not n.children and n.refs == 0]
         heapq.heapify(heap)
-        freed = []
+        freed, hashes = [], []
         while heap and len(freed) < num_pages:
             _, _, node = heapq.heappop(heap)
             parent = node.parent
             assert parent is not None
             del parent.children[node.key]
             freed.append(node.page)
+            hashes.append(node.hash)
             if parent is not self.root and not parent.children and parent.refs == 0:
                 heapq.heappush(heap, (parent.last_used, id(parent), parent))
         self.num_cached -= len(freed)
         self.num_evictable -= len(freed)
         self.pool.free(freed)
+        if hashes and self.events is not None:
+            self.events("removed", hashes, 0)
         return len(freed)
 
     def clear(self) -> int:

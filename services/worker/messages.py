@@ -52,6 +52,18 @@ class Abort(Command):
     request_id: str = ""
 
 
+@dataclass(frozen=True)
+class KvEvents(Command):
+    """The rank's prefix-cache events after cursor `since`: replies a `KvEventPage`."""
+
+    since: int = 0
+
+
+@dataclass(frozen=True)
+class FlushCache(Command):
+    """Drop the rank's unused prefix-cache pages: replies how many."""
+
+
 Query = Literal["load", "health", "expert_load", "metrics"]
 
 

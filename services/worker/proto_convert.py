@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
+from smg_grpc_proto.generated import common_pb2
 
 from services.engine import InvalidRequestError, RequestOutput, SamplingParams, TokenLogprob
 from services.kv import AttachResult, AttachSpec, KVLayout
 from services.proto.moeserve.v1 import kv_handoff_pb2 as kvpb
+from services.worker.kv_events import KvEvent
 
 
 def request_params(request: pb.GenerateRequest, max_model_len: int) -> SamplingParams:
@@ -164,3 +166,19 @@ def result_from_proto(msg: kvpb.AttachResponse) -> AttachResult:
     return AttachResult(
         msg.first_token_id, msg.prompt_tokens, msg.cached_tokens, msg.transferred_bytes, first
     )
+
+
+def kv_event(event: KvEvent, block_size: int) -> common_pb2.KvCacheEvent:
+    """A prefix-cache event as SGLang's KvCacheEvent (block hashes: `services.prefix_hash`)."""
+    out = common_pb2.KvCacheEvent(event_id=event.seq)
+    if event.kind == "stored":
+        out.stored.blocks.extend(
+            common_pb2.KvBlock(block_hash=h, block_size=block_size) for h in event.hashes
+        )
+        if event.parent:
+            out.stored.parent_block_hash = event.parent
+    elif event.kind == "removed":
+        out.removed.block_hashes.extend(event.hashes)
+    else:
+        out.cleared.SetInParent()
+    return out

@@ -24,6 +24,7 @@ from services.kv.sender import KVSender, TransferStats
 from services.worker import messages as msg
 from services.worker import proto_convert
 from services.worker.config import WorkerConfig
+from services.worker.kv_events import KvEventLog
 from services.worker.streams import logged, stream_outputs
 
 MAX_CALLS = 1024
@@ -96,6 +97,10 @@ class Rank:
                 config.handoff_timeout_s,
                 config.prefill_timeout_s,
             )
+        self.kv_events = KvEventLog()
+        """The prefix cache's stored/removed blocks, for SubscribeKvEvents."""
+        if engine.prefix_cache is not None:
+            engine.prefix_cache.events = self.kv_events.add
         self.reply: Callable[[msg.Event], None] = lambda event: None
         """Where events go (set by the instance: the controller, directly or over ZeroMQ)."""
         self._calls: dict[int, RankCall] = {}
@@ -147,6 +152,11 @@ class Rank:
             yield self._abort(command.request_id)
         elif isinstance(command, msg.Ask):
             yield self._ask(command.what)
+        elif isinstance(command, msg.KvEvents):
+            yield self.kv_events.since(command.since)
+        elif isinstance(command, msg.FlushCache):
+            cache = self.engine.prefix_cache
+            yield self.loop.run(cache.clear) if cache is not None else 0
         else:
             raise TypeError(f"unknown command {type(command).__name__}")
 

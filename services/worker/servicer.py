@@ -1,6 +1,7 @@
 """The SGLang scheduler gRPC service (`SglangScheduler`) of an instance, served by rank 0.
 
-Implemented: Generate, Abort, HealthCheck, GetModelInfo, GetServerInfo, GetLoads, GetTokenizer;
+Implemented: Generate, Abort, HealthCheck, GetModelInfo, GetServerInfo, GetLoads, GetTokenizer,
+SubscribeKvEvents and FlushCache (`cache_rpcs`);
 everything else answers UNIMPLEMENTED. A thin adapter: each call is placed on a DP rank and
 handed to it through the DP controller; the rank's answer (or failure status) comes back as is.
 """
@@ -27,6 +28,7 @@ from smg_grpc_proto.generated import common_pb2
 from services.engine import Engine
 from services.kv.sender import TransferStats
 from services.worker import messages as msg
+from services.worker.cache_rpcs import PrefixCacheRpcs
 from services.worker.config import WorkerConfig
 from services.worker.dp_controller import CallFailed, DPController
 
@@ -43,10 +45,8 @@ CHUNK_BYTES = 1 << 20
 INFO_TIMEOUT_S = 5.0
 UNIMPLEMENTED_RPCS = (
     "Embed",
-    "FlushCache",
     "StartProfile",
     "StopProfile",
-    "SubscribeKvEvents",
     "LoadLoRAAdapter",
     "UnloadLoRAAdapter",
     "ListLoadedLoRAAdapters",
@@ -68,7 +68,7 @@ def abort_with(context: grpc.ServicerContext, e: CallFailed):
     context.abort(grpc.StatusCode[e.code], e.message)
 
 
-class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
+class SchedulerServicer(PrefixCacheRpcs, pb_grpc.SglangSchedulerServicer):
     """SGLang's scheduler service for the whole instance."""
 
     # Explicit UNIMPLEMENTED answers (the generated defaults also log a traceback per call).

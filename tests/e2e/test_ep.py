@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import contextlib
 import os
@@ -16,7 +17,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
+from smg_grpc_proto.generated import common_pb2
 
+from orchestrator.kv_feed import KvEventFeed
+from orchestrator.policies import create as create_policy
+from orchestrator.registry import Registry
+from services.prefix_hash import block_hashes
 from services.process import free_port
 from services.proto.moeserve.v1 import worker_control_pb2 as ctl
 from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
@@ -238,6 +244,67 @@ def test_prefix_cache_hits_are_exact_and_reported_through_the_handoff(ep2_ep2, d
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def test_prefill_ranks_report_their_cache_as_kv_events_and_the_feed_follows(ep2_ep2, ds_dir):
+    """SubscribeKvEvents streams each DP rank's stored blocks (hashes the orchestrator computes
+    from the prompt) and, after FlushCache, their removal; the orchestrator's feed keeps its
+    prefix-affinity index in step."""
+    c, _ = ep2_ep2
+    ids = list(range(40, 40 + 53))  # three full pages of 16 (and 5 tokens more)
+    hashes = block_hashes(ids, 16)
+
+    async def scenario():
+        registry = Registry()
+        inst = registry.add("prefill", c.addresses["prefill"])
+        await inst.poll()
+        policy = create_policy("prefix_affinity")
+        feed = KvEventFeed(registry, policy)
+        await feed.start()
+        try:
+            stub = pb_grpc.SglangSchedulerStub(grpc.aio.insecure_channel(c.addresses["prefill"]))
+            events = stub.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest())
+            request = pb.GenerateRequest(
+                request_id="events", tokenized=pb.TokenizedInput(input_ids=ids), data_parallel_rank=1,
+                sampling_params=pb.SamplingParams(temperature=0.0, max_new_tokens=2),
+            )  # fmt: skip
+            async for _ in stub.Generate(request):
+                pass
+            batch = await _until(events, lambda b: b.dp_rank == 1 and hashes[0] in _stored(b))
+            assert _stored(batch)[-3:] == hashes  # the prompt's three pages, on the rank it was pinned to
+            assert {blk.block_size for e in batch.events for blk in e.stored.blocks} == {16}
+            await _eventually(lambda: all((inst.id, 1) in policy._index.get(h, {}) for h in hashes))
+            flushed = await stub.FlushCache(common_pb2.FlushCacheRequest())
+            assert flushed.success and "dropped" in flushed.message
+            removed = await _until(
+                events, lambda b: b.dp_rank == 1 and any(e.HasField("removed") for e in b.events)
+            )
+            assert set(hashes) <= {h for e in removed.events for h in e.removed.block_hashes}
+            await _eventually(lambda: not any((inst.id, 1) in policy._index.get(h, {}) for h in hashes))
+            events.cancel()
+        finally:
+            await feed.stop()
+            await inst.close()
+
+    asyncio.run(scenario())
+
+
+def _stored(batch) -> list[int]:
+    return [blk.block_hash for e in batch.events if e.HasField("stored") for blk in e.stored.blocks]
+
+
+async def _until(stream, wanted, timeout: float = 20.0):
+    async with asyncio.timeout(timeout):
+        async for batch in stream:
+            if wanted(batch):
+                return batch
+    raise AssertionError("the event stream ended")
+
+
+async def _eventually(condition, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.05)
 
 
 def test_prefill_ep1_to_decode_ep2_is_exact_qwen3(model_dirs):

@@ -6,11 +6,13 @@ import collections
 import random
 
 import pytest
+from smg_grpc_proto.generated import common_pb2
 
 from orchestrator.instance import RankLoad
 from orchestrator.policies import create
 from orchestrator.registry import Registry, State
 from orchestrator.router import Router
+from services.prefix_hash import block_hashes
 
 
 def pool(prefill: int, decode: int, ranks: int = 2) -> Registry:
@@ -75,3 +77,26 @@ def test_least_load_ignores_prefixes_and_unknown_options_are_refused():
         create("prefix_affinity", {"block_tokens": "many"})
     with pytest.raises(ValueError, match="unknown prefill policy"):
         create("random")
+
+
+def test_worker_reports_add_and_remove_targets():
+    """KV events correct the index: stored blocks attract a prompt, removed ones no longer do."""
+    p = pool(2, 1)
+    policy = create("prefix_affinity")
+    router = Router(p, policy=policy)
+    ids = chat(3, 0)
+    hashes = block_hashes(ids, 16)
+    other = p.prefill[1]
+    stored = common_pb2.KvCacheEvent(stored=common_pb2.KvBlocksStored(blocks=[
+        common_pb2.KvBlock(block_hash=h, block_size=16) for h in hashes
+    ]))  # fmt: skip
+    policy.observe(other.id, 1, stored)  # the second instance's rank 1 reports it holds the prompt
+    lease = router.lease("a", prompt_ids=ids)
+    assert (lease.prefill, lease.prefill_rank) == (other, 1)
+    lease.release()
+    policy.observe(
+        other.id, 1, common_pb2.KvCacheEvent(removed=common_pb2.KvBlocksRemoved(block_hashes=hashes))
+    )
+    policy.observe(other.id, 1, common_pb2.KvCacheEvent(cleared=common_pb2.KvCacheCleared()))
+    assert policy._index == {}  # its own decision (rank 1 of `other`) was dropped by the removal too
+    policy.forget(other.id, any_rank=True)

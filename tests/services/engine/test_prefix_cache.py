@@ -9,6 +9,7 @@ import pytest
 from services.engine import Engine, SamplingParams
 from services.engine.page_pool import PagePool
 from services.engine.prefix_cache import PrefixCache
+from services.prefix_hash import block_hashes
 from tests.oracle import greedy_ids
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -148,3 +149,20 @@ def test_the_cache_alone_evicts_least_recently_used_leaves_first():
     assert cache.evict(3) == 1 and cache.num_cached == 2
     cache.unlock(path)
     assert pool.num_available == 8 and len(pool.allocate(8)) == 8 and cache.num_cached == 0
+
+
+def test_the_cache_reports_stored_and_removed_blocks_by_their_chained_hashes(ds_dir):
+    events: list[tuple[str, list[int], int]] = []
+    engine = Engine.from_pretrained(ds_dir, page_size=4)
+    engine.prefix_cache.events = lambda kind, hashes, parent: events.append((kind, hashes, parent))
+    ids = prompt(21, 10)
+    run_one(engine, ids)  # 10 prompt tokens: 2 full pages when the prompt is done, more at the end
+    hashes = block_hashes(ids, 4)
+    assert events[0] == ("stored", hashes[:2], 0)
+    longer = ids + prompt(22, 6)
+    run_one(engine, longer)
+    under = [hs[0] for kind, hs, parent in events if kind == "stored" and parent == hashes[1]]
+    assert block_hashes(longer, 4)[2] in under  # the longer prompt's third page hangs under the second
+    engine.prefix_cache.clear()
+    removed = {h for kind, hs, _ in events if kind == "removed" for h in hs}
+    assert removed == {h for kind, hs, _ in events if kind == "stored" for h in hs}

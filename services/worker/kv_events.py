@@ -1,0 +1,56 @@
+"""A rank's prefix-cache events, numbered, for SGLang's `SubscribeKvEvents` stream.
+
+The engine thread appends ("stored" or "removed", block hashes, parent hash); rank 0's servicer
+reads each rank's log from a cursor (`since`) and streams `KvEventBatch`es per DP rank. The log
+keeps the last `capacity` events: a subscriber that falls further behind gets told so (`lost`)
+and sends `KvCacheCleared` for that rank before going on, so its view is never wrong, only
+incomplete until new events arrive.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+CAPACITY = 65536
+
+
+@dataclass(frozen=True)
+class KvEvent:
+    seq: int
+    kind: str
+    """stored | removed | cleared"""
+    hashes: tuple[int, ...]
+    parent: int = 0
+
+
+@dataclass(frozen=True)
+class KvEventPage:
+    """Events after a cursor: the events, the next cursor, and whether some were lost before them."""
+
+    events: tuple[KvEvent, ...]
+    next_seq: int
+    lost: bool
+
+
+class KvEventLog:
+    def __init__(self, capacity: int = CAPACITY):
+        self._events: deque[KvEvent] = deque(maxlen=capacity)
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def add(self, kind: str, hashes: list[int], parent: int) -> None:
+        """The prefix cache's event hook (engine thread)."""
+        with self._lock:
+            self._events.append(KvEvent(next(self._seq), kind, tuple(hashes), parent))
+
+    def since(self, seq: int) -> KvEventPage:
+        """Events numbered above `seq` (0: from the start of the log)."""
+        with self._lock:
+            events = tuple(e for e in self._events if e.seq > seq)
+            oldest = self._events[0].seq if self._events else None
+            last = self._events[-1].seq if self._events else seq
+        lost = seq > 0 and oldest is not None and oldest > seq + 1
+        return KvEventPage(events, max(seq, last), lost)
