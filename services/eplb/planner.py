@@ -1,0 +1,166 @@
+"""Expert placement: which logical expert each physical slot holds, so every GPU carries a
+similar load. Vectorized over layers (pure torch, CPU), deterministic.
+
+`rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)` has the signature and
+output conventions of DeepSeek's EPLB (github deepseek-ai/EPLB), so code written against it can
+call this one: `weight` [layers, experts] is the load per logical expert; it returns `phy2log`
+[layers, num_replicas] (the expert each slot holds; GPU g holds slots g·k .. g·k+k-1 with
+k = num_replicas / num_gpus, and node n holds GPUs n·m .. n·m+m-1), `log2phy` [layers, experts,
+max replicas] (each expert's slots, padded with -1) and `logcnt` [layers, experts].
+
+Policies:
+- `hierarchical` (when num_groups % num_nodes == 0; DeepSeek's prefill policy): expert groups
+  are packed onto nodes by load, then each node replicates its own experts into its slots and
+  packs them onto its GPUs, so a token routed to a few groups touches few nodes;
+- `global` (DeepSeek's decode policy): replicate over all slots, then pack onto all GPUs.
+
+Each step is the same greedy rule as DeepSeek's (replicas go to the expert with the highest load
+per replica; packing places the heaviest item on the lightest GPU that still has room), but one
+step handles every layer at once, so planning 58 layers costs a few hundred small tensor ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def replicate(weight: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, n] loads -> (slot2item [rows, num_slots], count [rows, n]): every item gets one slot,
+    each extra slot goes to the item with the highest load per slot so far."""
+    rows, n = weight.shape
+    if num_slots < n:
+        raise ValueError(f"{num_slots} slots cannot hold {n} experts")
+    slot2item = torch.arange(n).repeat(rows, 1)
+    count = torch.ones(rows, n, dtype=torch.long)
+    extra = []
+    ar = torch.arange(rows)
+    for _ in range(num_slots - n):
+        pick = (weight / count).argmax(dim=1)  # ties: the lowest index
+        count[ar, pick] += 1
+        extra.append(pick)
+    if extra:
+        slot2item = torch.cat([slot2item, torch.stack(extra, dim=1)], dim=1)
+    return slot2item, count
+
+
+def pack(
+    weight: torch.Tensor, num_packs: int, kinds: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, n] item loads -> (pack [rows, n], rank within the pack [rows, n]) with n / num_packs
+    items per pack: heaviest item first, each onto the lightest pack that still has room, among
+    those holding the fewest items of its kind (`kinds` [rows, n]: replicas of one expert), so
+    replicas spread over packs as far as they can."""
+    rows, n = weight.shape
+    if n % num_packs:
+        raise ValueError(f"{n} items do not split evenly into {num_packs} packs")
+    per = n // num_packs
+    order = weight.argsort(dim=1, descending=True, stable=True)
+    load = torch.zeros(rows, num_packs, dtype=weight.dtype)
+    used = torch.zeros(rows, num_packs, dtype=torch.long)
+    where = torch.empty(rows, n, dtype=torch.long)
+    rank = torch.empty(rows, n, dtype=torch.long)
+    ar = torch.arange(rows)
+    full = torch.tensor(float("inf"), dtype=weight.dtype)
+    copies = None if kinds is None else torch.zeros(rows, num_packs, int(kinds.max()) + 1, dtype=torch.long)
+    for i in range(n):
+        item = order[:, i]
+        room = used < per
+        if copies is not None:  # among packs with room, those holding the fewest items of this kind
+            kind = kinds[ar, item]
+            held = torch.where(room, copies[ar, :, kind], n)
+            room &= held == held.min(dim=1, keepdim=True).values
+        target = torch.where(room, load, full).argmin(dim=1)
+        if copies is not None:
+            copies[ar, target, kind] += 1
+        where[ar, item] = target
+        rank[ar, item] = used[ar, target]
+        load[ar, target] += weight[ar, item]
+        used[ar, target] += 1
+    return where, rank
+
+
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(perm)
+    inv.scatter_(1, perm, torch.arange(perm.shape[1]).expand_as(perm))
+    return inv
+
+
+def hierarchical(
+    weight: torch.Tensor, num_slots: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> torch.Tensor:
+    """phy2log [layers, num_slots] with groups kept on nodes."""
+    layers, experts = weight.shape
+    group_size = experts // num_groups
+    slots_per_node, gpus_per_node = num_slots // num_nodes, num_gpus // num_nodes
+    # 1. groups onto nodes
+    group_node, group_rank = pack(weight.view(layers, num_groups, group_size).sum(-1), num_nodes)
+    # node-major order of experts: (node, rank of the group in its node, expert within group)
+    expert_pos = ((group_node * (num_groups // num_nodes) + group_rank) * group_size).unsqueeze(-1)
+    log2mlog = (expert_pos + torch.arange(group_size)).flatten(-2)  # [L, E]: expert -> position
+    mlog2log = _inverse(log2mlog)
+    # 2. within each node, replicate its experts into its slots
+    node_weight = weight.gather(1, mlog2log).view(-1, experts // num_nodes)  # [L*nodes, E/nodes]
+    slot2m, count = replicate(node_weight, slots_per_node)
+    # 3. within each node, pack its slots onto its GPUs
+    slot_weight = node_weight.gather(1, slot2m) / count.gather(1, slot2m)
+    gpu, rank = pack(slot_weight, gpus_per_node, kinds=slot2m)
+    position = gpu * (slots_per_node // gpus_per_node) + rank  # slot -> its place in the node
+    node_slots = slot2m.gather(1, _inverse(position))  # [L*nodes, slots/node] in place order
+    base = (torch.arange(num_nodes) * (experts // num_nodes)).repeat(layers).unsqueeze(-1)
+    mlog = (node_slots + base).view(layers, num_slots)
+    return mlog2log.gather(1, mlog)
+
+
+def rebalance_experts(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    policy: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(phy2log, log2phy, logcnt) for `weight` [layers, experts]; `policy` auto | hierarchical |
+    global (auto: hierarchical when groups split evenly over nodes, as DeepSeek's EPLB does)."""
+    weight = weight.float().cpu()
+    experts = weight.shape[1]
+    if num_replicas % num_gpus or num_gpus % num_nodes:
+        raise ValueError(
+            f"{num_replicas} slots over {num_gpus} GPUs on {num_nodes} nodes do not split evenly"
+        )
+    if policy == "auto":
+        policy = "hierarchical" if num_groups % num_nodes == 0 else "global"
+    if policy == "hierarchical":
+        if experts % num_groups or num_groups % num_nodes:
+            raise ValueError(f"{experts} experts in {num_groups} groups do not split over {num_nodes} nodes")
+        phy2log = hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    elif policy == "global":
+        phy2log = hierarchical(weight, num_replicas, 1, 1, num_gpus)
+    else:
+        raise ValueError(f"unknown policy {policy!r}; choose auto, hierarchical or global")
+    return (phy2log, *maps(phy2log, experts))
+
+
+def maps(phy2log: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log2phy [layers, experts, max replicas] padded with -1, logcnt [layers, experts])."""
+    layers, slots = phy2log.shape
+    logcnt = torch.zeros(layers, experts, dtype=torch.long).scatter_add_(1, phy2log, torch.ones_like(phy2log))
+    order = phy2log.argsort(dim=1, stable=True)  # slots grouped by expert, in slot order
+    starts = logcnt.cumsum(1) - logcnt
+    nth = torch.arange(slots).expand(layers, -1) - starts.gather(1, phy2log.gather(1, order))
+    log2phy = torch.full((layers, experts, int(logcnt.max())), -1, dtype=torch.long)
+    log2phy[torch.arange(layers).unsqueeze(1), phy2log.gather(1, order), nth] = order
+    return log2phy, logcnt
+
+
+def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """[layers, num_gpus]: each GPU's load when an expert's load splits evenly over its slots."""
+    layers, experts = weight.shape
+    logcnt = maps(phy2log, experts)[1]
+    per_slot = weight.float().gather(1, phy2log) / logcnt.gather(1, phy2log)
+    return per_slot.view(layers, num_gpus, -1).sum(-1)
+
+
+def balancedness(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> float:
+    """Mean ÷ max GPU load, averaged over layers (1.0: perfectly even)."""
+    loads = gpu_loads(weight, phy2log, num_gpus)
+    return float((loads.mean(1) / loads.max(1).values.clamp_min(1e-12)).mean())
