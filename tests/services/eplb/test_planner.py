@@ -117,3 +117,20 @@ def test_bad_shapes_are_refused():
         rebalance_experts(w, 18, 4, 1, 4)
     with pytest.raises(ValueError, match="unknown policy"):
         rebalance_experts(w, 16, 4, 1, 4, policy="best")
+
+
+@pytest.mark.parametrize("case", [(6, 32, 8, 48, 2, 8), (6, 32, 8, 64, 1, 32)])
+def test_an_incremental_re_plan_moves_little_and_stays_within_tolerance(case):
+    layers, experts, groups, slots, nodes, gpus = case
+    old, new = loads(layers, experts, 1), loads(layers, experts, 1) * (1 + 0.2 * torch.rand(layers, experts))
+    current = rebalance_experts(old, slots, groups, nodes, gpus)[0]
+    full = rebalance_experts(new, slots, groups, nodes, gpus)[0]
+    inc = rebalance_experts(new, slots, groups, nodes, gpus, current=current, tolerance=0.01)[0]
+    assert balancedness(new, inc, gpus) >= balancedness(new, full, gpus) - 0.01
+    assert (inc != current).sum() <= (full != current).sum()
+    same = rebalance_experts(old, slots, groups, nodes, gpus, current=current)[0]
+    assert torch.equal(same, current)  # nothing to gain: nothing moves
+    phy2log, log2phy, logcnt = rebalance_experts(new, slots, groups, nodes, gpus, current=current)
+    assert (logcnt >= 1).all() and (phy2log.gather(1, log2phy[:, :, 0]) == torch.arange(experts)).all()
+    with pytest.raises(ValueError, match="current placement"):
+        rebalance_experts(new, slots, groups, nodes, gpus, current=current[:, :-1])
