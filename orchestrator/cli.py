@@ -32,6 +32,7 @@ WORKER_COMMANDS = {
     "generate": ("services.cli", "offline generation with the reference engine"),
     "inspect-model": ("services.cli", "parameters, and the bytes one rank of EP W holds (from config.json)"),
     "worker": ("services.worker", "a worker instance (SGLang scheduler gRPC + KV hand-off)"),
+    "eplb": ("services.eplb", "expert placement: dump an instance's loads, plan a placement from them"),
 }
 
 

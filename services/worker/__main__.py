@@ -76,6 +76,9 @@ def worker(
     ] = KVPush.layerwise,
     ep: Annotated[int, Opt(help="expert-parallel ranks in this instance (processes)")] = 1,
     ep_slots: Annotated[int, Opt(help="physical expert slots over the group (default: one per expert)")] = 0,
+    ep_placement: Annotated[
+        str, Opt(help="placement file from `moeserve eplb plan` (which expert each slot holds)")
+    ] = "",
     dispatcher: Annotated[Dispatcher, Opt(help="EP token exchange backend")] = Dispatcher.torch,
     deepep_mode: Annotated[
         DeepEPMode, Opt(help="deepep: auto = decode expanded, no host syncs")
@@ -139,6 +142,7 @@ def build_config(a: argparse.Namespace) -> WorkerConfig:
         dist_timeout_s=a.dist_timeout,
         advertise_host=a.advertise_host,
         ep_slots=a.ep_slots,
+        ep_placement=a.ep_placement,
         dispatcher=a.dispatcher,
         deepep_mode=a.deepep_mode,
         handoff_timeout_s=a.handoff_timeout,

@@ -41,6 +41,8 @@ class WorkerConfig:
     """Ranks in this instance's expert-parallel group (one process each)."""
     ep_slots: int = 0
     """Physical expert slots across the group (0: one per routed expert); extra slots hold replicas."""
+    ep_placement: str = ""
+    """A placement file (`moeserve eplb plan`): which expert each slot holds; sets the slot count."""
     nnodes: int = 1
     """Nodes the instance spans; each runs the same command but for --node-rank and --host."""
     node_rank: int = 0
@@ -73,6 +75,8 @@ class WorkerConfig:
                 f"an instance over {self.nnodes} nodes needs --dist-init-addr HOST:PORT on node 0, "
                 f"got {self.dist_init_addr!r}"
             )
+        if self.ep_placement and self.ep_size == 1:
+            raise ValueError("--ep-placement places experts over EP ranks: it needs --ep 2 or more")
         if self.kv_push not in ("layerwise", "complete"):
             raise ValueError(f"kv_push must be layerwise or complete, got {self.kv_push!r}")
         if not self.served_model_name:

@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 
 from services.logs import setup_logging
 from services.process import die_with_parent, stop_on_signals
@@ -52,6 +53,22 @@ def serve(config: WorkerConfig) -> int:
     return supervise(config)
 
 
+def initial_placement(config: WorkerConfig, cfg, world: int):
+    """The group's placement: from `--ep-placement FILE`, or slot s holding expert s mod experts."""
+    from services.ep import ExpertPlacement
+
+    layers = len(cfg.moe_layers)
+    if not config.ep_placement:
+        return ExpertPlacement.default(layers, cfg.num_experts, config.ep_slots or cfg.num_experts, world)
+    from services.eplb.files import read_placement
+
+    phy2log = read_placement(Path(config.ep_placement), layers, cfg.num_experts, world)
+    if config.ep_slots and config.ep_slots != phy2log.shape[1]:
+        slots = phy2log.shape[1]
+        raise ValueError(f"--ep-slots {config.ep_slots} disagrees with {config.ep_placement}'s {slots} slots")
+    return ExpertPlacement(cfg.num_experts, world, phy2log)
+
+
 def run_rank(
     config: WorkerConfig, rank: int, dist_init: str | None, stop: threading.Event, report: Connection | None
 ) -> int:
@@ -61,7 +78,7 @@ def run_rank(
     import zmq
 
     from services.engine import Engine
-    from services.ep import ExpertLoadRecorder, ExpertParallel, ExpertPlacement, create
+    from services.ep import ExpertLoadRecorder, ExpertParallel, create
     from services.worker.channels import LocalLink, ZmqReceiver, ZmqSender
     from services.worker.decode import GrpcAttachClient
     from services.worker.dp_controller import DPController
@@ -85,9 +102,8 @@ def run_rank(
         dispatcher = create(config.dispatcher, **dispatcher_options(config))
 
         def parallel(cfg):
-            slots = config.ep_slots or cfg.num_experts
-            dispatcher.validate(cfg.hidden_size, config.engine.dtype, slots)
-            placement = ExpertPlacement.default(len(cfg.moe_layers), cfg.num_experts, slots, world)
+            placement = initial_placement(config, cfg, world)
+            dispatcher.validate(cfg.hidden_size, config.engine.dtype, placement.num_slots)
             recorder = ExpertLoadRecorder(len(cfg.moe_layers), cfg.num_experts)
             return ExpertParallel(placement, rank, dispatcher, recorder, control)
 
@@ -186,9 +202,10 @@ def supervise(config: WorkerConfig) -> int:
         if ready is None:
             return 1
         if config.node_rank == 0:
+            slots = config.ep_placement or config.ep_slots or "experts"
             print(
                 f"moeserve worker ready: role={config.role} grpc={config.host}:{config.port} "
-                f"ep={config.ep_size} nodes={config.nnodes} slots={config.ep_slots or 'experts'} "
+                f"ep={config.ep_size} nodes={config.nnodes} slots={slots} "
                 f"dispatcher={config.dispatcher} {ready}",
                 flush=True,
             )

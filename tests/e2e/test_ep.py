@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from services.process import free_port
 from services.proto.moeserve.v1 import worker_control_pb2 as ctl
 from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
 from tests.cluster import LocalCluster
-from tests.oracle import chat_ids, encode, greedy
+from tests.oracle import chat_ids, encode, greedy, greedy_ids
 
 MESSAGES = [{"role": "user", "content": "Explain expert parallelism."}]
 
@@ -305,6 +308,38 @@ async def _eventually(condition, timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.05)
+
+
+def test_a_placement_planned_from_dumped_loads_serves_exactly(ep2_ep2, ds_dir, tmp_path):
+    """`moeserve eplb dump` an instance's loads, `eplb plan` a placement, and a worker started
+    with `--ep-placement` holds it (its slots and replicas) and answers exactly."""
+    c, _ = ep2_ep2
+    loads, placement = tmp_path / "loads.json", tmp_path / "placement.json"
+    eplb = [sys.executable, "-m", "services.eplb"]
+    run = subprocess.run([*eplb, "dump", "--instance", c.addresses["decode"], "-o", str(loads)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    run = subprocess.run([*eplb, "plan", "--loads", str(loads), "--slots", "20", "-o", str(placement)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 0 and "balancedness on these loads" in run.stdout, run.stderr
+    phy2log = json.loads(placement.read_text())["phy2log"]
+    assert len(phy2log) == 2 and all(len(row) == 20 and set(row) == set(range(16)) for row in phy2log)
+    bad = subprocess.run([*eplb, "plan", "--loads", str(loads), "--slots", "20", "--gpus", "3", "-o", "x"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "do not split evenly" in bad.stderr
+
+    address = c.worker("planned", "decode", ds_dir, "--ep", "2", "--ep-placement", str(placement))
+    prompt = encode(ds_dir, "placed experts answer the same")
+    request = pb.GenerateRequest(
+        request_id="placed", tokenized=pb.TokenizedInput(input_ids=prompt),
+        sampling_params=pb.SamplingParams(temperature=0.0, max_new_tokens=8),
+    )  # fmt: skip
+    (done,) = [r.complete for r in c.stub("planned").Generate(request, timeout=60)]
+    assert list(done.output_ids) == greedy_ids(ds_dir, prompt, 8)
+    held = ctl_grpc.WorkerControlStub(grpc.insecure_channel(address)).GetExpertLoad(
+        ctl.GetExpertLoadRequest(), timeout=10
+    )
+    assert held.num_slots == 20 and held.ep_size == 2
 
 
 def test_prefill_ep1_to_decode_ep2_is_exact_qwen3(model_dirs):

@@ -1,0 +1,5 @@
+import sys
+
+from services.eplb.cli import main
+
+sys.exit(main())

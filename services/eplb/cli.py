@@ -1,0 +1,90 @@
+"""`moeserve eplb ...`: plan expert placements offline from recorded loads.
+
+    moeserve eplb dump --instance HOST:PORT -o LOADS.json
+    moeserve eplb plan --loads LOADS.json --slots S [--gpus G] [--nodes N] [--groups K]
+                       [--from CURRENT.json] [--tolerance 0.01] -o PLACEMENT.json
+
+`dump` writes an instance's expert loads over its recent window (WorkerControl.GetExpertLoad);
+`plan` writes a placement (`moeserve worker --ep-placement FILE` starts from it) and prints its
+balancedness on the loads beside the default placement's and, with `--from`, how many slots change.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from services.typer_main import run_app
+
+app = typer.Typer(name="eplb", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+@app.command(help="write an instance's expert loads (its recent window) to a JSON file")
+def dump(
+    instance: Annotated[str, typer.Option(help="HOST:PORT of the instance's gRPC server")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="loads file to write")],
+) -> None:
+    import grpc
+
+    from services.eplb.files import write_loads
+    from services.proto.moeserve.v1 import worker_control_pb2 as ctl
+    from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
+
+    try:
+        with grpc.insecure_channel(instance) as channel:
+            res = ctl_grpc.WorkerControlStub(channel).GetExpertLoad(ctl.GetExpertLoadRequest(), timeout=30)
+    except grpc.RpcError as e:
+        print(f"error: {instance} answered {e.code().name}: {e.details()}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    write_loads(output, {
+        "num_experts": res.num_experts, "top_k": res.top_k, "ep_size": res.ep_size,
+        "num_slots": res.num_slots, "window_tokens": res.window_tokens, "window_steps": res.window_steps,
+        "tokens_per_expert": [list(layer.tokens_per_expert) for layer in res.layers],
+    })  # fmt: skip
+    print(
+        f"wrote {len(res.layers)} layers x {res.num_experts} experts ({res.window_tokens} tokens) to {output}"
+    )
+
+
+@app.command(help="plan a placement from a loads file")
+def plan(
+    loads: Annotated[Path, typer.Option(help="a file from `moeserve eplb dump`")],
+    slots: Annotated[int, typer.Option(help="physical expert slots over the group")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="placement file to write")],
+    gpus: Annotated[int, typer.Option(help="EP ranks (default: the instance's in the loads file)")] = 0,
+    nodes: Annotated[int, typer.Option(help="nodes the group spans")] = 1,
+    groups: Annotated[
+        int, typer.Option(help="expert groups (hierarchical policy when they split over nodes)")
+    ] = 1,
+    current: Annotated[
+        Path | None, typer.Option("--from", help="the placement in use: move as few slots as possible")
+    ] = None,
+    tolerance: Annotated[float, typer.Option(help="balancedness a --from plan may give up")] = 0.01,
+) -> None:
+    from services.ep.placement import ExpertPlacement
+    from services.eplb import balancedness, rebalance_experts
+    from services.eplb.files import PlacementFileError, read_loads, read_placement, write_placement
+
+    try:
+        weight, meta = read_loads(loads)
+        layers, experts = weight.shape
+        gpus = gpus or int(meta["ep_size"])
+        now = read_placement(current, layers, experts, gpus) if current is not None else None
+        phy2log = rebalance_experts(weight, slots, groups, nodes, gpus, current=now, tolerance=tolerance)[0]
+    except (PlacementFileError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    write_placement(output, phy2log, experts, gpus, nodes)
+    default = ExpertPlacement.default(layers, experts, slots, gpus).phys_to_log
+    print(f"wrote {output}: {layers} layers, {slots} slots on {gpus} GPUs ({nodes} node(s))")
+    print(f"balancedness on these loads: {balancedness(weight, phy2log, gpus):.4f} "
+          f"(default placement: {balancedness(weight, default, gpus):.4f})")  # fmt: skip
+    if now is not None:
+        print(f"slots changed from {current}: {int((phy2log != now).sum())} of {phy2log.numel()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_app(app, argv, "moeserve eplb")
