@@ -57,6 +57,9 @@ class PrefixCache:
         self.num_evictable = 0
         """Of those, pages no request uses (each can be freed, leaves first)."""
         self._clock = itertools.count(1)
+        self._leaves: list[tuple[int, int, Node]] = []
+        """Heap of (last used, id, node) for nodes that became unused leaves; entries that went
+        stale since (used again, given a child, evicted) are skipped when popped."""
         pool.reclaimer = self
 
     # -- lookup and use -------------------------------------------------------------------------
@@ -89,9 +92,11 @@ class PrefixCache:
         now = next(self._clock)
         for node in path:
             node.refs -= 1
+            node.last_used = now
             if node.refs == 0:
                 self.num_evictable += 1
-            node.last_used = now
+                if not node.children:
+                    self._push(node)
 
     # -- filling and returning pages ------------------------------------------------------------
 
@@ -135,24 +140,30 @@ class PrefixCache:
 
     def evict(self, num_pages: int) -> int:
         """Free up to `num_pages` unused pages, least recently used leaves first; returns how many."""
-        heap = [(n.last_used, id(n), n) for n in self._nodes() if not n.children and n.refs == 0]
-        heapq.heapify(heap)
         freed, hashes = [], []
-        while heap and len(freed) < num_pages:
-            _, _, node = heapq.heappop(heap)
+        while self._leaves and len(freed) < num_pages:
+            used, _, node = heapq.heappop(self._leaves)
             parent = node.parent
-            assert parent is not None
+            if parent is None or node.refs or node.children or used != node.last_used:
+                continue  # stale: evicted already, in use, no longer a leaf, or touched since
             del parent.children[node.key]
+            node.parent = None
             freed.append(node.page)
             hashes.append(node.hash)
             if parent is not self.root and not parent.children and parent.refs == 0:
-                heapq.heappush(heap, (parent.last_used, id(parent), parent))
+                self._push(parent)
         self.num_cached -= len(freed)
         self.num_evictable -= len(freed)
         self.pool.free(freed)
         if hashes and self.events is not None:
             self.events("removed", hashes, 0)
         return len(freed)
+
+    def _push(self, node: Node) -> None:
+        heapq.heappush(self._leaves, (node.last_used, id(node), node))
+        if len(self._leaves) > 4 * self.num_cached + 64:  # drop the stale entries now and then
+            self._leaves = [e for e in self._leaves if e[2].parent is not None and e[0] == e[2].last_used]
+            heapq.heapify(self._leaves)
 
     def clear(self) -> int:
         """Evict every unused page (e.g. to compare against a cold start); returns how many."""

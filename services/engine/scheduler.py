@@ -89,7 +89,10 @@ class Scheduler:
         """The head of the queue fits the pool now (otherwise only a freed page can change that)."""
         if not self.waiting or len(self.running) >= self.max_num_seqs:
             return False
-        return self._fit(self.waiting[0]) is not None
+        head = self.waiting[0]
+        if self.pool.pages_for(head.num_tokens) <= self.pool.num_available:
+            return True  # fits even without a cached prefix: no need to walk the cache
+        return self._fit(head) is not None
 
     def _fit(self, req: Request) -> tuple[list[Node], int] | None:
         """(cached path, new pages) to admit `req` now, or None if the pool cannot hold it."""
