@@ -27,6 +27,7 @@ from orchestrator.membership import Membership
 from orchestrator.parsing import parse_request, prompt_ids, prompt_text, sampling_params
 from orchestrator.policies import PrefillPolicy
 from orchestrator.protocol import Kind
+from orchestrator.ratelimit import TokenBuckets, charged
 from orchestrator.registry import Registry
 from orchestrator.responses import respond
 from orchestrator.router import Router
@@ -47,6 +48,9 @@ def create_app(
     router = Router(pool, policy=policy)
     feed = KvEventFeed(pool, router.policy)
     admission = Admission(config.max_concurrency, config.max_queue, config.queue_timeout_s)
+    buckets = None
+    if config.key_token_rate > 0:
+        buckets = TokenBuckets(config.key_token_rate, config.key_token_burst or 60 * config.key_token_rate)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -125,6 +129,9 @@ def create_app(
             req = parse_request(await read_body(request, config.max_body_bytes), kind, config)
             prompt = prompt_ids(req, tokenizer)
             sampling = sampling_params(req, len(prompt), pool.context_limit())
+            key = request.headers.get("authorization", "")
+            if buckets is not None:
+                buckets.admit(key, len(prompt))
             slot = await admission.enter()
         except ApiError as e:
             metrics.REQUESTS.labels(model, "rejected" if e.status in (429, 503) else "invalid").inc()
@@ -134,6 +141,8 @@ def create_app(
         envelope = Envelope.for_request(kind, req, model, rid, prompt_text(req, prompt, tokenizer))
         work = generate(router, prompt, sampling, rid, req.logprob_count)  # the workers know it by `rid`
         tokens = metrics.timed(work, model, start, rid)
+        if buckets is not None:
+            tokens = charged(tokens, buckets, key)
         events = text_events(tokens, tokenizer, req.stop_list, req.skip_special_tokens)
         return await respond(envelope, req.stream, events, slot, admission, request)
 

@@ -27,6 +27,10 @@ class ApiConfig:
     """Larger request bodies get 413."""
     admin_token: str = ""
     """Bearer token of /admin/*; empty means the admin API answers loopback clients only."""
+    key_token_rate: float = 0.0
+    """Tokens per second each API key may use (prompt + generated); 0: no limit."""
+    key_token_burst: float = 0.0
+    """Most tokens a key may use at once (default: a minute's worth of its rate)."""
 
     def __post_init__(self) -> None:
         if not self.served_model_name:

@@ -116,6 +116,12 @@ def serve(
         int, typer.Option(help="requests that may wait for a place beyond max-concurrency")
     ] = 64,
     queue_timeout: Annotated[float, typer.Option(help="seconds a request may wait before a 429")] = 10.0,
+    key_token_rate: Annotated[
+        float, typer.Option(help="tokens/s each API key may use, prompt + generated (0: no limit)")
+    ] = 0.0,
+    key_token_burst: Annotated[
+        float, typer.Option(help="most tokens a key may use at once (default: 60 s of its rate)")
+    ] = 0.0,
     breaker_threshold: Annotated[
         int, typer.Option(help="failed requests in a row that stop an instance's traffic")
     ] = 3,
@@ -151,6 +157,8 @@ def config_from_args(a: argparse.Namespace) -> ApiConfig:
         a.max_concurrency,
         max_queue=a.max_queue,
         queue_timeout_s=a.queue_timeout,
+        key_token_rate=a.key_token_rate,
+        key_token_burst=a.key_token_burst,
         admin_token=a.admin_token,
     )
 
