@@ -36,6 +36,7 @@ class Node:
     key: tuple[int, ...]
     page: int
     parent: Node | None
+    """None for the root, and for a node once evicted."""
     children: dict[tuple[int, ...], Node] = field(default_factory=dict)
     refs: int = 0
     """Requests that use this page now (an in-use node's ancestors are in use too)."""
