@@ -166,6 +166,8 @@ class Engine(KVHandoffHooks):
         batch = self.scheduler.schedule()
         prefill = batch is not None and batch.phase == "prefill"
         work, self.stopped = self.model.parallel.group_has_work(batch is not None, stop, prefill)
+        if self.model.parallel.switch_now:  # between steps, on every rank at once
+            self.model.switch_placement()
         self.idle = not work
         if batch is None:
             if work:

@@ -26,6 +26,13 @@ class ExpertParallel:
     recorder: ExpertLoadRecorder | None = None
     control: dist.ProcessGroup | None = None
     """A CPU group for the per-step agreement when the dispatcher's group is on GPUs (None: use it)."""
+    pending: ExpertPlacement | None = field(default=None, init=False)
+    """A placement to switch to, once every rank of the group has it (`switch_now`)."""
+    switch_now: bool = field(default=False, init=False)
+    """Every rank holds the same pending placement: switch before this step's forward (set by
+    `group_has_work`, the same on every rank)."""
+    version: int = field(default=0, init=False)
+    """Placements switched to so far."""
     group_prefill: bool = field(default=False, init=False)
     """Some rank of the group runs a prefill in this step (set by `group_has_work`, the same on
     every rank)."""
@@ -69,14 +76,18 @@ class ExpertParallel:
         Every rank calls it once per step, so all ranks run the same forwards and leave together.
         `prefill`: this rank's step is a prefill (sets `group_prefill`, and so `expanded`).
         """
+        pending = self.pending is not None
         if self.dispatcher is None:
+            self.switch_now = pending
             return has_work, stop
+        asked = [has_work, stop, prefill, pending, not pending]
         if self.control is not None:
-            flags = torch.tensor([int(has_work), int(stop), int(prefill)])
+            flags = torch.tensor([int(f) for f in asked])
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
-            work, stopping, any_prefill = (bool(f) for f in flags)
+            work, stopping, any_prefill, some_pending, some_lacking = (bool(f) for f in flags)
         else:
-            work, stopping, any_prefill = self.dispatcher.agree([has_work, stop, prefill])
+            work, stopping, any_prefill, some_pending, some_lacking = self.dispatcher.agree(asked)
+        self.switch_now = some_pending and not some_lacking
         self.group_prefill = any_prefill
         return work, stopping
 

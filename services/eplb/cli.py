@@ -3,10 +3,13 @@
     moeserve eplb dump --instance HOST:PORT -o LOADS.json
     moeserve eplb plan --loads LOADS.json --slots S [--gpus G] [--nodes N] [--groups K]
                        [--from CURRENT.json] [--tolerance 0.01] -o PLACEMENT.json
+    moeserve eplb rebalance --instance HOST:PORT [--placement PLACEMENT.json]
 
 `dump` writes an instance's expert loads over its recent window (WorkerControl.GetExpertLoad);
 `plan` writes a placement (`moeserve worker --ep-placement FILE` starts from it) and prints its
-balancedness on the loads beside the default placement's and, with `--from`, how many slots change.
+balancedness on the loads beside the default placement's and, with `--from`, how many slots change;
+`rebalance` switches a running instance to a placement (a file, or planned from its own window)
+while it serves (WorkerControl.Rebalance).
 """
 
 from __future__ import annotations
@@ -84,6 +87,40 @@ def plan(
           f"(default placement: {balancedness(weight, default, gpus):.4f})")  # fmt: skip
     if now is not None:
         print(f"slots changed from {current}: {int((phy2log != now).sum())} of {phy2log.numel()}")
+
+
+@app.command(help="switch a running EP instance to a new placement (between two steps, no stop)")
+def rebalance(
+    instance: Annotated[str, typer.Option(help="HOST:PORT of the instance's gRPC server")],
+    placement: Annotated[
+        Path | None, typer.Option(help="placement file to switch to (default: planned from its load window)")
+    ] = None,
+    tolerance: Annotated[float, typer.Option(help="when planning: balancedness it may give up")] = 0.01,
+) -> None:
+    import grpc
+
+    from services.eplb.files import PlacementFileError, read_placement
+    from services.proto.moeserve.v1 import worker_control_pb2 as ctl
+    from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
+
+    try:
+        with grpc.insecure_channel(instance) as channel:
+            stub = ctl_grpc.WorkerControlStub(channel)
+            request = ctl.RebalanceRequest(tolerance=tolerance)
+            if placement is not None:
+                now = stub.GetExpertLoad(ctl.GetExpertLoadRequest(), timeout=30)
+                layers = len(now.layers)
+                rows = read_placement(placement, layers, now.num_experts, now.ep_size)
+                request.phy2log.extend(rows.flatten().tolist())
+            res = stub.Rebalance(request, timeout=120)
+    except PlacementFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    except grpc.RpcError as e:
+        print(f"error: {instance} answered {e.code().name}: {e.details()}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    print(f"switched to placement {res.version}: {res.slots_changed} slots changed; balancedness of the "
+          f"load window {res.balancedness_before:.4f} -> {res.balancedness_after:.4f}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

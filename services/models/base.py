@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from services.ep import ExpertParallel
+from services.ep.rebalance import switch
 from services.models.attention import AttnBatch
 from services.models.config import ModelConfig
 from services.models.layers import DenseMLP, RMSNorm, RotaryEmbedding
@@ -92,6 +93,18 @@ class MoECausalLM(nn.Module):
             if after_layer is not None:
                 after_layer(i)
         return self.model.norm(x)
+
+    def switch_placement(self) -> int:
+        """Take the group's pending expert placement now (every rank at the same step): the changed
+        slots' weights move, then the maps switch. Returns how many of this rank's slots changed."""
+        par = self.parallel
+        assert par.pending is not None
+        blocks = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEBlock)]
+        group = par.dispatcher.group if par.dispatcher is not None else None
+        changed = switch(blocks, par.placement, par.pending, par.rank, group)
+        par.placement, par.pending, par.switch_now = par.pending, None, False
+        par.version += 1
+        return changed
 
     def idle_forward(self) -> None:
         """Take part in every MoE layer's exchange with no tokens (a rank with no work in a step)."""

@@ -60,16 +60,25 @@ class KvEvents(Command):
 
 
 @dataclass(frozen=True)
+class SetPlacement(Command):
+    """Switch to this expert placement ([moe layers][slots]) at the step the whole group agrees on:
+    replies True once it is pending here (False if another one still is)."""
+
+    phy2log: tuple[tuple[int, ...], ...] = ()
+
+
+@dataclass(frozen=True)
 class FlushCache(Command):
     """Drop the rank's unused prefix-cache pages: replies how many."""
 
 
-Query = Literal["load", "health", "expert_load", "metrics"]
+Query = Literal["load", "health", "expert_load", "metrics", "placement"]
 
 
 @dataclass(frozen=True)
 class Ask(Command):
-    """A read-only question: replies a `RankLoad`, a `RankHealth`, an `ExpertLoad` or `RankMetrics`."""
+    """A read-only question: replies a `RankLoad`, `RankHealth`, `ExpertLoad`, `RankMetrics` or (placement)
+    the number of placements the rank has switched to."""
 
     what: Query = "health"
 

@@ -13,10 +13,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
 from services.engine import Engine, InvalidRequestError, RequestOutput
 from services.engine.loop import EngineDead, EngineLoop, RequestStream
+from services.ep import ExpertPlacement
 from services.kv import HandoffError, KVLayout, KVRegion, TransferEngine
 from services.kv.decode import AttachClient, DecodeHandoff
 from services.kv.prefill import PrefillHandoff
@@ -154,6 +156,8 @@ class Rank:
             yield self._ask(command.what)
         elif isinstance(command, msg.KvEvents):
             yield self.kv_events.since(command.since)
+        elif isinstance(command, msg.SetPlacement):
+            yield self.loop.run(self._set_placement, command.phy2log)
         elif isinstance(command, msg.FlushCache):
             cache = self.engine.prefix_cache
             yield self.loop.run(cache.clear) if cache is not None else 0
@@ -215,6 +219,14 @@ class Rank:
             raise HandoffError("ALREADY_EXISTS", str(e)) from None
         yield from stream_outputs(self.loop, stream, rid, call, request.stream, self.loop.abort)
 
+    def _set_placement(self, phy2log) -> bool:
+        """Engine thread: make the placement pending (the group switches when all ranks have it)."""
+        par = self.engine.model.parallel
+        if par.pending is not None:
+            return False
+        par.pending = ExpertPlacement(par.placement.num_experts, par.placement.ep_size, torch.tensor(phy2log))
+        return True
+
     def _abort(self, request_id: str) -> bool:
         if self.prefill is not None and self.prefill.abort(request_id):
             return True
@@ -230,6 +242,8 @@ class Rank:
         if what == "expert_load":
             counts, tokens, steps = self.loop.run(engine.expert_load)
             return msg.ExpertLoad(counts.tolist(), tokens, steps)
+        if what == "placement":
+            return engine.model.parallel.version
         if what == "metrics":
             return msg.RankMetrics(self._load(), self.loop.run(engine.stats.snapshot))
         return self._load()

@@ -24,19 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n moeserve/v1/worker_control.proto\x12\x0bmoeserve.v1\"\x16\n\x14GetExpertLoadRequest\";\n\x0fLayerExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x04\"\xba\x01\n\x15GetExpertLoadResponse\x12\x13\n\x0bnum_experts\x18\x01 \x01(\r\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x0f\n\x07\x65p_size\x18\x03 \x01(\r\x12\x11\n\tnum_slots\x18\x04 \x01(\r\x12\x15\n\rwindow_tokens\x18\x05 \x01(\x04\x12\x14\n\x0cwindow_steps\x18\x06 \x01(\r\x12,\n\x06layers\x18\x07 \x03(\x0b\x32\x1c.moeserve.v1.LayerExpertLoad2g\n\rWorkerControl\x12V\n\rGetExpertLoad\x12!.moeserve.v1.GetExpertLoadRequest\x1a\".moeserve.v1.GetExpertLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n moeserve/v1/worker_control.proto\x12\x0bmoeserve.v1\"6\n\x10RebalanceRequest\x12\x0f\n\x07phy2log\x18\x01 \x03(\x05\x12\x11\n\ttolerance\x18\x02 \x01(\x02\"t\n\x11RebalanceResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x15\n\rslots_changed\x18\x02 \x01(\r\x12\x1b\n\x13\x62\x61lancedness_before\x18\x03 \x01(\x01\x12\x1a\n\x12\x62\x61lancedness_after\x18\x04 \x01(\x01\"\x16\n\x14GetExpertLoadRequest\";\n\x0fLayerExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x04\"\xe6\x01\n\x15GetExpertLoadResponse\x12\x13\n\x0bnum_experts\x18\x01 \x01(\r\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x0f\n\x07\x65p_size\x18\x03 \x01(\r\x12\x11\n\tnum_slots\x18\x04 \x01(\r\x12\x15\n\rwindow_tokens\x18\x05 \x01(\x04\x12\x14\n\x0cwindow_steps\x18\x06 \x01(\r\x12,\n\x06layers\x18\x07 \x03(\x0b\x32\x1c.moeserve.v1.LayerExpertLoad\x12\x0f\n\x07phy2log\x18\x08 \x03(\x05\x12\x19\n\x11placement_version\x18\t \x01(\r2\xb3\x01\n\rWorkerControl\x12V\n\rGetExpertLoad\x12!.moeserve.v1.GetExpertLoadRequest\x1a\".moeserve.v1.GetExpertLoadResponse\x12J\n\tRebalance\x12\x1d.moeserve.v1.RebalanceRequest\x1a\x1e.moeserve.v1.RebalanceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moeserve.v1.worker_control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETEXPERTLOADREQUEST']._serialized_start=49
-  _globals['_GETEXPERTLOADREQUEST']._serialized_end=71
-  _globals['_LAYEREXPERTLOAD']._serialized_start=73
-  _globals['_LAYEREXPERTLOAD']._serialized_end=132
-  _globals['_GETEXPERTLOADRESPONSE']._serialized_start=135
-  _globals['_GETEXPERTLOADRESPONSE']._serialized_end=321
-  _globals['_WORKERCONTROL']._serialized_start=323
-  _globals['_WORKERCONTROL']._serialized_end=426
+  _globals['_REBALANCEREQUEST']._serialized_start=49
+  _globals['_REBALANCEREQUEST']._serialized_end=103
+  _globals['_REBALANCERESPONSE']._serialized_start=105
+  _globals['_REBALANCERESPONSE']._serialized_end=221
+  _globals['_GETEXPERTLOADREQUEST']._serialized_start=223
+  _globals['_GETEXPERTLOADREQUEST']._serialized_end=245
+  _globals['_LAYEREXPERTLOAD']._serialized_start=247
+  _globals['_LAYEREXPERTLOAD']._serialized_end=306
+  _globals['_GETEXPERTLOADRESPONSE']._serialized_start=309
+  _globals['_GETEXPERTLOADRESPONSE']._serialized_end=539
+  _globals['_WORKERCONTROL']._serialized_start=542
+  _globals['_WORKERCONTROL']._serialized_end=721
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,11 @@ class WorkerControlStub:
                 request_serializer=moeserve_dot_v1_dot_worker__control__pb2.GetExpertLoadRequest.SerializeToString,
                 response_deserializer=moeserve_dot_v1_dot_worker__control__pb2.GetExpertLoadResponse.FromString,
                 _registered_method=True)
+        self.Rebalance = channel.unary_unary(
+                '/moeserve.v1.WorkerControl/Rebalance',
+                request_serializer=moeserve_dot_v1_dot_worker__control__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=moeserve_dot_v1_dot_worker__control__pb2.RebalanceResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerControlServicer:
@@ -52,6 +57,18 @@ class WorkerControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rebalance(self, request, context):
+        """Switch the instance to a new expert placement while it serves: the given one, or one planned
+        from the current load window that moves as few slots as it can (services.eplb). Only the
+        changed slots' weights move, rank to rank, between two steps; every rank switches its maps at
+        the same step. Returns once every rank has switched.
+        FAILED_PRECONDITION: not an EP group, or a switch is already under way;
+        INVALID_ARGUMENT: the placement does not fit (shape, an expert with no slot).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +76,11 @@ def add_WorkerControlServicer_to_server(servicer, server):
                     servicer.GetExpertLoad,
                     request_deserializer=moeserve_dot_v1_dot_worker__control__pb2.GetExpertLoadRequest.FromString,
                     response_serializer=moeserve_dot_v1_dot_worker__control__pb2.GetExpertLoadResponse.SerializeToString,
+            ),
+            'Rebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebalance,
+                    request_deserializer=moeserve_dot_v1_dot_worker__control__pb2.RebalanceRequest.FromString,
+                    response_serializer=moeserve_dot_v1_dot_worker__control__pb2.RebalanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +110,33 @@ class WorkerControl:
             '/moeserve.v1.WorkerControl/GetExpertLoad',
             moeserve_dot_v1_dot_worker__control__pb2.GetExpertLoadRequest.SerializeToString,
             moeserve_dot_v1_dot_worker__control__pb2.GetExpertLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moeserve.v1.WorkerControl/Rebalance',
+            moeserve_dot_v1_dot_worker__control__pb2.RebalanceRequest.SerializeToString,
+            moeserve_dot_v1_dot_worker__control__pb2.RebalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,
