@@ -6,6 +6,7 @@ The registry (`registry.py`) holds the instances and moves them through drain.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
@@ -168,19 +169,23 @@ class Instance:
             self.set_state(State.READY, "healthy")
 
     async def _balancedness(self) -> float | None:
-        """From moeserve's WorkerControl.GetExpertLoad (other workers lack it: None). Experts are
-        taken as split evenly and in order over the ranks (the default placement)."""
+        """From moeserve's WorkerControl.GetExpertLoad (other workers lack it: None): mean ÷ max
+        tokens per EP rank under the placement in use (an expert's tokens split over its replicas)."""
         try:
             res = await ctl_grpc.WorkerControlStub(self._channel).GetExpertLoad(
                 ctl.GetExpertLoadRequest(), timeout=RPC_TIMEOUT_S
             )
         except grpc.aio.AioRpcError:
             return None
-        ranks = max(1, res.ep_size)
+        ranks, slots = max(1, res.ep_size), res.num_slots or res.num_experts
         ratios = []
-        for layer in res.layers:
-            per_rank = len(layer.tokens_per_expert) // ranks
-            loads = [sum(layer.tokens_per_expert[r * per_rank : (r + 1) * per_rank]) for r in range(ranks)]
+        for i, layer in enumerate(res.layers):
+            tokens = list(layer.tokens_per_expert)
+            held = list(res.phy2log[i * slots : (i + 1) * slots]) or [s % len(tokens) for s in range(slots)]
+            copies = collections.Counter(held)
+            per_slot = [tokens[e] / copies[e] for e in held]
+            per_rank = len(held) // ranks
+            loads = [sum(per_slot[r * per_rank : (r + 1) * per_rank]) for r in range(ranks)]
             if per_rank and max(loads):
                 ratios.append(sum(loads) / ranks / max(loads))
         return sum(ratios) / len(ratios) if ratios else None

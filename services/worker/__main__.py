@@ -76,6 +76,12 @@ def worker(
     ] = KVPush.layerwise,
     ep: Annotated[int, Opt(help="expert-parallel ranks in this instance (processes)")] = 1,
     ep_slots: Annotated[int, Opt(help="physical expert slots over the group (default: one per expert)")] = 0,
+    eplb_interval: Annotated[
+        float, Opt(help="seconds between re-plans of the expert placement from the load window (0: off)")
+    ] = 0.0,
+    eplb_tolerance: Annotated[
+        float, Opt(help="balancedness a re-plan may give up to move fewer slots")
+    ] = 0.01,
     ep_placement: Annotated[
         str, Opt(help="placement file from `moeserve eplb plan` (which expert each slot holds)")
     ] = "",
@@ -143,6 +149,8 @@ def build_config(a: argparse.Namespace) -> WorkerConfig:
         advertise_host=a.advertise_host,
         ep_slots=a.ep_slots,
         ep_placement=a.ep_placement,
+        eplb_interval_s=a.eplb_interval,
+        eplb_tolerance=a.eplb_tolerance,
         dispatcher=a.dispatcher,
         deepep_mode=a.deepep_mode,
         handoff_timeout_s=a.handoff_timeout,

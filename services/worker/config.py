@@ -43,6 +43,10 @@ class WorkerConfig:
     """Physical expert slots across the group (0: one per routed expert); extra slots hold replicas."""
     ep_placement: str = ""
     """A placement file (`moeserve eplb plan`): which expert each slot holds; sets the slot count."""
+    eplb_interval_s: float = 0.0
+    """Re-plan the placement from the load window this often and switch when it changes (0: never)."""
+    eplb_tolerance: float = 0.01
+    """Balancedness a re-plan may give up to move fewer slots."""
     nnodes: int = 1
     """Nodes the instance spans; each runs the same command but for --node-rank and --host."""
     node_rank: int = 0

@@ -54,6 +54,7 @@ def add_services(
     pb_grpc.add_SglangSchedulerServicer_to_server(
         SchedulerServicer(config, engine, controller, counter), server
     )
-    ctl_grpc.add_WorkerControlServicer_to_server(ControlServicer(engine, controller), server)
+    control = ControlServicer(engine, controller, config.eplb_interval_s, config.eplb_tolerance)
+    ctl_grpc.add_WorkerControlServicer_to_server(control, server)
     if config.role == "prefill":
         kvpb_grpc.add_KVHandoffServicer_to_server(KVHandoffServicer(controller), server)

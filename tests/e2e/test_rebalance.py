@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -97,3 +98,30 @@ def test_the_cli_switches_to_a_placement_file(ep4, tmp_path):
     )
     after = control(ep4).GetExpertLoad(ctl.GetExpertLoadRequest(), timeout=10)
     assert list(after.phy2log) == rows.flatten().tolist()
+
+
+def test_a_periodic_rebalance_follows_the_load(ds_dir):
+    """`--eplb-interval`: the instance re-plans from its window and switches, with no request failing."""
+    c = LocalCluster()
+    try:
+        c.worker("timed", "decode", ds_dir, "--ep", "2", "--ep-slots", "20", "--eplb-interval", "0.5",
+                 "--eplb-tolerance", "0")  # fmt: skip
+        prompt = encode(ds_dir, "traffic that skews the experts")
+        request = pb.GenerateRequest(
+            request_id="t0", tokenized=pb.TokenizedInput(input_ids=prompt),
+            sampling_params=pb.SamplingParams(temperature=0.0, max_new_tokens=40),
+        )  # fmt: skip
+        expected = greedy_ids(ds_dir, prompt, 40)
+        stub = ctl_grpc.WorkerControlStub(grpc.insecure_channel(c.addresses["timed"]))
+        deadline = time.monotonic() + 30
+        n = 0
+        while stub.GetExpertLoad(ctl.GetExpertLoadRequest(), timeout=10).placement_version == 0:
+            assert time.monotonic() < deadline, "no periodic switch within 30 s"
+            n += 1
+            request.request_id = f"t{n}"
+            (done,) = [r.complete for r in c.stub("timed").Generate(request, timeout=60)]
+            assert list(done.output_ids) == expected
+        (done,) = [r.complete for r in c.stub("timed").Generate(request, timeout=60)]
+        assert list(done.output_ids) == expected  # and after the switch
+    finally:
+        c.stop()
