@@ -117,8 +117,8 @@ def main() -> None:
     torch.set_num_threads(1)
     print("| deployment | s | planner | balancedness (plan window) | (fresh window) | nodes/token "
           "| incremental: slots changed | its balancedness − full re-plan's (fresh / held-out) "
-          "| planner s |")  # fmt: skip
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+          "| noise-aware: slots changed | its balancedness − full re-plan's | planner s |")  # fmt: skip
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in a.skews:
         pop = popularity(s, seed=int(s * 100) + 1)
         w1, chosen1 = route(pop, a.tokens, seed=1)
@@ -132,13 +132,19 @@ def main() -> None:
             inc = rebalance_experts(w2, *shape, current=ours)[0]
             changed = float((inc != ours).float().mean())
             gaps = [balancedness(w, inc, gpus) - balancedness(w, full, gpus) for w in (w2, w3)]
+            aware = rebalance_experts(w2, *shape, current=ours, counts=True)[0]
+            aware_changed = float((aware != ours).float().mean())
+            aware_gaps = [balancedness(w, aware, gpus) - balancedness(w, full, gpus) for w in (w2, w3)]
             for label, p, t in (("moeserve", ours, t_ours), ("deepseek", theirs, t_theirs)):
-                extra = f"{changed:.1%} | {gaps[0]:+.4f} / {gaps[1]:+.4f}" if label == "moeserve" else "— | —"
+                extra = "— | — | — | —"
+                if label == "moeserve":
+                    extra = f"{changed:.1%} | {gaps[0]:+.4f} / {gaps[1]:+.4f} | {aware_changed:.1%} | "
+                    extra += f"{aware_gaps[0]:+.4f} / {aware_gaps[1]:+.4f}"
                 row = [f"{balancedness(w, p, gpus):.4f}" for w in (w1, w2)]
                 row += [f"{distinct_nodes(p, chosen1, nodes):.2f}", extra, f"{t:.3f}"]
                 print(f"| {name} | {s} | {label} | " + " | ".join(row) + " |")
             if name == "decode":
-                print(f"| {name} | {s} | upper bound | {bound(w1, slots, gpus):.4f} | | | | | |")
+                print(f"| {name} | {s} | upper bound | {bound(w1, slots, gpus):.4f} | | | | | | | |")
 
 
 if __name__ == "__main__":

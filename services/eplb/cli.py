@@ -76,7 +76,8 @@ def plan(
         layers, experts = weight.shape
         gpus = gpus or int(meta["ep_size"])
         now = read_placement(current, layers, experts, gpus) if current is not None else None
-        phy2log = rebalance_experts(weight, slots, groups, nodes, gpus, current=now, tolerance=tolerance)[0]
+        shape = (slots, groups, nodes, gpus)
+        phy2log = rebalance_experts(weight, *shape, current=now, tolerance=tolerance, counts=True)[0]
     except (PlacementFileError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2) from None

@@ -21,6 +21,8 @@ step handles every layer at once, so planning 58 layers costs a few hundred smal
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -121,12 +123,14 @@ def rebalance_experts(
     policy: str = "auto",
     current: torch.Tensor | None = None,
     tolerance: float = 0.01,
+    counts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(phy2log, log2phy, logcnt) for `weight` [layers, experts]; `policy` auto | hierarchical |
     global (auto: hierarchical when groups split evenly over nodes, as DeepSeek's EPLB does).
 
     With `current` (a phy2log in use), the plan moves as few expert weights as it can while its
-    balancedness stays within `tolerance` of a full re-plan's (`incremental`)."""
+    balancedness stays within `tolerance` of a full re-plan's (`incremental`; `counts`: the
+    weights are one window's token counts, allow for their noise)."""
     weight = weight.float().cpu()
     experts = weight.shape[1]
     if num_replicas % num_gpus or num_gpus % num_nodes:
@@ -147,7 +151,7 @@ def rebalance_experts(
         if current.shape != phy2log.shape:
             raise ValueError(f"current placement is {tuple(current.shape)}, expected {tuple(phy2log.shape)}")
         nodes = num_nodes if policy == "hierarchical" else 1
-        phy2log = incremental(weight, current.long().cpu(), phy2log, nodes, num_gpus, tolerance)
+        phy2log = incremental(weight, current.long().cpu(), phy2log, nodes, num_gpus, tolerance, counts)
     return (phy2log, *maps(phy2log, experts))
 
 
@@ -158,8 +162,14 @@ def incremental(
     num_nodes: int,
     num_gpus: int,
     tolerance: float = 0.01,
+    counts: bool = False,
 ) -> torch.Tensor:
     """A placement near `current` for `weight`, given the full re-plan `planned` (phy2log both).
+
+    `counts`: `weight` holds token counts of one window (Poisson noise). A re-plan fitted to
+    them looks better on them than it will on the next window by about sqrt(2 ln G / mean GPU
+    load) (the largest of G GPUs' noise); that much is added to the tolerance per layer, so
+    slots are not moved for noise.
 
     While the mean balancedness over layers is more than `tolerance` below the re-plan's, the
     layer that loses most is changed: repaired with a few swaps of two slots between GPUs of one
@@ -171,6 +181,9 @@ def incremental(
     weight = weight.float().cpu()
     out = current.clone()
     full = _layer_balance(weight, planned, num_gpus)
+    if counts:  # what the re-plan gains only on this window's noise
+        mean_load = (weight.sum(1) / num_gpus).clamp_min(1.0)
+        full = full - (2 * math.log(max(num_gpus, 2)) / mean_load).sqrt()
     now = _layer_balance(weight, current, num_gpus)
     for layer in (full - now).argsort(descending=True).tolist():  # the layers that lose most first
         if float((full - now).mean()) <= tolerance or float(full[layer] - now[layer]) <= 0:

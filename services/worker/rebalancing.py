@@ -70,7 +70,7 @@ class Rebalancer:
         par = self.parallel
         current = par.placement.phys_to_log
         plan = rebalance_experts(
-            weight, current.shape[1], 1, 1, par.size, current=current, tolerance=tolerance
+            weight, current.shape[1], 1, 1, par.size, current=current, tolerance=tolerance, counts=True
         )
         return plan[0]
 

@@ -134,3 +134,22 @@ def test_an_incremental_re_plan_moves_little_and_stays_within_tolerance(case):
     assert (logcnt >= 1).all() and (phy2log.gather(1, log2phy[:, :, 0]) == torch.arange(experts)).all()
     with pytest.raises(ValueError, match="current placement"):
         rebalance_experts(new, slots, groups, nodes, gpus, current=current[:, :-1])
+
+
+def test_noise_aware_plans_ignore_noise_but_follow_real_change():
+    """Token counts of two windows of one popularity differ by noise only: nothing moves. Once the
+    popularity itself changes, slots move and the balance comes back within tolerance."""
+    g = torch.Generator().manual_seed(0)
+    popularity = loads(4, 32, 5)
+    window = lambda p: torch.poisson(p * 40, generator=g)  # noqa: E731 (token counts of one window)
+    shape = (48, 8, 2, 8)
+    current = rebalance_experts(window(popularity), *shape)[0]
+    same = rebalance_experts(window(popularity), *shape, current=current, counts=True)[0]
+    assert torch.equal(same, current)
+    changed = window(loads(4, 32, 6))  # another popularity
+    moved = rebalance_experts(changed, *shape, current=current, counts=True)[0]
+    full = rebalance_experts(changed, *shape)[0]
+    assert (moved != current).any()
+    slack = float((2 * torch.log(torch.tensor(8.0)) / (changed.sum(1) / 8)).sqrt().mean())
+    assert balancedness(changed, moved, 8) >= balancedness(changed, full, 8) - 0.01 - slack
+    assert balancedness(changed, moved, 8) > balancedness(changed, current, 8)
