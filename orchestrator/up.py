@@ -30,6 +30,7 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
 from orchestrator.config import env_keys, read_keys
+from orchestrator.policies import DEFAULT as DEFAULT_POLICY
 from services.logs import setup_logging
 from services.process import port_in_use, spawn_env, stop_on_signals
 from services.typer_main import (
@@ -164,7 +165,7 @@ def up(
     ready_timeout: float = 180.0,
     prefill_policy: Annotated[
         str, typer.Option(help="how prefill instances are picked: prefix_affinity or least_load")
-    ] = "prefix_affinity",
+    ] = DEFAULT_POLICY,
     worker_arg: Annotated[
         list[str] | None,
         typer.Option(help="an argument for every worker, e.g. --worker-arg=--no-prefix-cache"),

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.eplb.measure import balancedness
+
 
 class PlacementError(ValueError):
     """A placement that cannot be served (slot counts, divisibility, a missing expert)."""
@@ -70,14 +72,10 @@ class ExpertPlacement:
         `counts` [layers, experts] are tokens per logical expert; an expert's tokens split evenly
         over its replicas, as `route` spreads them. 1.0 is perfect balance.
         """
-        layers = self.phys_to_log.shape[0]
-        per_slot = counts.gather(1, self.phys_to_log).double() / self.replicas.gather(1, self.phys_to_log)
-        per_rank = per_slot.view(layers, self.ep_size, -1).sum(-1)  # [L, R]
-        peak = per_rank.max(1).values
-        busy = peak > 0
+        busy = counts.sum(1) > 0
         if not bool(busy.any()):
             return None
-        return float((per_rank.mean(1)[busy] / peak[busy]).mean())
+        return balancedness(counts[busy], self.phys_to_log[busy], self.ep_size)
 
     @property
     def num_slots(self) -> int:

@@ -5,10 +5,17 @@ from __future__ import annotations
 import torch
 
 
+def replica_counts(phy2log: torch.Tensor, experts: int) -> torch.Tensor:
+    """logcnt [layers, experts]: how many slots hold each expert."""
+    return torch.zeros(phy2log.shape[0], experts, dtype=torch.long).scatter_add_(
+        1, phy2log, torch.ones_like(phy2log)
+    )
+
+
 def maps(phy2log: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(log2phy [layers, experts, max replicas] padded with -1, logcnt [layers, experts])."""
     layers, slots = phy2log.shape
-    logcnt = torch.zeros(layers, experts, dtype=torch.long).scatter_add_(1, phy2log, torch.ones_like(phy2log))
+    logcnt = replica_counts(phy2log, experts)
     order = phy2log.argsort(dim=1, stable=True)  # slots grouped by expert, in slot order
     starts = logcnt.cumsum(1) - logcnt
     nth = torch.arange(slots).expand(layers, -1) - starts.gather(1, phy2log.gather(1, order))
@@ -20,7 +27,7 @@ def maps(phy2log: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tenso
 def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """[layers, num_gpus]: each GPU's load when an expert's load splits evenly over its slots."""
     layers, experts = weight.shape
-    logcnt = maps(phy2log, experts)[1]
+    logcnt = replica_counts(phy2log, experts)
     per_slot = weight.float().gather(1, phy2log) / logcnt.gather(1, phy2log)
     return per_slot.view(layers, num_gpus, -1).sum(-1)
 

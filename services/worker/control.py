@@ -8,11 +8,8 @@ import grpc
 from services.engine import Engine
 from services.proto.moeserve.v1 import worker_control_pb2 as ctl
 from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
-from services.worker import messages as msg
-from services.worker.dp_controller import CallFailed, DPController
+from services.worker.dp_controller import DPController
 from services.worker.rebalancing import RebalanceError, Rebalancer
-
-TIMEOUT_S = 10.0
 
 
 class ControlServicer(ctl_grpc.WorkerControlServicer):
@@ -30,16 +27,12 @@ class ControlServicer(ctl_grpc.WorkerControlServicer):
         if eplb_interval_s > 0:
             self.rebalancer.every(eplb_interval_s, eplb_tolerance)
 
-    def _counts(self, context: grpc.ServicerContext) -> tuple[list[list[int]], list[msg.ExpertLoad]]:
-        try:
-            loads = self.ctl.ask_all("expert_load", TIMEOUT_S)
-        except CallFailed as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"EP instance rank unreachable: {e.message}")
-        per_layer = zip(*(ld.counts for ld in loads), strict=True)  # [layers][experts], summed over ranks
-        return [[sum(col) for col in zip(*rows, strict=True)] for rows in per_layer], loads
-
     def GetExpertLoad(self, request, context: grpc.ServicerContext) -> ctl.GetExpertLoadResponse:
-        counts, loads = self._counts(context)
+        try:
+            weight, loads = self.rebalancer.window()
+        except RebalanceError as e:
+            context.abort(grpc.StatusCode[e.code], str(e))
+        counts = weight.long().tolist()
         mc = self.engine.model_config
         parallel = self.engine.model.parallel
         placement = parallel.placement
@@ -60,7 +53,7 @@ class ControlServicer(ctl_grpc.WorkerControlServicer):
 
     def Rebalance(self, request, context: grpc.ServicerContext) -> ctl.RebalanceResponse:
         try:
-            weight = self.rebalancer.window()
+            weight, _ = self.rebalancer.window()
             if request.phy2log:
                 new = self.rebalancer.checked(list(request.phy2log))
             else:

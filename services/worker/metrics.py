@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
@@ -21,6 +20,7 @@ from services.engine.stats import Histogram
 from services.worker import messages as msg
 from services.worker.config import WorkerConfig
 from services.worker.dp_controller import CallFailed, DPController
+from services.worker.rebalancing import summed
 
 SCRAPE_TIMEOUT_S = 5.0
 
@@ -119,8 +119,7 @@ class WorkerCollector(Collector):
             "Mean / max tokens per EP rank over the recent window, averaged over MoE layers (1 = even).",
             labels=["role"],
         )
-        counts = sum(torch.tensor(ld.counts, dtype=torch.long) for ld in loads)
-        value = self.engine.model.parallel.placement.balancedness(counts) if loads else None
+        value = self.engine.model.parallel.placement.balancedness(summed(loads))
         if value is not None:
             gauge.add_metric([self.role], value)
         return gauge

@@ -31,6 +31,11 @@ NOT_A_GROUP = "rebalancing moves experts between EP ranks: start the instance wi
 UNDER_WAY = "a placement switch is already under way; retry once it is done"
 
 
+def summed(loads: list[msg.ExpertLoad]) -> torch.Tensor:
+    """[moe layers, experts] tokens per logical expert, summed over the ranks' windows."""
+    return torch.tensor([ld.counts for ld in loads], dtype=torch.long).sum(0)
+
+
 class RebalanceError(Exception):
     """A switch that cannot happen: a canonical status name and what to do."""
 
@@ -57,13 +62,14 @@ class Rebalancer:
     def parallel(self):
         return self.engine.model.parallel
 
-    def window(self) -> torch.Tensor:
-        """Tokens per logical expert per MoE layer over the ranks' windows, summed."""
+    def window(self) -> tuple[torch.Tensor, list[msg.ExpertLoad]]:
+        """(tokens per logical expert per MoE layer, summed over the ranks' windows, as floats;
+        each rank's answer)."""
         try:
             loads = self.ctl.ask_all("expert_load", TIMEOUT_S)
         except CallFailed as e:
             raise RebalanceError("UNAVAILABLE", f"EP instance rank unreachable: {e.message}") from None
-        return torch.tensor([ld.counts for ld in loads], dtype=torch.float).sum(0)
+        return summed(loads).float(), loads
 
     def planned(self, weight: torch.Tensor, tolerance: float) -> torch.Tensor:
         """A placement near the current one for `weight` (within `tolerance` of a full re-plan)."""
@@ -130,7 +136,7 @@ class Rebalancer:
             while True:
                 time.sleep(interval_s)
                 try:
-                    weight = self.window()
+                    weight, _ = self.window()
                     if not float(weight.sum()):
                         continue
                     new = self.planned(weight, tolerance)
