@@ -6,11 +6,13 @@ Synthetic loads: 58 MoE layers x 256 experts in 8 groups; per layer a Zipf(s) po
 random expert order; each window routes `--tokens` tokens DeepSeek-style (Gumbel-perturbed log
 popularity as scores; a group scores the sum of its best two experts; top-4 groups, then the
 top-8 experts within them). Two deployments: prefill 288 slots / 32 GPUs / 4 nodes
-(hierarchical policy), decode 288 slots / 144 GPUs / 18 nodes (global policy).
+(hierarchical policy, as DeepSeek's, and our locality policy), decode 288 slots / 144 GPUs / 18
+nodes (global policy).
 
 Per case: balancedness (mean GPU load / max GPU load, averaged over layers) on the planning
-window and on a fresh window of the same popularity; distinct nodes per token (each token's
-experts, replicas picked as the engine's `ExpertPlacement.route` picks them); the share of slots
+window and on a fresh window of the same popularity, with each expert's load split evenly over its
+replicas; the same on the planning window with every token sent where the engine's
+`ExpertPlacement.route` sends it (routed); distinct nodes per token under that route; the share of slots
 an incremental re-plan on the fresh window changes, and its balancedness minus a full re-plan's,
 on that window and on a third, held-out one;
 planner time for all 58 layers on one thread. "deepseek" is DeepSeek EPLB's algorithm (the same
@@ -29,8 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from services.ep.placement import ExpertPlacement
 from services.eplb import balancedness, rebalance_experts
-from services.eplb.measure import maps
 from services.eplb.planner import hierarchical, replicate
 
 LAYERS, EXPERTS, GROUPS, TOPK, TOPK_GROUPS = 58, 256, 8, 8, 4
@@ -60,18 +62,19 @@ def route(pop: torch.Tensor, tokens: int, seed: int) -> tuple[torch.Tensor, torc
     return weight, torch.stack(chosen)
 
 
-def distinct_nodes(phy2log: torch.Tensor, chosen: torch.Tensor, nodes: int) -> float:
-    log2phy, logcnt = maps(phy2log, EXPERTS)
-    slots_per_node = phy2log.shape[1] // nodes
-    total = 0.0
+def routed(phy2log: torch.Tensor, chosen: torch.Tensor, nodes: int, gpus: int) -> tuple[float, float]:
+    """(balancedness, distinct nodes per token) of a window's tokens sent to slots by the engine's
+    route (`ExpertPlacement.route`, which knows the nodes)."""
+    placement = ExpertPlacement(EXPERTS, gpus, phy2log, nodes)
+    slots = phy2log.shape[1]
+    balance = spread = 0.0
     for layer in range(LAYERS):
-        ids = chosen[layer]  # [T, K]
-        t, k = ids.shape
-        pick = (torch.arange(t)[:, None] + torch.arange(k)[None, :]) % logcnt[layer][ids]
-        node = log2phy[layer][ids, pick] // slots_per_node
-        node = node.sort(dim=1).values
-        total += float((1 + (node[:, 1:] != node[:, :-1]).sum(1)).float().mean())
-    return total / LAYERS
+        picked = placement.route(layer, chosen[layer])  # [T, K] slots
+        load = torch.bincount((picked // (slots // gpus)).flatten(), minlength=gpus).float()
+        balance += float(load.mean() / load.max())
+        node = (picked // (slots // nodes)).sort(dim=1).values
+        spread += float((1 + (node[:, 1:] != node[:, :-1]).sum(1)).float().mean())
+    return balance / LAYERS, spread / LAYERS
 
 
 def loop_pack(weight: torch.Tensor, num_packs: int, kinds: torch.Tensor | None = None):
@@ -116,10 +119,10 @@ def main() -> None:
     ap.add_argument("--skews", type=float, nargs="+", default=[0.0, 0.3, 0.6, 1.0, 1.4])
     a = ap.parse_args()
     torch.set_num_threads(1)
-    print("| deployment | s | planner | balancedness (plan window) | (fresh window) | nodes/token "
+    print("| deployment | s | planner | balancedness (plan window) | (fresh window) | (routed) | nodes/token "
           "| incremental: slots changed | its balancedness − full re-plan's (fresh / held-out) "
           "| noise-aware: slots changed | its balancedness − full re-plan's | planner s |")  # fmt: skip
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in a.skews:
         pop = popularity(s, seed=int(s * 100) + 1)
         w1, chosen1 = route(pop, a.tokens, seed=1)
@@ -127,25 +130,32 @@ def main() -> None:
         w3, _ = route(pop, a.tokens, seed=3)  # held out: neither plan saw it
         for name, (slots, nodes, gpus) in DEPLOYMENTS.items():
             shape = (slots, GROUPS, nodes, gpus)
-            ours, t_ours = timed(lambda w, shape=shape: rebalance_experts(w, *shape)[0], w1)
-            theirs, t_theirs = timed(deepseek, w1, slots, nodes, gpus)
-            full = rebalance_experts(w2, *shape)[0]
-            inc = rebalance_experts(w2, *shape, current=ours)[0]
-            changed = float((inc != ours).float().mean())
-            gaps = [balancedness(w, inc, gpus) - balancedness(w, full, gpus) for w in (w2, w3)]
-            aware = rebalance_experts(w2, *shape, current=ours, counts=True)[0]
-            aware_changed = float((aware != ours).float().mean())
-            aware_gaps = [balancedness(w, aware, gpus) - balancedness(w, full, gpus) for w in (w2, w3)]
-            for label, p, t in (("moeserve", ours, t_ours), ("deepseek", theirs, t_theirs)):
+            policies = {"moeserve": "auto", "moeserve locality": "locality"} if name == "prefill" else {}
+            rows = {label: (*timed(lambda w, p=p, sh=shape: rebalance_experts(w, *sh, p)[0], w1), p)
+                    for label, p in (policies or {"moeserve": "auto"}).items()}  # fmt: skip
+            rows["deepseek"] = (*timed(deepseek, w1, slots, nodes, gpus), None)
+            for label, (plan, t, policy) in rows.items():
                 extra = "— | — | — | —"
-                if label == "moeserve":
-                    extra = f"{changed:.1%} | {gaps[0]:+.4f} / {gaps[1]:+.4f} | {aware_changed:.1%} | "
-                    extra += f"{aware_gaps[0]:+.4f} / {aware_gaps[1]:+.4f}"
-                row = [f"{balancedness(w, p, gpus):.4f}" for w in (w1, w2)]
-                row += [f"{distinct_nodes(p, chosen1, nodes):.2f}", extra, f"{t:.3f}"]
+                if policy is not None:
+                    extra = incremental_columns(w2, w3, plan, shape, policy, gpus)
+                row = [f"{balancedness(w, plan, gpus):.4f}" for w in (w1, w2)]
+                balance, spread = routed(plan, chosen1, nodes, gpus)
+                row += [f"{balance:.4f}", f"{spread:.2f}", extra, f"{t:.3f}"]
                 print(f"| {name} | {s} | {label} | " + " | ".join(row) + " |")
             if name == "decode":
-                print(f"| {name} | {s} | upper bound | {bound(w1, slots, gpus):.4f} | | | | | | | |")
+                print(f"| {name} | {s} | upper bound | {bound(w1, slots, gpus):.4f} | | | | | | | | |")
+
+
+def incremental_columns(w2, w3, plan, shape, policy, gpus) -> str:
+    """Slots an incremental re-plan on w2 changes and its balancedness minus a full re-plan's (on
+    w2 and the held-out w3), plain and noise-aware."""
+    full = rebalance_experts(w2, *shape, policy)[0]
+    out = []
+    for counts in (False, True):
+        inc = rebalance_experts(w2, *shape, policy, plan, counts=counts)[0]
+        gaps = [balancedness(w, inc, gpus) - balancedness(w, full, gpus) for w in (w2, w3)]
+        out.append(f"{float((inc != plan).float().mean()):.1%} | {gaps[0]:+.4f} / {gaps[1]:+.4f}")
+    return " | ".join(out)
 
 
 if __name__ == "__main__":

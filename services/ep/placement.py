@@ -1,8 +1,10 @@
 """Where routed experts live: physical slots (>= logical experts) spread over the EP ranks.
 
 Every MoE layer has its own physical->logical map. Rank r holds slots
-[r * slots_per_rank, (r + 1) * slots_per_rank). A logical expert may have several replicas (hot
-experts get redundant slots); each token picks one, spreading the load.
+[r * slots_per_rank, (r + 1) * slots_per_rank), and node n ranks [n * ep_size / num_nodes, ...).
+A logical expert may have several replicas (hot experts get redundant slots); each token picks
+one, spreading the load. Where an expert has replicas on several nodes, tokens pick those on nodes
+they visit anyway (`services.eplb.locality.route`), so fewer tokens cross nodes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.eplb import locality
 from services.eplb.measure import balancedness
 
 
@@ -30,6 +33,8 @@ class ExpertPlacement:
     """[layers, experts, max_replicas] slots holding each expert, padded with -1."""
     replicas: torch.Tensor = field(init=False)
     """[layers, experts] number of replicas of each expert."""
+    num_nodes: int = 1
+    """Nodes the ranks span (evenly, in rank order)."""
 
     def __post_init__(self) -> None:
         layers, slots = self.phys_to_log.shape
@@ -37,6 +42,8 @@ class ExpertPlacement:
             raise PlacementError(f"{slots} physical slots cannot hold {self.num_experts} experts")
         if slots % self.ep_size:
             raise PlacementError(f"{slots} slots do not split evenly over {self.ep_size} EP ranks")
+        if self.num_nodes < 1 or self.ep_size % self.num_nodes:
+            raise PlacementError(f"{self.ep_size} EP ranks do not split evenly over {self.num_nodes} nodes")
         replicas = torch.stack(
             [torch.bincount(self.phys_to_log[i], minlength=self.num_experts) for i in range(layers)]
         )  # [L, E]
@@ -57,14 +64,21 @@ class ExpertPlacement:
         object.__setattr__(
             self, "_identity", [slots == self.num_experts and bool(row.all()) for row in identity]
         )
+        slot_node = torch.arange(slots) // (slots // self.num_nodes)
+        object.__setattr__(self, "_slot_node", slot_node)
+        # layers where some expert has replicas on two nodes: routed with locality in mind
+        spread = [self.num_nodes > 1 and _spans_nodes(table[i], slot_node) for i in range(layers)]
+        object.__setattr__(self, "_spread", spread)
 
     @classmethod
-    def default(cls, num_layers: int, num_experts: int, num_slots: int, ep_size: int) -> ExpertPlacement:
+    def default(
+        cls, num_layers: int, num_experts: int, num_slots: int, ep_size: int, num_nodes: int = 1
+    ) -> ExpertPlacement:
         """Slot s holds expert s; the redundant slots beyond the experts replicate experts 0, 1, ..."""
         if num_slots < num_experts:
             raise PlacementError(f"--ep-slots {num_slots} is below the model's {num_experts} routed experts")
         row = torch.arange(num_slots) % num_experts
-        return cls(num_experts, ep_size, row.repeat(num_layers, 1))
+        return cls(num_experts, ep_size, row.repeat(num_layers, 1), num_nodes)
 
     def balancedness(self, counts: torch.Tensor) -> float | None:
         """Mean ÷ max tokens per rank, averaged over layers that had traffic (None: none had).
@@ -92,7 +106,15 @@ class ExpertPlacement:
         """Logical expert ids [T, K] -> physical slots [T, K], spreading tokens over replicas."""
         if self._identity[layer]:
             return ids  # slot e holds expert e, no replicas
+        if self._spread[layer]:
+            return locality.route(ids, self.log_to_phys[layer], self.replicas[layer], self._slot_node)
         t, k = ids.shape
         count = self.replicas[layer][ids]  # [T, K]
         pick = (torch.arange(t)[:, None] + torch.arange(k)[None, :]) % count  # [T, K]
         return self.log_to_phys[layer][ids, pick]
+
+
+def _spans_nodes(table: torch.Tensor, slot_node: torch.Tensor) -> bool:
+    """Whether some expert of one layer's log_to_phys [experts, replicas] sits on two nodes."""
+    nodes = torch.where(table >= 0, slot_node[table.clamp_min(0)], -1)
+    return bool(((nodes != nodes[:, :1]) & (table >= 0)).any())

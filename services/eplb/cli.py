@@ -2,7 +2,8 @@
 
     moeserve eplb dump --instance HOST:PORT -o LOADS.json
     moeserve eplb plan --loads LOADS.json --slots S [--gpus G] [--nodes N] [--groups K]
-                       [--from CURRENT.json] [--tolerance 0.01] -o PLACEMENT.json
+                       [--policy auto|hierarchical|global|locality] [--from CURRENT.json]
+                       [--tolerance 0.01] -o PLACEMENT.json
     moeserve eplb rebalance --instance HOST:PORT [--placement PLACEMENT.json]
 
 `dump` writes an instance's expert loads over its recent window (WorkerControl.GetExpertLoad);
@@ -66,6 +67,13 @@ def plan(
         Path | None, typer.Option("--from", help="the placement in use: move as few slots as possible")
     ] = None,
     tolerance: Annotated[float, typer.Option(help="balancedness a --from plan may give up")] = 0.01,
+    policy: Annotated[
+        str,
+        typer.Option(
+            help="auto (DeepSeek's choice: hierarchical when groups split over nodes, else global), "
+            "hierarchical, global, or locality (balanced nodes, replicas on nodes tokens visit)"
+        ),
+    ] = "auto",
 ) -> None:
     from services.ep.placement import ExpertPlacement
     from services.eplb import balancedness, rebalance_experts
@@ -77,7 +85,7 @@ def plan(
         gpus = gpus or int(meta["ep_size"])
         now = read_placement(current, layers, experts, gpus) if current is not None else None
         shape = (slots, groups, nodes, gpus)
-        phy2log = rebalance_experts(weight, *shape, current=now, tolerance=tolerance, counts=True)[0]
+        phy2log = rebalance_experts(weight, *shape, policy, now, tolerance, counts=True)[0]
     except (PlacementFileError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2) from None

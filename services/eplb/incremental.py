@@ -56,6 +56,22 @@ def _repair(
 ) -> torch.Tensor | None:
     """`row` (one layer's phy2log) after swaps of two slots between GPUs of a node, each taking the
     most load off the busiest GPU, until its balancedness reaches `target`; None if it cannot."""
+    row, reached = _swaps(weight, row, nodes, gpus, target, max_swaps)
+    return row if reached else None
+
+
+def polish(
+    weight: torch.Tensor, row: torch.Tensor, nodes: int, gpus: int, max_swaps: int = 64
+) -> torch.Tensor:
+    """`row` after the swaps inside nodes that lower its busiest GPU, as long as one does."""
+    return _swaps(weight, row, nodes, gpus, 1.0, max_swaps)[0]
+
+
+def _swaps(
+    weight: torch.Tensor, row: torch.Tensor, nodes: int, gpus: int, target: float, max_swaps: int
+) -> tuple[torch.Tensor, bool]:
+    """(`row` after swaps of two slots between GPUs of one node, each taking the most load off the
+    busiest GPU without putting two replicas of an expert on one GPU, whether it reached `target`)."""
     row = row.clone()
     per_gpu = row.numel() // gpus
     count = torch.zeros(weight.numel()).scatter_add_(0, row, torch.ones(row.numel()))
@@ -66,7 +82,7 @@ def _repair(
         loads = torch.zeros(gpus).scatter_add_(0, slot_gpu, x)
         peak = loads.max()
         if float(loads.mean() / peak) >= target:
-            return row
+            return row, True
         busiest = int(loads.argmax())
         mine = torch.nonzero(slot_gpu == busiest).flatten()  # [k]
         # swapping slot a (busiest GPU) with slot b (another GPU h): new loads of the two GPUs
@@ -75,13 +91,17 @@ def _repair(
         worst = torch.maximum(peak - delta, other)
         allowed = same_node[mine] & (slot_gpu != busiest).unsqueeze(0)
         allowed &= row[mine].unsqueeze(1) != row.unsqueeze(0)  # a real change
+        holds = torch.zeros(gpus, weight.numel(), dtype=torch.bool)
+        holds[slot_gpu, row] = True
+        allowed &= ~holds[busiest, row].unsqueeze(0)  # b's expert is not on the busiest GPU yet
+        allowed &= ~holds[slot_gpu.unsqueeze(0), row[mine].unsqueeze(1)]  # nor a's on b's GPU
         worst = torch.where(allowed, worst, torch.tensor(float("inf")))
         best = int(worst.argmin())
         a, b = int(mine[best // row.numel()]), best % row.numel()
         if not float(worst.flatten()[best]) < float(peak):
-            return None  # no swap lowers the peak
+            return row, False  # no swap lowers the peak
         row[a], row[b] = row[b].clone(), row[a].clone()
-    return None
+    return row, False
 
 
 def _layer_balance(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:

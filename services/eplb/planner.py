@@ -12,7 +12,10 @@ Policies:
 - `hierarchical` (when num_groups % num_nodes == 0; DeepSeek's prefill policy): expert groups
   are packed onto nodes by load, then each node replicates its own experts into its slots and
   packs them onto its GPUs, so a token routed to a few groups touches few nodes;
-- `global` (DeepSeek's decode policy): replicate over all slots, then pack onto all GPUs.
+- `global` (DeepSeek's decode policy): replicate over all slots, then pack onto all GPUs;
+- `locality` (`services.eplb.locality`): nodes balanced like the global policy while experts with
+  one slot stay on their group's node and replicas go where node loads need them; served by a
+  route that picks, per token, replicas on nodes it visits anyway.
 
 Each step is the same greedy rule as DeepSeek's (replicas go to the expert with the highest load
 per replica; packing places the heaviest item on the lightest GPU that still has room), but one
@@ -127,7 +130,8 @@ def rebalance_experts(
     counts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(phy2log, log2phy, logcnt) for `weight` [layers, experts]; `policy` auto | hierarchical |
-    global (auto: hierarchical when groups split evenly over nodes, as DeepSeek's EPLB does).
+    global | locality (auto: hierarchical when groups split evenly over nodes, as DeepSeek's EPLB
+    does; locality needs the same, and a route that knows the nodes: `ExpertPlacement.route`).
 
     With `current` (a phy2log in use), the plan moves as few expert weights as it can while its
     balancedness stays within `tolerance` of a full re-plan's (`incremental`; `counts`: the
@@ -140,17 +144,20 @@ def rebalance_experts(
         )
     if policy == "auto":
         policy = "hierarchical" if num_groups % num_nodes == 0 else "global"
-    if policy == "hierarchical":
+    if policy in ("hierarchical", "locality"):
         if experts % num_groups or num_groups % num_nodes:
             raise ValueError(f"{experts} experts in {num_groups} groups do not split over {num_nodes} nodes")
-        phy2log = hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
+        from services.eplb.locality import locality  # it builds on this module's steps
+
+        plan = hierarchical if policy == "hierarchical" else locality
+        phy2log = plan(weight, num_replicas, num_groups, num_nodes, num_gpus)
     elif policy == "global":
         phy2log = hierarchical(weight, num_replicas, 1, 1, num_gpus)
     else:
-        raise ValueError(f"unknown policy {policy!r}; choose auto, hierarchical or global")
+        raise ValueError(f"unknown policy {policy!r}; choose auto, hierarchical, global or locality")
     if current is not None:
         if current.shape != phy2log.shape:
             raise ValueError(f"current placement is {tuple(current.shape)}, expected {tuple(phy2log.shape)}")
-        nodes = num_nodes if policy == "hierarchical" else 1
+        nodes = 1 if policy == "global" else num_nodes
         phy2log = incremental(weight, current.long().cpu(), phy2log, nodes, num_gpus, tolerance, counts)
     return (phy2log, *maps(phy2log, experts))

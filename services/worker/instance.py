@@ -59,14 +59,15 @@ def initial_placement(config: WorkerConfig, cfg, world: int):
 
     layers = len(cfg.moe_layers)
     if not config.ep_placement:
-        return ExpertPlacement.default(layers, cfg.num_experts, config.ep_slots or cfg.num_experts, world)
+        slots = config.ep_slots or cfg.num_experts
+        return ExpertPlacement.default(layers, cfg.num_experts, slots, world, config.nnodes)
     from services.eplb.files import read_placement
 
     phy2log = read_placement(Path(config.ep_placement), layers, cfg.num_experts, world)
     if config.ep_slots and config.ep_slots != phy2log.shape[1]:
         slots = phy2log.shape[1]
         raise ValueError(f"--ep-slots {config.ep_slots} disagrees with {config.ep_placement}'s {slots} slots")
-    return ExpertPlacement(cfg.num_experts, world, phy2log)
+    return ExpertPlacement(cfg.num_experts, world, phy2log, config.nnodes)
 
 
 def run_rank(

@@ -224,7 +224,8 @@ class Rank:
         par = self.engine.model.parallel
         if par.pending is not None:
             return False
-        par.pending = ExpertPlacement(par.placement.num_experts, par.placement.ep_size, torch.tensor(phy2log))
+        now = par.placement
+        par.pending = ExpertPlacement(now.num_experts, now.ep_size, torch.tensor(phy2log), now.num_nodes)
         return True
 
     def _abort(self, request_id: str) -> bool:

@@ -74,11 +74,14 @@ class Rebalancer:
     def planned(self, weight: torch.Tensor, tolerance: float) -> torch.Tensor:
         """A placement near the current one for `weight` (within `tolerance` of a full re-plan)."""
         par = self.parallel
-        current = par.placement.phys_to_log
-        plan = rebalance_experts(
-            weight, current.shape[1], 1, 1, par.size, current=current, tolerance=tolerance, counts=True
-        )
-        return plan[0]
+        current, nodes = par.placement.phys_to_log, par.placement.num_nodes
+        # over several nodes: the locality policy, the model's expert groups (or one per node) kept
+        # on nodes; on one node: the global policy
+        groups = self.engine.model_config.n_group
+        groups = groups if groups % nodes == 0 and weight.shape[1] % groups == 0 else nodes
+        policy = "locality" if nodes > 1 and weight.shape[1] % groups == 0 else "global"
+        shape = (current.shape[1], groups, nodes, par.size)
+        return rebalance_experts(weight, *shape, policy, current, tolerance, counts=True)[0]
 
     def checked(self, flat: list[int]) -> torch.Tensor:
         """`flat` ([layers x slots], row-major) as a placement this instance can serve."""
@@ -91,7 +94,7 @@ class Rebalancer:
             )
         new = torch.tensor(flat, dtype=torch.long).view(current.shape)
         try:
-            ExpertPlacement(par.placement.num_experts, par.size, new)
+            ExpertPlacement(par.placement.num_experts, par.size, new, par.placement.num_nodes)
         except (PlacementError, RuntimeError, IndexError) as e:
             raise RebalanceError("INVALID_ARGUMENT", f"the placement cannot be served: {e}") from None
         return new

@@ -20,6 +20,8 @@ import pytest
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
 from services.process import free_port
+from services.proto.moeserve.v1 import worker_control_pb2 as ctl
+from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
 from tests.cluster import LocalCluster
 from tests.listeners import ANY, listening
 from tests.oracle import chat_ids, encode, greedy, greedy_ids
@@ -90,6 +92,28 @@ def test_prefill_on_two_nodes_to_decode_on_two_nodes_is_exact(groups, model_dirs
         got = list(ex.map(stream, prompts))
     assert got == [greedy(ds, encode(ds, p), 10)[0] for p in prompts]
     c.assert_idle("ds-prefill", "ds-decode")
+
+
+def test_a_two_node_instance_rebalances_with_the_locality_policy(groups, model_dirs):
+    """A re-plan from the window keeps each node's single-slot experts together (the locality
+    policy: replicas go where node loads need them) and the answers stay exact."""
+    c, _ = groups
+    stub = ctl_grpc.WorkerControlStub(grpc.insecure_channel(c.addresses["qwen"]))
+    ids_on_every_rank(c, "qwen", model_dirs["qwen3_moe"])  # load in the window
+    before = stub.GetExpertLoad(ctl.GetExpertLoadRequest(), timeout=10)
+    res = stub.Rebalance(ctl.RebalanceRequest(), timeout=60)
+    assert res.version == before.placement_version + 1
+    assert res.balancedness_after >= res.balancedness_before - 0.011
+    after = stub.GetExpertLoad(ctl.GetExpertLoadRequest(), timeout=10)
+    rows = [after.phy2log[i : i + after.num_slots] for i in range(0, len(after.phy2log), after.num_slots)]
+    for row in rows:
+        halves = [set(row[: len(row) // 2]), set(row[len(row) // 2 :])]
+        single = {e for e in row if row.count(e) == 1}
+        assert (
+            single & halves[0] and single & halves[1] and sorted(set(row)) == list(range(after.num_experts))
+        )
+    ids_on_every_rank(c, "qwen", model_dirs["qwen3_moe"])
+    c.assert_idle("qwen")
 
 
 def test_node_1_listens_on_its_own_address_but_where_a_library_cannot(groups):
