@@ -1,0 +1,209 @@
+"""What the cost model knows of models and GPUs: built-in specs, each number with its public source,
+and model specs read from a checkpoint's `config.json` (no torch: this runs in the orchestrator).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class SpecError(ValueError):
+    """A model or GPU the planner cannot describe; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    layers: int
+    dense_layers: int
+    """Layers with a dense MLP (DeepSeek's first_k_dense_replace); the rest are MoE."""
+    hidden: int
+    vocab: int
+    heads: int
+    experts: int
+    top_k: int
+    shared_experts: int
+    moe_intermediate: int
+    dense_intermediate: int
+    expert_groups: int = 1
+    # MLA (DeepSeek-V3, Kimi K2); kv_lora_rank 0 means grouped-query attention
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_dim: int = 0
+    qk_rope_dim: int = 0
+    v_head_dim: int = 0
+    # GQA (Qwen3)
+    kv_heads: int = 0
+    head_dim: int = 0
+
+    @property
+    def moe_layers(self) -> int:
+        return self.layers - self.dense_layers
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def attention_params(self) -> int:
+        """Weights of one layer's attention projections."""
+        h = self.hidden
+        if self.mla:
+            qk = self.qk_nope_dim + self.qk_rope_dim
+            q = h * self.q_lora_rank + self.q_lora_rank * self.heads * qk if self.q_lora_rank else h * self.heads * qk
+            kv = h * (self.kv_lora_rank + self.qk_rope_dim)
+            kv += self.kv_lora_rank * self.heads * (self.qk_nope_dim + self.v_head_dim)
+            return q + kv + self.heads * self.v_head_dim * h
+        return h * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+
+    @property
+    def expert_params(self) -> int:
+        """Weights of one routed (or shared) expert: gate, up and down projections."""
+        return 3 * self.hidden * self.moe_intermediate
+
+    @property
+    def replicated_params(self) -> int:
+        """Weights every rank holds under DP attention: attention, dense MLPs, shared experts,
+        embeddings and the LM head (routed experts are what EP splits)."""
+        dense_mlp = self.dense_layers * 3 * self.hidden * self.dense_intermediate
+        shared = self.moe_layers * self.shared_experts * self.expert_params
+        return self.layers * self.attention_params + dense_mlp + shared + 2 * self.vocab * self.hidden
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes of one token over all layers (BF16: MLA's latent + rope key; GQA's K and V)."""
+        per_layer = self.kv_lora_rank + self.qk_rope_dim if self.mla else 2 * self.kv_heads * self.head_dim
+        return 2 * per_layer * self.layers
+
+    def attention_flops(self, context: float) -> float:
+        """FLOPs of one token's attention core (scores and weighted values) over `context` tokens,
+        all layers. MLA as served (weights absorbed: scores over the latent + rope dims, values
+        over the latent); GQA over the head dim."""
+        if self.mla:
+            per = self.heads * (2 * self.kv_lora_rank + self.qk_rope_dim)
+        else:
+            per = self.heads * 2 * self.head_dim
+        return 2.0 * per * context * self.layers
+
+    def linear_flops(self) -> float:
+        """FLOPs of one token through every weight it touches (2 per weight), routed experts
+        excluded (they are counted per rank); the LM head is counted."""
+        return 2.0 * (self.replicated_params - self.vocab * self.hidden)
+
+    def routed_flops(self) -> float:
+        """FLOPs of one token through its top-k routed experts in every MoE layer."""
+        return 2.0 * self.top_k * self.expert_params * self.moe_layers
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    hbm_gb: float
+    hbm_tb_s: float
+    fp8_tflops: float
+    """Dense (no sparsity) tensor-core throughput."""
+    bf16_tflops: float
+    nvlink_gb_s: float
+    """What a GPU sends to its node's peers, one direction."""
+    nic_gb_s: float
+    """What a GPU sends to other nodes (its share of the node's NICs), one direction."""
+    gpus_per_node: int = 8
+
+
+# Model configs: the checkpoints' own config.json files on Hugging Face.
+MODELS: dict[str, ModelSpec] = {
+    # huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json (R1 shares the architecture)
+    "deepseek-v3": ModelSpec(
+        "DeepSeek-V3", layers=61, dense_layers=3, hidden=7168, vocab=129280, heads=128, experts=256,
+        top_k=8, shared_experts=1, moe_intermediate=2048, dense_intermediate=18432, expert_groups=8,
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128,
+    ),
+    # huggingface.co/moonshotai/Kimi-K2-Instruct/blob/main/config.json
+    "kimi-k2": ModelSpec(
+        "Kimi-K2", layers=61, dense_layers=1, hidden=7168, vocab=163840, heads=64, experts=384,
+        top_k=8, shared_experts=1, moe_intermediate=2048, dense_intermediate=18432, expert_groups=1,
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128,
+    ),
+    # huggingface.co/Qwen/Qwen3-235B-A22B/blob/main/config.json
+    "qwen3-235b": ModelSpec(
+        "Qwen3-235B-A22B", layers=94, dense_layers=0, hidden=4096, vocab=151936, heads=64, experts=128,
+        top_k=8, shared_experts=0, moe_intermediate=1536, dense_intermediate=12288, kv_heads=4, head_dim=128,
+    ),
+}  # fmt: skip
+MODELS["deepseek-r1"] = MODELS["deepseek-v3"]
+
+# Datasheets: nvidia.com/en-us/data-center/h100 (H100 SXM: 80 GB, 3.35 TB/s, FP8 1,979 and BF16
+# 989 dense TFLOPS — the sheet's figures are with sparsity, halved here —, NVLink 900 GB/s both
+# directions: 450 one way), nvidia.com/en-us/data-center/h200 (141 GB, 4.8 TB/s, H100's compute),
+# nvidia.com/en-us/data-center/dgx-b200 (8 GPUs: 1,440 GB, 64 TB/s, 72 PFLOPS FP8 training = 4.5
+# dense per GPU, NVLink 5 1.8 TB/s both directions). H800: H100 compute and memory with NVLink cut to
+# 400 GB/s; DeepSeek-V3 technical report (arXiv 2412.19437, section 3.2.2) measures 160 GB/s NVLink
+# and 50 GB/s InfiniBand per GPU. NICs: one 400 Gb/s ConnectX-7 per GPU (DGX H100/B200 sheets and
+# DeepSeek's H800 nodes) = 50 GB/s.
+GPUS: dict[str, GpuSpec] = {
+    "h800": GpuSpec("H800", 80, 3.35, 1979, 989, nvlink_gb_s=160, nic_gb_s=50),
+    "h100": GpuSpec("H100", 80, 3.35, 1979, 989, nvlink_gb_s=450, nic_gb_s=50),
+    "h200": GpuSpec("H200", 141, 4.8, 1979, 989, nvlink_gb_s=450, nic_gb_s=50),
+    "b200": GpuSpec("B200", 180, 8.0, 4500, 2250, nvlink_gb_s=900, nic_gb_s=50),
+}
+
+
+def model_spec(name_or_dir: str) -> ModelSpec:
+    """A built-in model (deepseek-v3, deepseek-r1, kimi-k2, qwen3-235b) or a checkpoint directory."""
+    if name_or_dir in MODELS:
+        return MODELS[name_or_dir]
+    path = Path(name_or_dir)
+    if not (path / "config.json").is_file():
+        raise SpecError(
+            f"unknown model {name_or_dir!r}: name one of {', '.join(sorted(MODELS))} "
+            "or a directory with a config.json"
+        )
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SpecError(f"cannot read {path / 'config.json'}: {e}") from None
+    return from_config(raw, path.name)
+
+
+def from_config(raw: dict[str, Any], name: str) -> ModelSpec:
+    """A spec from a DeepSeek-V3-style (MLA) or Qwen3-MoE-style (GQA) config.json."""
+
+    def get(*keys: str, default: Any = None) -> Any:
+        for key in keys:
+            if raw.get(key) is not None:
+                return raw[key]
+        if default is None:
+            raise SpecError(f"{name}/config.json has no {' or '.join(keys)}")
+        return default
+
+    layers = int(get("num_hidden_layers"))
+    experts = int(get("n_routed_experts", "num_experts", "num_local_experts"))
+    common = dict(
+        name=name, layers=layers, hidden=int(get("hidden_size")), vocab=int(get("vocab_size")),
+        heads=int(get("num_attention_heads")), experts=experts, top_k=int(get("num_experts_per_tok")),
+        moe_intermediate=int(get("moe_intermediate_size")),
+        dense_intermediate=int(get("intermediate_size", default=0)),
+    )  # fmt: skip
+    if get("kv_lora_rank", default=0):
+        return ModelSpec(
+            **common, dense_layers=int(get("first_k_dense_replace", default=0)),
+            shared_experts=int(get("n_shared_experts", default=0)), expert_groups=int(get("n_group", default=1)),
+            q_lora_rank=int(get("q_lora_rank", default=0)), kv_lora_rank=int(get("kv_lora_rank")),
+            qk_nope_dim=int(get("qk_nope_head_dim")), qk_rope_dim=int(get("qk_rope_head_dim")),
+            v_head_dim=int(get("v_head_dim")),
+        )  # fmt: skip
+    heads = common["heads"]
+    return ModelSpec(
+        **common, dense_layers=len(get("mlp_only_layers", default=[])), shared_experts=0,
+        kv_heads=int(get("num_key_value_heads", default=heads)),
+        head_dim=int(get("head_dim", default=common["hidden"] // heads)),
+    )  # fmt: skip
+
+
+def gpu_spec(name: str) -> GpuSpec:
+    if name not in GPUS:
+        raise SpecError(f"unknown GPU {name!r}: name one of {', '.join(GPUS)}")
+    return GPUS[name]
