@@ -327,6 +327,13 @@ def test_a_placement_planned_from_dumped_loads_serves_exactly(ep2_ep2, ds_dir, t
     bad = subprocess.run([*eplb, "plan", "--loads", str(loads), "--slots", "20", "--gpus", "3", "-o", "x"],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "do not split evenly" in bad.stderr
+    local = tmp_path / "local.json"  # two nodes of one rank each, experts' groups kept on nodes
+    plan = [*eplb, "plan", "--loads", str(loads), "--slots", "20"]
+    run = subprocess.run([*plan, "--nodes", "2", "--groups", "2", "--policy", "locality", "-o", str(local)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 0 and json.loads(local.read_text())["num_nodes"] == 2, run.stderr
+    bad = subprocess.run([*plan, "--policy", "best", "-o", "x"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown policy" in bad.stderr
 
     address = c.worker("planned", "decode", ds_dir, "--ep", "2", "--ep-placement", str(placement))
     prompt = encode(ds_dir, "placed experts answer the same")
