@@ -13,6 +13,7 @@ import sys
 import typer
 
 from orchestrator import pools_cli
+from orchestrator.planner.cli import plan_command
 from services.typer_main import run_app
 
 app = typer.Typer(
@@ -22,6 +23,9 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(pools_cli.app, name="pools")
+app.command(
+    "plan", help="capacity plan: EP width and groups per role, latency and cost, for a traffic profile"
+)(plan_command)
 
 PASS_THROUGH = {
     "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},

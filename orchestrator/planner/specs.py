@@ -53,7 +53,11 @@ class ModelSpec:
         h = self.hidden
         if self.mla:
             qk = self.qk_nope_dim + self.qk_rope_dim
-            q = h * self.q_lora_rank + self.q_lora_rank * self.heads * qk if self.q_lora_rank else h * self.heads * qk
+            q = (
+                h * self.q_lora_rank + self.q_lora_rank * self.heads * qk
+                if self.q_lora_rank
+                else h * self.heads * qk
+            )
             kv = h * (self.kv_lora_rank + self.qk_rope_dim)
             kv += self.kv_lora_rank * self.heads * (self.qk_nope_dim + self.v_head_dim)
             return q + kv + self.heads * self.v_head_dim * h
@@ -190,7 +194,8 @@ def from_config(raw: dict[str, Any], name: str) -> ModelSpec:
     if get("kv_lora_rank", default=0):
         return ModelSpec(
             **common, dense_layers=int(get("first_k_dense_replace", default=0)),
-            shared_experts=int(get("n_shared_experts", default=0)), expert_groups=int(get("n_group", default=1)),
+            shared_experts=int(get("n_shared_experts", default=0)),
+            expert_groups=int(get("n_group", default=1)),
             q_lora_rank=int(get("q_lora_rank", default=0)), kv_lora_rank=int(get("kv_lora_rank")),
             qk_nope_dim=int(get("qk_nope_head_dim")), qk_rope_dim=int(get("qk_rope_head_dim")),
             v_head_dim=int(get("v_head_dim")),

@@ -1,0 +1,118 @@
+"""`moeserve plan`: which EP width per role, how many groups, at what latency and cost.
+
+    moeserve plan --model deepseek-v3|deepseek-r1|kimi-k2|qwen3-235b|DIR --gpu h800|h100|h200|b200
+                  [--request-rate R] [--input-len I] [--output-len O] [--cache-hit F]
+                  [--ttft-ms T] [--itl-ms T] [--prefill-ep P] [--decode-ep D]
+                  [--output table|json] [--plot FILE.svg]
+
+JSON (`--output json`), for scripts:
+    {"layouts": [{"prefill_ep", "decode_ep", "prefill_groups", "decode_groups", "gpus",
+                  "input_tokens_per_s_per_node", "output_tokens_per_s_per_node", "ttft_ms",
+                  "itl_ms", "usd_per_million_output_tokens"}, ...],
+     "recommendation": {same fields}, "why": str, "crossover_request_rate": number | null,
+     "skipped": [why a width was left out, ...]}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Opt = typer.Option
+
+
+def plan_command(
+    model: Annotated[str, Opt(help="deepseek-v3, deepseek-r1, kimi-k2, qwen3-235b, or a checkpoint dir")],
+    gpu: Annotated[str, Opt(help="h800, h100, h200 or b200")],
+    request_rate: Annotated[
+        float | None, Opt(help="requests/s to serve (default: each layout at its full load)", min=0.0001)
+    ] = None,
+    input_len: Annotated[float, Opt(help="prompt tokens per request", min=1)] = 4384,
+    output_len: Annotated[float, Opt(help="output tokens per request", min=1)] = 1211,
+    cache_hit: Annotated[
+        float, Opt(help="share of prompt tokens found in the prefix cache", min=0, max=0.99)
+    ] = 0.0,
+    ttft_ms: Annotated[float, Opt(help="time-to-first-token target", min=1)] = 5000,
+    itl_ms: Annotated[float, Opt(help="inter-token latency target", min=1)] = 100,
+    prefill_ep: Annotated[int | None, Opt(help="evaluate this prefill EP width only", min=1)] = None,
+    decode_ep: Annotated[int | None, Opt(help="evaluate this decode EP width only", min=1)] = None,
+    length_cv: Annotated[float, Opt(help="coefficient of variation of request lengths", min=0)] = 1.0,
+    balancedness: Annotated[
+        float, Opt(help="EPLB balancedness (mean / max rank load)", min=0.1, max=1)
+    ] = 0.85,
+    usd_per_gpu_hour: Annotated[float, Opt(help="price of one GPU-hour", min=0)] = 2.0,
+    output: Annotated[str, Opt(help="table or json")] = "table",
+    plot: Annotated[
+        Path | None, Opt(help="write cost per million output tokens against request rate (.svg)")
+    ] = None,
+) -> None:
+    from orchestrator.planner.plan import DECODE_WIDTHS, PREFILL_WIDTHS, Infeasible, Traffic, plan
+    from orchestrator.planner.specs import SpecError, gpu_spec, model_spec
+
+    if output not in ("table", "json"):
+        _fail(f"--output must be table or json, not {output!r}")
+    if plot is not None and plot.suffix.lower() != ".svg":
+        _fail(f"--plot writes SVG: give a file ending in .svg, not {plot.name!r}")
+    traffic = Traffic(request_rate, input_len, output_len, cache_hit, length_cv, ttft_ms, itl_ms,
+                      balancedness, usd_per_gpu_hour)  # fmt: skip
+    prefill_eps = (prefill_ep,) if prefill_ep else PREFILL_WIDTHS
+    decode_eps = (decode_ep,) if decode_ep else DECODE_WIDTHS
+    try:
+        spec, hardware = model_spec(model), gpu_spec(gpu)
+        result = plan(spec, hardware, traffic, prefill_eps, decode_eps)
+    except (SpecError, Infeasible) as e:
+        _fail(str(e))
+    if plot is not None:
+        from orchestrator.planner.plot import cost_curves
+
+        plot.write_text(cost_curves(spec, hardware, traffic, prefill_eps, decode_eps))
+    if output == "json":
+        body = {**result, "layouts": [x.as_json() for x in result["layouts"]]}
+        body["recommendation"] = result["recommendation"].as_json()
+        print(json.dumps(body, indent=2))
+        return
+    _table(result, spec.name, hardware.name, traffic)
+    if plot is not None:
+        print(f"wrote {plot}")
+
+
+def _table(result: dict, model: str, gpu: str, traffic) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rate = f"{traffic.request_rate:g} requests/s" if traffic.request_rate else "full load"
+    table = Table(title=f"{model} on {gpu}, {rate}")
+    for col in ("prefill EP", "decode EP", "groups P/D", "GPUs", "input tok/s/node", "output tok/s/node",
+                "TTFT ms", "ITL ms", "$/M output"):  # fmt: skip
+        table.add_column(col, justify="right")
+    best = result["recommendation"]
+    for x in sorted(result["layouts"], key=lambda x: (x.prefill_ep, x.decode_ep)):
+        mark = " *" if x is best else ""
+        table.add_row(
+            str(x.prefill_ep), str(x.decode_ep), f"{x.prefill_groups}/{x.decode_groups}", str(x.gpus),
+            f"{x.input_tokens_per_s_per_node:,.0f}", f"{x.output_tokens_per_s_per_node:,.0f}",
+            f"{x.ttft_ms:,.0f}", f"{x.itl_ms:,.0f}", f"{x.usd_per_million_output_tokens:.3f}{mark}",
+        )  # fmt: skip
+    console = Console(width=130)
+    console.print(table)
+    console.print(
+        f"recommended: prefill EP{best.prefill_ep} x{best.prefill_groups}, "
+        f"decode EP{best.decode_ep} x{best.decode_groups} ({best.gpus} GPUs): {result['why']}"
+    )
+    console.print("  " + "; ".join(best.notes))
+    cross = result["crossover_request_rate"]
+    if cross is not None:
+        console.print(f"wider layouts become the cheapest above {cross:.3g} requests/s")
+    elif len(result["layouts"]) > 1:
+        console.print("the narrowest cheap layout stays the cheapest at every rate up to 100,000 requests/s")
+    for line in result["skipped"]:
+        console.print(f"[dim]skipped: {line}[/dim]")
+
+
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(2)
