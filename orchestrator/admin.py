@@ -4,6 +4,7 @@
     GET  /admin/instances                   every instance: state, EP width, load per DP rank
     POST /admin/pools/{role}/scale          {"count": N}: scale the role (drains before removing)
     POST /admin/instances/{id}/drain        {"deadline_s": S}: stop sending it work, let it finish
+    GET  /admin/autoscaler                  its signals, last evaluation per role and decisions
 
 Guarded (`check_admin`, run by `guard.Guard` before the routes) by its own bearer token
 (`--admin-token` / MOESERVE_ADMIN_TOKEN), never by an API key.
@@ -22,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 
+from orchestrator.autoscaler import Autoscaler
 from orchestrator.errors import ApiError
 from orchestrator.membership import Membership, ScaleError
 from orchestrator.registry import DRAIN_DEADLINE_S, ROLES, Registry, State
@@ -85,7 +87,13 @@ def pools(registry: Registry, membership: Membership) -> dict[str, Any]:
     return out
 
 
-def add_admin_routes(app: FastAPI, registry: Registry, membership: Membership) -> None:
+def add_admin_routes(
+    app: FastAPI, registry: Registry, membership: Membership, autoscaler: Autoscaler | None = None
+) -> None:
+    @app.get("/admin/autoscaler")
+    async def get_autoscaler() -> dict[str, Any]:
+        return autoscaler.describe() if autoscaler is not None else {"enabled": False}
+
     @app.get("/admin/pools")
     async def get_pools() -> dict[str, Any]:
         return pools(registry, membership)

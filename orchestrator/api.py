@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from orchestrator import metrics
 from orchestrator.admin import add_admin_routes, check_admin
 from orchestrator.admission import Admission
+from orchestrator.autoscaler import Autoscaler
 from orchestrator.config import ApiConfig
 from orchestrator.envelopes import Envelope
 from orchestrator.errors import ApiError
@@ -39,11 +40,16 @@ SETTLE_S = 0.5
 
 
 def create_app(
-    config: ApiConfig, pool: Registry, membership: Membership, policy: PrefillPolicy | None = None
+    config: ApiConfig,
+    pool: Registry,
+    membership: Membership,
+    policy: PrefillPolicy | None = None,
+    autoscaler: Autoscaler | None = None,
 ) -> FastAPI:
     """The app; `app.state.admission.close()` starts an orderly stop (serve calls it on SIGINT/SIGTERM).
 
-    `policy` picks prefill instances (default: least load)."""
+    `policy` picks prefill instances (default: least load); `autoscaler` (off without one) sets
+    the pools' sizes."""
     tokenizer = Tokenizer(config.model_dir)
     router = Router(pool, policy=policy)
     feed = KvEventFeed(pool, router.policy)
@@ -57,7 +63,11 @@ def create_app(
         await membership.start()
         await pool.start()
         await feed.start()
+        if autoscaler is not None:
+            await autoscaler.start()
         yield
+        if autoscaler is not None:
+            await autoscaler.stop()
         admission.close()
         await settle(SETTLE_S)
         await feed.stop()
@@ -66,7 +76,7 @@ def create_app(
 
     app = FastAPI(title="moeserve", lifespan=lifespan)
     app.state.router, app.state.admission, app.state.membership = router, admission, membership
-    add_admin_routes(app, pool, membership)
+    add_admin_routes(app, pool, membership, autoscaler)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

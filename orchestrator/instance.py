@@ -77,6 +77,8 @@ class Instance:
     loads: list[RankLoad] = field(default_factory=list)
     ep_size: int = 0
     """Ranks of the instance's EP group, from GetServerInfo (0 until known)."""
+    slots: int = 0
+    """Requests it runs at once (max_running_requests x DP ranks, from GetServerInfo; 0 until known)."""
     info: pb.GetModelInfoResponse | None = None
     reason: str = ""
     """Why the instance is failed or gone."""
@@ -155,7 +157,9 @@ class Instance:
                 if self.info is None:
                     self.info = await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S)
                     server = await self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=RPC_TIMEOUT_S)
-                    self.ep_size = _ep_size(server) or len(self.loads)
+                    self.ep_size = _server_int(server, "ep_size", "dp_size") or len(self.loads)
+                    per_rank = _server_int(server, "max_running_requests")
+                    self.slots = per_rank * max(1, _server_int(server, "dp_size") or len(self.loads))
         except grpc.aio.AioRpcError as e:
             self._unhealthy(
                 f"{e.code().name}: {e.details()}", refused=e.code() == grpc.StatusCode.UNAVAILABLE
@@ -216,6 +220,7 @@ class Instance:
             "state": self.state.value,
             "reason": self.reason,
             "ep_size": self.ep_size,
+            "slots": self.slots,
             "inflight": self.inflight,
             "served": self.served,
             "pid": self.pid,
@@ -230,10 +235,13 @@ class Instance:
         }
 
 
-def _ep_size(server: pb.GetServerInfoResponse) -> int:
+def _server_int(server: pb.GetServerInfoResponse, *keys: str) -> int:
+    """The first of `keys` in the server's arguments that holds a whole number (0: none does)."""
     args = dict(server.server_args.items()) if server.HasField("server_args") else {}
-    for key in ("ep_size", "dp_size"):
+    for key in keys:
         value = args.get(key)
-        if value is not None and str(value).isdigit():
+        if isinstance(value, int | float) and not isinstance(value, bool) and value == int(value):
+            return int(value)
+        if isinstance(value, str) and value.isdigit():
             return int(value)
     return 0

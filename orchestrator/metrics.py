@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from orchestrator.autoscaler import SIGNALS
 from orchestrator.breaker import BreakerState
 from orchestrator.registry import Registry, State
 from services.logs import requests
@@ -68,6 +69,7 @@ async def timed(
     outcome = "error"
     event = None
     ttft, itl, e2e = _series(model)
+    SIGNALS.arrival()
     try:
         async for event in events:
             now = time.monotonic()
@@ -75,9 +77,12 @@ async def timed(
                 if last is None:
                     first = now - start
                     ttft.observe(first)
+                    SIGNALS.first_token(first)
                 else:
-                    for _ in event.token_ids:  # tokens that arrive together share the interval
-                        itl.observe((now - last) / len(event.token_ids))
+                    gap = (now - last) / len(event.token_ids)  # tokens that arrive together share it
+                    for _ in event.token_ids:
+                        itl.observe(gap)
+                    SIGNALS.inter_token(gap)
                 last = now
             if event.finish_reason is not None:
                 outcome = "success"

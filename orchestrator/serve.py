@@ -16,6 +16,7 @@ import typer
 import uvicorn
 
 from orchestrator.api import create_app
+from orchestrator.autoscaler import Autoscaler, AutoscalerConfig
 from orchestrator.config import ApiConfig, env_keys, read_keys
 from orchestrator.membership import create as create_membership
 from orchestrator.policies import DEFAULT as DEFAULT_POLICY
@@ -137,6 +138,14 @@ def serve(
             help="KEY=VALUE parameter of the prefill policy (repeatable; see orchestrator/policies)"
         ),
     ] = None,
+    autoscale: Annotated[
+        str,
+        typer.Option(
+            help="set the pools' sizes from live load: 'on', or KEY=VALUE,... (min, max, utilization, "
+            "down-utilization, down-delay, cold-start, interval, window, ttft-ms, itl-ms; model, gpu, "
+            "decode-ep to size decode groups by the cost model); off by default"
+        ),
+    ] = "",
     log_level: LogLevelOption = LogLevel.info,
     log_format: LogFormatOption = LogFormat.text,
     log_requests: LogRequestsOption = False,
@@ -230,7 +239,12 @@ def run(a: argparse.Namespace) -> int:
         if any(not sep for _, sep, _ in pairs):
             raise ValueError("--policy-option takes KEY=VALUE")
         policy = create_policy(a.prefill_policy, {k: v for k, _, v in pairs})
-        app = create_app(config, registry, membership, policy)
+        autoscaler = None
+        if a.autoscale:
+            scaling = AutoscalerConfig.parse(a.autoscale)
+            membership.check_scale("decode", max(1, scaling.min))  # a backend that cannot scale says so now
+            autoscaler = Autoscaler(scaling, registry, membership)
+        app = create_app(config, registry, membership, policy, autoscaler)
     except (TokenizerError, ValueError) as e:
         print(f"moeserve serve: {e}", file=sys.stderr)
         return 2

@@ -85,7 +85,7 @@ def evaluate(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_ep: int, 
             raise Infeasible(f"{model.name} does not fit on {gpu.name} at {role} EP{g.ep}: "
                              f"{g.weight_bytes() / GB:.0f} GB of weights per GPU")  # fmt: skip
     context_decode = t.input_len + t.output_len / 2  # KV per output token (what DeepSeek reports)
-    batch, step = _decode_batch(dec, t, context_decode)
+    batch, step = decode_batch(dec, t, context_decode)
     decode_capacity = decode_ep * batch / step  # output tokens/s per group
     new = t.input_len * (1 - t.cache_hit)
     # a new token attends its request's cached prefix and half its new part; over requests of
@@ -119,7 +119,7 @@ def evaluate(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_ep: int, 
     )  # fmt: skip
 
 
-def _decode_batch(group: Group, t: Traffic, context: float) -> tuple[int, float]:
+def decode_batch(group: Group, t: Traffic, context: float) -> tuple[int, float]:
     """(requests per rank, step seconds): the most that fit in HBM and the ITL target."""
     limit = group.decode_batch_limit(t.input_len + t.output_len, BATCH_CAP)
     if limit < 1:
