@@ -170,6 +170,9 @@ def up(
         list[str] | None,
         typer.Option(help="an argument for every worker, e.g. --worker-arg=--no-prefix-cache"),
     ] = None,
+    autoscale: Annotated[
+        str, typer.Option(help="size the pools from live load: 'on' or KEY=VALUE,... (see moeserve serve)")
+    ] = "",
     log_level: LogLevelOption = LogLevel.info,
     log_format: LogFormatOption = LogFormat.text,
     log_requests: LogRequestsOption = False,
@@ -198,6 +201,7 @@ def run(a: argparse.Namespace) -> int:
         serve += ["--decode-instances", str(a.decode), "--prefill-ep", str(a.prefill_ep)]
         serve += ["--decode-ep", str(a.decode_ep), "--prefill-policy", a.prefill_policy]
         serve += [f"--worker-arg={arg}" for arg in a.worker_arg or ()]
+        serve += ["--autoscale", a.autoscale] if a.autoscale else []
         # Secrets go to the orchestrator through its environment: a command line shows in `ps`.
         keys = [*a.api_key, *read_keys(a.api_key_file), *env_keys()]
         secrets = {"MOESERVE_API_KEYS": ",".join(keys), "MOESERVE_ADMIN_TOKEN": a.admin_token}

@@ -219,3 +219,16 @@ def test_the_pod_monitor_scrapes_the_leaders_metrics_port():
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     off = pools(render(sets=("decode.metricsPort=0",)))["decode"]
     assert not any(a.startswith("--metrics-port") for a in args_of(off))
+
+
+def test_the_autoscaler_is_off_unless_set_and_its_setting_reaches_serve():
+    def orchestrator_args(objs) -> list[str]:
+        (deploy,) = [o for o in objs if o["kind"] == "Deployment"]
+        return deploy["spec"]["template"]["spec"]["containers"][0]["command"]
+
+    assert not any(a.startswith("--autoscale") for a in orchestrator_args(render()))
+    spec = "min=1,max=4,cold-start=1200,model=deepseek-v3,gpu=h800,decode-ep=144"
+    args = orchestrator_args(render(sets=(f"orchestrator.autoscale={spec.replace(',', chr(92) + ',')}",)))
+    assert f"--autoscale={spec}" in args
+    r = run_helm("template", "ms", str(CHART), "--set", "orchestrator.autoscale=max")
+    assert r.returncode != 0 and "autoscale" in r.stderr
