@@ -1,6 +1,7 @@
 # moeserve: two commands do all set-up on a fresh machine.
 #   make run   - set up, then run the main job: the embedded cluster (`moeserve up`) on 127.0.0.1:8000
 #   make test  - set up, then lint, check layer boundaries and run the whole test suite
+#   make bench - run every benchmark and rewrite its results in docs/benchmarks.md (ARGS="--only NAME")
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -46,12 +47,7 @@ test: lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 bench: setup
-	OMP_NUM_THREADS=1 $(BIN)/python bench/engine.py
-	OMP_NUM_THREADS=1 $(BIN)/python bench/handoff.py
-	OMP_NUM_THREADS=1 $(BIN)/python bench/dispatch.py
-	OMP_NUM_THREADS=1 $(BIN)/python bench/instance.py --rounds 1
-	OMP_NUM_THREADS=1 $(BIN)/python bench/load.py
-	OMP_NUM_THREADS=1 $(BIN)/python bench/pools.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/all.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,119 @@
+"""`make bench`: run every benchmark of the project and rewrite its results in docs/benchmarks.md.
+
+    .venv/bin/python bench/all.py [--only NAME ...] [--doc docs/benchmarks.md] [--list]
+
+Each benchmark's results sit in the document between `<!-- bench:NAME -->` and
+`<!-- /bench:NAME -->`; a run replaces exactly that block with a line naming the machine, the
+date and the baseline of the benchmark's ratios, then the script's output (a markdown table as it
+is, what follows it fenced). The prose around a block is left alone: it reads the figures of the
+run that wrote it. A benchmark that fails gets a block saying so (its exit status and last error
+line) and the runner exits non-zero after the rest have run. Benchmarks run one after another
+(one torch thread each: this machine's cores are shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHES = {  # name: (arguments after the script, baseline of its ratios)
+    "engine": ([], "transformers' generate on the same tiny model, same process"),
+    "handoff": ([], "one raw Mooncake write of the same bytes between two bare engines; monolithic TTFT"),
+    "dispatch": ([], "a bare all_to_all_single of the same rows; EP1 decode"),
+    "instance": (["--rounds", "1"], "none without --baseline (absolute figures)"),
+    "load": ([], "safetensors' get_tensor of the same checkpoint"),
+    "pools": ([], "the same pools at a steady size"),
+    "router": ([], "the workers' gRPC without a router; SMG in PD mode"),
+    "prefix": ([], "the same cluster with the prefix cache off"),
+    "eplb": ([], "DeepSeek EPLB's algorithm (rebuilt), and an upper bound"),
+    "planner": ([], "the published figures (DeepSeek's day-6 overview, LMSYS's 96xH100 blog)"),
+}
+BLOCK = re.compile(r"<!-- bench:(?P<name>[a-z_]+)[^>]*-->\n.*?<!-- /bench:(?P=name) -->\n", re.S)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    torch = importlib.metadata.version("torch")
+    python = platform.python_version()
+    return f"{os.cpu_count()}-core {platform.machine()} ({cpu}), Python {python}, torch {torch}"
+
+
+def block(name: str, output: str, baseline: str, when: str, where: str, status: int, seconds: float) -> str:
+    head = f"<!-- bench:{name} (rewritten by `make bench`) -->\n"
+    if status:
+        last = (output.strip().splitlines() or ["(no output)"])[-1]
+        body = f"**Not run to the end** on {when} (exit {status} after {seconds:.0f} s): `{last}`\n"
+    else:
+        lines = output.strip().splitlines()
+        n = next((i for i, x in enumerate(lines) if not x.startswith("|")), len(lines))  # a leading table
+        rest = "\n".join(lines[n:]).strip()
+        shown = "\n".join(lines[:n]) + ("\n\n" if n and rest else "") + (f"```\n{rest}\n```" if rest else "")
+        body = f"`make bench`, {when}, {where}, {seconds:.0f} s. Baseline of the ratios: {baseline}.\n"
+        body += f"\n{shown}\n"
+    return f"{head}{body}<!-- /bench:{name} -->\n"
+
+
+def rewrite(doc: str, blocks: dict[str, str]) -> str:
+    """`doc` with each named block replaced; a block the document lacks is appended."""
+    done = set()
+
+    def swap(m: re.Match) -> str:
+        name = m.group("name")
+        if name in blocks:
+            done.add(name)
+            return blocks[name]
+        return m.group(0)
+
+    out = BLOCK.sub(swap, doc)
+    for name in blocks.keys() - done:
+        out += f"\n## `bench/{name}.py`\n\n{blocks[name]}"
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=sorted(BENCHES), help="run these benchmarks only")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    ap.add_argument("--list", action="store_true", help="list the benchmarks and their baselines")
+    a = ap.parse_args()
+    if a.list:
+        for name, (args, baseline) in BENCHES.items():
+            print(f"{name:10} bench/{name}.py {' '.join(args)}  (baseline: {baseline})")
+        return 0
+    when, where = dt.date.today().isoformat(), machine()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    blocks, failed = {}, []
+    for name in a.only or BENCHES:
+        args, baseline = BENCHES[name]
+        print(f"== bench/{name}.py {' '.join(args)}", flush=True)
+        start = time.monotonic()
+        run = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), *args], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        seconds = time.monotonic() - start
+        print(run.stdout, end="", flush=True)
+        blocks[name] = block(name, run.stdout, baseline, when, where, run.returncode, seconds)
+        if run.returncode:
+            failed.append(name)
+        a.doc.write_text(rewrite(a.doc.read_text(), {name: blocks[name]}))  # each result lands at once
+    print(f"rewrote {len(blocks)} block(s) of {a.doc}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
