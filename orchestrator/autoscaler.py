@@ -128,6 +128,8 @@ class Autoscaler:
         self._raised_at: dict[Role, float] = {}
         self._planned = _planned_capacity(config)
         self._task: asyncio.Task | None = None
+        self._scaling: dict[Role, asyncio.Task] = {}
+        """A scale the backend is still carrying out (a scale-down drains first), per role."""
 
     async def start(self) -> None:
         membership = self.membership
@@ -135,10 +137,11 @@ class Autoscaler:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._scaling.values()]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ScaleError):
+                    await task
 
     async def _run(self) -> None:
         while True:
@@ -181,7 +184,10 @@ class Autoscaler:
         if pressure:
             why += "; " + ", ".join(pressure)
         to = current
-        if want > current:
+        under_way = self._scaling.get(role)
+        if under_way is not None and not under_way.done():
+            why += "; the last scale is still under way"
+        elif want > current:
             raised = self._raised_at.get(role)
             if starting and raised is not None and now - raised < cfg.cold_start:
                 why += (
@@ -220,7 +226,9 @@ class Autoscaler:
         decision = {"at": time.time(), "role": role, "from": current, "to": to, "reason": why}
         self.decisions.append(decision)
         log.info("autoscaler: %s %d -> %d: %s", role, current, to, why)
-        await self.membership.scale(role, to)
+        task = asyncio.create_task(self.membership.scale(role, to))  # a drain may take a while
+        task.add_done_callback(_report_failure)
+        self._scaling[role] = task
 
     def describe(self) -> dict[str, Any]:
         rate, trend = self.signals.rates(self.config.window)
@@ -238,6 +246,11 @@ class Autoscaler:
             "roles": self.evaluations,
             "decisions": list(self.decisions),
         }
+
+
+def _report_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("autoscaler: the backend could not scale: %s", task.exception())
 
 
 def _reported_capacity(instances) -> int:

@@ -3,11 +3,18 @@ admin API calls those tests make."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
+
+from orchestrator.up import wait_http
+from services.process import free_port
+from tests.cluster import LocalCluster
 
 PROMPTS = [f"resize under load {i}" for i in range(4)]
 MAX_TOKENS = 12
@@ -65,3 +72,19 @@ class Clients:
 
 def live(url: str, role: str) -> list[dict]:
     return [i for i in admin(url, "GET", "/instances")["data"] if i["role"] == role]
+
+
+@contextlib.contextmanager
+def local_orchestrator(model_dir: Path, *extra: str) -> Iterator[tuple[LocalCluster, str]]:
+    """(cluster, URL) of a ready `moeserve serve --membership local` (its instances are its
+    children) with `extra` arguments; stopped on exit."""
+    c = LocalCluster()
+    port = free_port()
+    args = ["-m", "orchestrator.serve", "--model", str(model_dir), "--port", str(port)]
+    c.procs["orchestrator"] = c.cluster.spawn("orchestrator", [*args, "--membership", "local", *extra])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(c.cluster, f"{url}/ready", 180)
+        yield c, url
+    finally:
+        c.stop()

@@ -10,10 +10,8 @@ import time
 
 import pytest
 
-from orchestrator.up import wait_http
 from services.process import free_port
-from tests.cluster import LocalCluster
-from tests.load import Clients, admin, live, wait_for
+from tests.load import Clients, admin, live, local_orchestrator, wait_for
 
 SCALING = "interval=0.5,window=4,min=1,max=2,utilization=0.7,down-utilization=0.4,down-delay=4,cold-start=120"
 
@@ -21,17 +19,8 @@ SCALING = "interval=0.5,window=4,min=1,max=2,utilization=0.7,down-utilization=0.
 @pytest.fixture(scope="module")
 def autoscaled(ds_dir):
     """Pools of one prefill and one decode instance, two requests at once per instance."""
-    c = LocalCluster()
-    port = free_port()
-    args = ["-m", "orchestrator.serve", "--model", str(ds_dir), "--port", str(port), "--membership", "local",
-            "--worker-arg=--max-num-seqs=2", "--autoscale", SCALING]  # fmt: skip
-    c.procs["orchestrator"] = c.cluster.spawn("orchestrator", args)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(c.cluster, f"{url}/ready", 180)
+    with local_orchestrator(ds_dir, "--worker-arg=--max-num-seqs=2", "--autoscale", SCALING) as (c, url):
         yield c, url
-    finally:
-        c.stop()
 
 
 def decisions(url: str, role: str | None = None) -> list[dict]:

@@ -13,25 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchestrator.up import wait_http
-from services.process import free_port
-from tests.cluster import LocalCluster
-from tests.load import MAX_TOKENS, PROMPTS, Clients, admin, live, wait_for
+from tests.load import MAX_TOKENS, PROMPTS, Clients, admin, live, local_orchestrator, wait_for
 from tests.oracle import encode, greedy
 
 
 @pytest.fixture(scope="module")
 def local_pools(ds_dir):
-    c = LocalCluster()
-    port = free_port()
-    args = ["-m", "orchestrator.serve", "--model", str(ds_dir), "--port", str(port), "--membership", "local"]
-    c.procs["orchestrator"] = c.cluster.spawn("orchestrator", args)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(c.cluster, f"{url}/ready", 180)
+    with local_orchestrator(ds_dir) as (c, url):
         yield c, url
-    finally:
-        c.stop()
 
 
 def resize(url: str, role: str, count: int) -> None:
@@ -73,20 +62,11 @@ def test_pools_resize_under_load_without_losing_a_request(local_pools, ds_dir):
 @pytest.fixture(scope="module")
 def ep2_decodes(ds_dir):
     """One prefill instance and two EP2 decode instances on the local backend."""
-    c = LocalCluster()
-    port = free_port()
-    args = ["-m", "orchestrator.serve", "--model", str(ds_dir), "--port", str(port), "--membership", "local"]
-    args += ["--decode-instances", "2", "--decode-ep", "2"]
-    c.procs["orchestrator"] = c.cluster.spawn("orchestrator", args)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(c.cluster, f"{url}/ready", 180)
+    with local_orchestrator(ds_dir, "--decode-instances", "2", "--decode-ep", "2") as (c, url):
         wait_for(
             lambda: len([i for i in live(url, "decode") if i["state"] == "ready"]) == 2, 120, "two decodes"
         )
         yield c, url
-    finally:
-        c.stop()
 
 
 def victim_balance(url: str, inst_id: str) -> float | None:
