@@ -6,7 +6,8 @@ slots. A step's time is the sum of its parts, each the larger of its compute tim
 the GPU's dense peak at an efficiency) and its memory time (bytes against HBM bandwidth at an
 efficiency), plus the dispatch/combine all-to-all of every MoE layer (FP8 dispatch, BF16
 combine; bytes over the NIC for peers on other nodes and over NVLink within the node), which two
-micro-batches hide behind computation up to `overlap`. Expert load imbalance (EPLB's
+micro-batches hide behind computation up to `overlap`; with node-limited routing a token's copies
+reach at most `group_limit` nodes. Expert load imbalance (EPLB's
 balancedness: mean ÷ max rank load) slows the routed-expert GEMMs and the all-to-all, whose
 slowest rank sets the pace.
 
@@ -97,6 +98,8 @@ class Group:
         remote_share = (nodes - 1) / nodes
         if dedup_nodes:
             distinct = nodes * (1 - (1 - 1 / nodes) ** k)  # expected nodes a token's copies reach
+            if m.group_limit:  # node-limited routing: at most that many nodes
+                distinct = min(distinct, m.group_limit)
             rdma = distinct * remote_share * per_copy
         else:
             rdma = k * remote_share * per_copy

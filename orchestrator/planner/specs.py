@@ -29,6 +29,9 @@ class ModelSpec:
     moe_intermediate: int
     dense_intermediate: int
     expert_groups: int = 1
+    group_limit: int = 0
+    """Groups (DeepSeek places one per node: node-limited routing) a token's experts may come
+    from; 0: no limit."""
     # MLA (DeepSeek-V3, Kimi K2); kv_lora_rank 0 means grouped-query attention
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
@@ -123,7 +126,7 @@ MODELS: dict[str, ModelSpec] = {
     "deepseek-v3": ModelSpec(
         "DeepSeek-V3", layers=61, dense_layers=3, hidden=7168, vocab=129280, heads=128, experts=256,
         top_k=8, shared_experts=1, moe_intermediate=2048, dense_intermediate=18432, expert_groups=8,
-        q_lora_rank=1536, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128,
+        group_limit=4, q_lora_rank=1536, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128,
     ),
     # huggingface.co/moonshotai/Kimi-K2-Instruct/blob/main/config.json
     "kimi-k2": ModelSpec(
@@ -196,6 +199,7 @@ def from_config(raw: dict[str, Any], name: str) -> ModelSpec:
             **common, dense_layers=int(get("first_k_dense_replace", default=0)),
             shared_experts=int(get("n_shared_experts", default=0)),
             expert_groups=int(get("n_group", default=1)),
+            group_limit=int(get("topk_group", default=0)) if int(get("n_group", default=1)) > 1 else 0,
             q_lora_rank=int(get("q_lora_rank", default=0)), kv_lora_rank=int(get("kv_lora_rank")),
             qk_nope_dim=int(get("qk_nope_head_dim")), qk_rope_dim=int(get("qk_rope_head_dim")),
             v_head_dim=int(get("v_head_dim")),

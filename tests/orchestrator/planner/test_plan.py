@@ -110,7 +110,7 @@ def test_specs_load_from_config_json(tmp_path):
           "n_routed_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 2048,
           "intermediate_size": 18432, "first_k_dense_replace": 3, "n_shared_experts": 1, "n_group": 8,
           "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-          "v_head_dim": 128}  # fmt: skip
+          "v_head_dim": 128, "topk_group": 4}  # fmt: skip
     spec = from_config(ds, "DeepSeek-V3")
     assert spec == MODELS["deepseek-v3"]
     (tmp_path / "config.json").write_text(json.dumps(ds))
