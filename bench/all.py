@@ -7,8 +7,9 @@ Each benchmark's results sit in the document between `<!-- bench:NAME -->` and
 date and the baseline of the benchmark's ratios, then the script's output (a markdown table as it
 is, what follows it fenced). The prose around a block is left alone: it reads the figures of the
 run that wrote it. A benchmark that fails gets a block saying so (its exit status and last error
-line) and the runner exits non-zero after the rest have run. Benchmarks run one after another
-(one torch thread each: this machine's cores are shared).
+line) and the runner exits non-zero after the rest have run. Only what a benchmark itself prints
+is its result: its child processes' output (workers, gateways) goes to stderr. Benchmarks run
+one after another (one torch thread each: this machine's cores are shared).
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ BENCHES = {  # name: (arguments after the script, baseline of its ratios)
     "eplb": ([], "DeepSeek EPLB's algorithm (rebuilt), and an upper bound"),
     "planner": ([], "the published figures (DeepSeek's day-6 overview, LMSYS's 96xH100 blog)"),
 }
+RESULTS_ONLY = """
+import os, runpy, sys
+results = os.dup(1)  # the benchmark's own prints are its results;
+os.dup2(2, 1)  # what its child processes write to their stdout goes to stderr
+sys.stdout = os.fdopen(results, "w", buffering=1)
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 BLOCK = re.compile(r"<!-- bench:(?P<name>[a-z_]+)[^>]*-->\n.*?<!-- /bench:(?P=name) -->\n", re.S)
 
 
@@ -103,11 +113,12 @@ def main() -> int:
         args, baseline = BENCHES[name]
         print(f"== bench/{name}.py {' '.join(args)}", flush=True)
         start = time.monotonic()
-        run = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), *args], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        script = [sys.executable, "-c", RESULTS_ONLY, str(ROOT / "bench" / f"{name}.py"), *args]
+        run = subprocess.run(script, cwd=ROOT, env=env, capture_output=True, text=True)
         seconds = time.monotonic() - start
         print(run.stdout, end="", flush=True)
-        blocks[name] = block(name, run.stdout, baseline, when, where, run.returncode, seconds)
+        output = run.stdout if not run.returncode else run.stdout + run.stderr
+        blocks[name] = block(name, output, baseline, when, where, run.returncode, seconds)
         if run.returncode:
             failed.append(name)
         a.doc.write_text(rewrite(a.doc.read_text(), {name: blocks[name]}))  # each result lands at once
