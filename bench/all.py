@@ -5,7 +5,7 @@
 Each benchmark's results sit in the document between `<!-- bench:NAME -->` and
 `<!-- /bench:NAME -->`; a run replaces exactly that block with a line naming the machine, the
 date and the baseline of the benchmark's ratios, then the script's output (a markdown table as it
-is, what follows it fenced). The prose around a block is left alone: it reads the figures of the
+is, every other run of lines fenced). The prose around a block is left alone: it reads the figures of the
 run that wrote it. A benchmark that fails gets a block saying so (its exit status and last error
 line) and the runner exits non-zero after the rest have run. Only what a benchmark itself prints
 is its result: its child processes' output (workers, gateways) goes to stderr. Benchmarks run
@@ -70,13 +70,27 @@ def block(name: str, output: str, baseline: str, when: str, where: str, status: 
         last = (output.strip().splitlines() or ["(no output)"])[-1]
         body = f"**Not run to the end** on {when} (exit {status} after {seconds:.0f} s): `{last}`\n"
     else:
-        lines = output.strip().splitlines()
-        n = next((i for i, x in enumerate(lines) if not x.startswith("|")), len(lines))  # a leading table
-        rest = "\n".join(lines[n:]).strip()
-        shown = "\n".join(lines[:n]) + ("\n\n" if n and rest else "") + (f"```\n{rest}\n```" if rest else "")
+        shown = _markdown(output)
         body = f"`make bench`, {when}, {where}, {seconds:.0f} s. Baseline of the ratios: {baseline}.\n"
         body += f"\n{shown}\n"
     return f"{head}{body}<!-- /bench:{name} -->\n"
+
+
+def _markdown(output: str) -> str:
+    """The output's markdown tables as they are, every other run of lines fenced."""
+    runs: list[tuple[bool, list[str]]] = []
+    for line in output.strip().splitlines():
+        table = line.startswith("|")
+        if runs and runs[-1][0] == table:
+            runs[-1][1].append(line)
+        else:
+            runs.append((table, [line]))
+    parts = []
+    for table, lines in runs:
+        text = "\n".join(lines).strip("\n")
+        if text.strip():
+            parts.append(text if table else f"```\n{text}\n```")
+    return "\n\n".join(parts)
 
 
 def rewrite(doc: str, blocks: dict[str, str]) -> str:
