@@ -21,7 +21,7 @@ rates a wide group is mostly idle) or, without a rate, at that full load.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from orchestrator.planner.cost import FITTED, GB, Efficiency, Group
 from orchestrator.planner.specs import GpuSpec, ModelSpec
@@ -237,6 +237,4 @@ def crossover_rate(model, gpu, traffic, prefill_eps, decode_eps, eff=FITTED) -> 
 
 
 def replace_rate(traffic: Traffic, rate: float | None) -> Traffic:
-    from dataclasses import replace
-
     return replace(traffic, request_rate=rate)

@@ -32,9 +32,9 @@ def locality(
     layers, experts = weight.shape
     slots_per_node, gpus_per_node = num_slots // num_nodes, num_gpus // num_nodes
     start = hierarchical(weight, num_slots, num_groups, num_nodes, num_nodes)  # nodes as GPUs
+    # each expert's home: the node the hierarchical policy put its group (and all its slots) on
     home = torch.empty(layers, experts, dtype=torch.long)
-    bare = hierarchical(weight, experts, num_groups, num_nodes, num_nodes)  # one slot per expert
-    home.scatter_(1, bare, (torch.arange(experts) // (experts // num_nodes)).expand(layers, -1))
+    home.scatter_(1, start, (torch.arange(num_slots) // slots_per_node).expand(layers, -1))
     _, count = replicate(weight, num_slots)
     rows = []
     for layer in range(layers):
