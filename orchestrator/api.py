@@ -17,11 +17,12 @@ from fastapi.responses import JSONResponse, Response
 from orchestrator import metrics
 from orchestrator.admin import add_admin_routes, check_admin
 from orchestrator.admission import Admission
+from orchestrator.attempt import settle
 from orchestrator.autoscaler import Autoscaler
 from orchestrator.config import ApiConfig
 from orchestrator.envelopes import Envelope
 from orchestrator.errors import ApiError
-from orchestrator.generate import generate, settle
+from orchestrator.generate import generate
 from orchestrator.guard import Guard, RequestIds
 from orchestrator.kv_feed import KvEventFeed
 from orchestrator.membership import Membership
@@ -51,7 +52,7 @@ def create_app(
     `policy` picks prefill instances (default: least load); `autoscaler` (off without one) sets
     the pools' sizes."""
     tokenizer = Tokenizer(config.model_dir)
-    router = Router(pool, policy=policy)
+    router = Router(pool, policy=policy, decode_first=config.dispatch == "auto")
     feed = KvEventFeed(pool, router.policy)
     admission = Admission(config.max_concurrency, config.max_queue, config.queue_timeout_s)
     buckets = None

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+DISPATCH = ("auto", "dual")
+
 
 @dataclass(frozen=True)
 class ApiConfig:
@@ -31,10 +33,15 @@ class ApiConfig:
     """Tokens per second each API key may use (prompt + generated); 0: no limit."""
     key_token_burst: float = 0.0
     """Most tokens a key may use at once (default: a minute's worth of its rate)."""
+    dispatch: str = "auto"
+    """How a request reaches its pair: auto (decode-first where both workers serve it, else SGLang's
+    dual dispatch; `services.decode_first`) or dual (always both workers, as SMG does)."""
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
             object.__setattr__(self, "served_model_name", Path(self.model_dir).name)
+        if self.dispatch not in DISPATCH:
+            raise ValueError(f"--dispatch is {self.dispatch!r}; it must be one of {', '.join(DISPATCH)}")
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency is {self.max_concurrency}; it must be at least 1")
 

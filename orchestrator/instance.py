@@ -19,6 +19,7 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
 from orchestrator.breaker import Breaker
+from services import decode_first
 from services.proto.moeserve.v1 import worker_control_pb2 as ctl
 from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
 
@@ -79,6 +80,8 @@ class Instance:
     """Ranks of the instance's EP group, from GetServerInfo (0 until known)."""
     slots: int = 0
     """Requests it runs at once (max_running_requests x DP ranks, from GetServerInfo; 0 until known)."""
+    decode_first: bool = False
+    """It serves decode-first dispatch (`services.decode_first`; GetServerInfo says so)."""
     info: pb.GetModelInfoResponse | None = None
     reason: str = ""
     """Why the instance is failed or gone."""
@@ -160,6 +163,7 @@ class Instance:
                     self.ep_size = _server_int(server, "ep_size", "dp_size") or len(self.loads)
                     per_rank = _server_int(server, "max_running_requests")
                     self.slots = per_rank * max(1, _server_int(server, "dp_size") or len(self.loads))
+                    self.decode_first = _server_args(server).get(decode_first.SERVER_ARG) is True
         except grpc.aio.AioRpcError as e:
             self._unhealthy(
                 f"{e.code().name}: {e.details()}", refused=e.code() == grpc.StatusCode.UNAVAILABLE
@@ -237,7 +241,7 @@ class Instance:
 
 def _server_int(server: pb.GetServerInfoResponse, *keys: str) -> int:
     """The first of `keys` in the server's arguments that holds a whole number (0: none does)."""
-    args = dict(server.server_args.items()) if server.HasField("server_args") else {}
+    args = _server_args(server)
     for key in keys:
         value = args.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and value == int(value):
@@ -245,3 +249,7 @@ def _server_int(server: pb.GetServerInfoResponse, *keys: str) -> int:
         if isinstance(value, str) and value.isdigit():
             return int(value)
     return 0
+
+
+def _server_args(server: pb.GetServerInfoResponse) -> dict:
+    return dict(server.server_args.items()) if server.HasField("server_args") else {}

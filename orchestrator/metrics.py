@@ -23,7 +23,7 @@ from orchestrator.registry import Registry, State
 from services.logs import requests
 
 if TYPE_CHECKING:
-    from orchestrator.generate import TokenEvent
+    from orchestrator.attempt import TokenEvent
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)

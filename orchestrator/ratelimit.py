@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from orchestrator.errors import ApiError
 
 if TYPE_CHECKING:
-    from orchestrator.generate import TokenEvent
+    from orchestrator.attempt import TokenEvent
 
 
 @dataclass

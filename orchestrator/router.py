@@ -34,6 +34,8 @@ class Lease:
     _router: Router = field(repr=False)
     prefill_rank: int | None = None
     """The prefill instance's DP rank to pin (None: its own choice)."""
+    decode_first: bool = False
+    """The request goes to decode alone, which forwards it to prefill (`services.decode_first`)."""
     released: bool = False
 
     def release(self) -> None:
@@ -49,8 +51,16 @@ class Lease:
 class Router:
     """Hands out leases on the registry's ready instances, least loaded first."""
 
-    def __init__(self, pool: Registry, seed: int | None = None, policy: PrefillPolicy | None = None):
+    def __init__(
+        self,
+        pool: Registry,
+        seed: int | None = None,
+        policy: PrefillPolicy | None = None,
+        decode_first: bool = True,
+    ):
         self.pool = pool
+        self.decode_first = decode_first
+        """Send requests decode-first to pairs whose workers both serve it (else dual dispatch)."""
         self.policy = policy or create("least_load")
         self._decode_picker = LeastLoaded()
         self._rng = random.Random(seed)
@@ -74,7 +84,8 @@ class Router:
             inst.served += 1
             inst.requests.add(request_id)
             inst.breaker.picked()
-        return Lease(prefill, decode, self._new_room(), request_id, self, prefill_rank=rank)
+        single = self.decode_first and prefill.decode_first and decode.decode_first
+        return Lease(prefill, decode, self._new_room(), request_id, self, rank, decode_first=single)
 
     def _ready(self, instances: list[Instance], role: str, avoid: frozenset[str]) -> list[Instance]:
         ready = [i for i in instances if i.state == State.READY and i.breaker.allows()]

@@ -138,6 +138,13 @@ def serve(
             help="KEY=VALUE parameter of the prefill policy (repeatable; see orchestrator/policies)"
         ),
     ] = None,
+    dispatch: Annotated[
+        str,
+        typer.Option(
+            help="auto: one stream per request, decode forwards it to prefill, where both workers serve "
+            "that (moeserve's do); dual: the request to both workers (SGLang's dispatch, as SMG does)"
+        ),
+    ] = "auto",
     autoscale: Annotated[
         str,
         typer.Option(
@@ -169,6 +176,7 @@ def config_from_args(a: argparse.Namespace) -> ApiConfig:
         key_token_rate=a.key_token_rate,
         key_token_burst=a.key_token_burst,
         admin_token=a.admin_token,
+        dispatch=a.dispatch,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from orchestrator.generate import TokenEvent
+from orchestrator.attempt import TokenEvent
 from orchestrator.logprobs import ShownLogprob, Speller
 from orchestrator.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
 

@@ -48,7 +48,13 @@ class LocalCluster:
         return address
 
     def orchestrator(
-        self, model, prefill: list[str], decode: list[str], *extra: str, output: Path | None = None
+        self,
+        model,
+        prefill: list[str],
+        decode: list[str],
+        *extra: str,
+        output: Path | None = None,
+        name: str = "orchestrator",
     ) -> str:
         port = free_port()
         args = [
@@ -64,7 +70,7 @@ class LocalCluster:
             *decode,
             *extra,
         ]
-        self.procs["orchestrator"] = self.cluster.spawn("orchestrator", args, output=output)
+        self.procs[name] = self.cluster.spawn(name, args, output=output)
         url = f"http://127.0.0.1:{port}"
         wait_http(self.cluster, f"{url}/ready", READY_TIMEOUT_S)
         return url

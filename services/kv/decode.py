@@ -2,7 +2,8 @@
 
 A disaggregated request enters the engine WAITING_FOR_KV with a `RemotePrefill` as its KV source.
 When the scheduler has reserved its pages (pool room, at most `max_num_seqs` in transfer), the
-source attaches them to the room on the prefill instance; the Attach answers once prefill has
+source attaches them to the room on the prefill instance (decode-first: with the request itself,
+which prefill then needs from no one else); the Attach answers once prefill has
 written the prompt's KV, with the first token, and the request joins the running batch when a
 seat is free. Failures end the request's stream with a `HandoffError`; pages are freed only
 once no write can land any more (prefill answered, or a Release returned).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
 from services.engine import SamplingParams
@@ -26,6 +28,15 @@ log = logging.getLogger(__name__)
 
 RELEASE_TRIES = 3
 """Releases tried before a room's pages are given up as stranded (never reused, counted)."""
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Decode-first: the request to hand prefill in the Attach, and the prefill DP rank to run it on."""
+
+    request: bytes
+    """The router's GenerateRequest, serialized (prefill reads it as if it had been sent there)."""
+    prefill_rank: int | None = None
 
 
 class AttachClient(Protocol):
@@ -47,9 +58,17 @@ class AttachClient(Protocol):
 class RemotePrefill:
     """The KV source of one disaggregated request (callbacks from the engine and the client)."""
 
-    def __init__(self, side: DecodeHandoff, request_id: str, room: int, prefill: str, prompt_len: int):
+    def __init__(
+        self,
+        side: DecodeHandoff,
+        request_id: str,
+        room: int,
+        prefill: str,
+        prompt_len: int,
+        forward: Forward | None = None,
+    ):
         self.side, self.request_id, self.room, self.prefill = side, request_id, room, prefill
-        self.prompt_len = prompt_len
+        self.prompt_len, self.forward = prompt_len, forward
         self.result: AttachResult | None = None
         self._cancel: Callable[[], None] | None = None
         self.cancelled = False
@@ -71,6 +90,8 @@ class RemotePrefill:
             layer_stride=side.region.layer_stride,
             page_ids=tuple(pages),
             num_prompt_tokens=self.prompt_len,
+            forwarded=self.forward.request if self.forward else b"",
+            prefill_rank=self.forward.prefill_rank if self.forward else None,
         )
         self._cancel = side.client.attach(self.prefill, spec, side.prefill_timeout_s, self._done)
 
@@ -106,9 +127,11 @@ class RemotePrefill:
         settled = any(side.client.release(self.prefill, self.room, reason) for _ in range(RELEASE_TRIES))
         if self.cancelled:
             err = HandoffError("ABORTED", f"request {self.request_id} aborted while waiting for KV")
-        else:
+        else:  # the Attach failed: prefill's failure (or the way to it), so says `peer`
             err = HandoffError(
-                err.code, f"KV hand-off from prefill {self.prefill} (room {self.room}) failed: {err.message}"
+                err.code,
+                f"KV hand-off from prefill {self.prefill} (room {self.room}) failed: {err.message}",
+                peer="prefill",
             )
 
         side.loop.call(side.fail, self.request_id, err, settled)
@@ -145,9 +168,11 @@ class DecodeHandoff:
         room: int,
         prefill: str,
         stream: RequestStream,
+        forward: Forward | None = None,
     ) -> RemotePrefill:
-        """Queue the request WAITING_FOR_KV (engine thread); its outputs go to `stream`."""
-        source = RemotePrefill(self, request_id, room, prefill, len(prompt))
+        """Queue the request WAITING_FOR_KV (engine thread); its outputs go to `stream`. With
+        `forward`, the Attach carries the request to prefill (decode-first)."""
+        source = RemotePrefill(self, request_id, room, prefill, len(prompt), forward)
         rid = self.loop.engine.add_remote_request(prompt, params, request_id, source)
         self.attaching[rid] = source
         self.loop.attach_stream(rid, stream)

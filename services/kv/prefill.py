@@ -1,14 +1,17 @@
 """Prefill side of the KV hand-off on one rank: rooms meet, the prompt runs, its KV goes out.
 
-For a room, prefill waits until both the Generate and the decode's Attach have arrived, then
-queues the prompt with a `RoomListener` on it. After every layer of every prompt chunk the
-listener queues a `Write` of that layer's new KV into the decode pages; the sender does the
-writes in order, then the `Finish` answers both calls with the first token and lets the engine
-free the prefill pages (prefill requests hold their pages until sent). A failed write, an abort
-or a release ends the room with an error; the error is answered only once writes have settled.
+For a room, prefill waits until both the Generate and the decode's Attach have arrived (or takes
+the request from the Attach, when decode forwarded it: decode-first), then queues the prompt
+with a `RoomListener` on it. After every layer of every prompt chunk the listener queues a
+`Write` of that layer's new KV into the decode pages; the sender does the writes in order, then
+the `Finish` answers the calls with the first token and lets the engine free the prefill pages
+(prefill requests hold their pages until sent). A failed write, an abort or a release ends the
+room with an error; the error is answered only once writes have settled.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from services.engine import RequestOutput, SamplingParams
 from services.engine.loop import EngineDead, EngineLoop
@@ -20,6 +23,15 @@ from services.kv.status import Caller, HandoffError
 
 SETTLE_S = 10.0
 """Longest a room's error or release waits for the writes queued before it."""
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """A request its decode forwarded in the Attach (decode-first): what a Generate would carry."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
 
 
 class RoomListener:
@@ -122,8 +134,9 @@ class PrefillHandoff:
         finally:
             self.rooms.leave(room)
 
-    def attach(self, spec: AttachSpec, caller: Caller) -> AttachResult:
-        """The decode's Attach: returns once the prompt KV is in `spec`'s pages."""
+    def attach(self, spec: AttachSpec, caller: Caller, forwarded: Forwarded | None = None) -> AttachResult:
+        """The decode's Attach: returns once the prompt KV is in `spec`'s pages. With `forwarded`
+        (decode-first) the request comes with it, and no Generate is waited for."""
         room = self.rooms.enter(spec.room)
         try:
             try:
@@ -132,11 +145,15 @@ class PrefillHandoff:
                 room.fail("FAILED_PRECONDITION", str(e))
                 raise HandoffError("FAILED_PRECONDITION", str(e)) from None
             with room.changed:
-                if room.attach is not None:
+                if room.attach is not None or (forwarded is not None and room.request_id is not None):
                     raise HandoffError("ALREADY_EXISTS", f"room {spec.room} already has a decode")
                 room.attach = spec
+                if forwarded is not None:
+                    room.request_id, room.prompt = forwarded.request_id, forwarded.prompt
                 room.changed.notify_all()
-            if not self._wait(room, lambda: room.prompt is not None, self.handoff_timeout_s, caller):
+            if forwarded is not None:
+                self._start(room, forwarded.params)
+            elif not self._wait(room, lambda: room.prompt is not None, self.handoff_timeout_s, caller):
                 room.fail(
                     "DEADLINE_EXCEEDED",
                     f"prefill received no Generate for room {spec.room} within {self.handoff_timeout_s:.0f}s",

@@ -31,6 +31,11 @@ class AttachSpec:
     page_ids: tuple[int, ...]
     """Destination pages, in prompt order."""
     num_prompt_tokens: int
+    forwarded: bytes = b""
+    """Decode-first: the router's GenerateRequest (SGLang's, serialized) for prefill to run as its
+    own; empty when prefill gets a Generate of its own (dual dispatch)."""
+    prefill_rank: int | None = None
+    """Decode-first: the prefill DP rank the router chose (None: prefill places it)."""
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,12 @@ from typing import Protocol
 class HandoffError(Exception):
     """A hand-off step failed: `code` (a canonical status name) and a message saying what to do."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, peer: str = ""):
         super().__init__(message)
         self.code, self.message = code, message
+        self.peer = peer
+        """The role whose failure this is when it is not the reporting side's own ("prefill" for a
+        decode whose Attach failed), so a router can tell which instance to avoid."""
 
 
 class Caller(Protocol):

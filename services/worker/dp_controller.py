@@ -25,9 +25,9 @@ from services.worker.channels import Link
 class CallFailed(Exception):
     """A call to a rank failed: canonical status name and message."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, peer: str = ""):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.peer = code, message, peer
 
 
 class RankCallHandle:
@@ -47,7 +47,7 @@ class RankCallHandle:
                 elif isinstance(event, msg.End):
                     return
                 else:
-                    raise CallFailed(event.code, event.message)
+                    raise CallFailed(event.code, event.message, event.peer)
         finally:
             self.done = True
             self.controller._forget(self.call_id)
@@ -64,7 +64,7 @@ class RankCallHandle:
         finally:
             self.controller._forget(self.call_id)
         if isinstance(event, msg.Failure):
-            raise CallFailed(event.code, event.message)
+            raise CallFailed(event.code, event.message, event.peer)
         if isinstance(event, msg.End):
             raise CallFailed("INTERNAL", f"DP rank {self.rank} answered nothing")
         return event.value

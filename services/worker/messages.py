@@ -28,6 +28,10 @@ class Generate(Command):
     """SGLang's GenerateRequest, serialized: replies are serialized GenerateResponses."""
 
     request: bytes = b""
+    forward: bool = False
+    """Decode-first (decode only): forward the request to prefill in the KV Attach."""
+    prefill_rank: int | None = None
+    """Decode-first: the prefill DP rank the router chose for it."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,8 @@ class Failure:
     call_id: int
     code: str
     message: str
+    peer: str = ""
+    """Whose failure it is, when another instance's (`HandoffError.peer`)."""
 
 
 Event = Reply | End | Failure

@@ -10,6 +10,7 @@ from services.proto.moeserve.v1 import kv_handoff_pb2_grpc as kvpb_grpc
 from services.worker import messages as msg
 from services.worker import proto_convert
 from services.worker.dp_controller import CallFailed, DPController
+from services.worker.faults import Refusals
 
 RELEASE_TIMEOUT_S = 20.0
 """Longer than a rank's wait for a room's writes to settle, shorter than decode's wait for us."""
@@ -18,12 +19,19 @@ RELEASE_TIMEOUT_S = 20.0
 class KVHandoffServicer(kvpb_grpc.KVHandoffServicer):
     """Decode ranks attach their pages to rooms here; prefill writes the prompt KV into them."""
 
-    def __init__(self, controller: DPController):
-        self.ctl = controller
+    def __init__(self, controller: DPController, refusals: Refusals):
+        self.ctl, self.refusals = controller, refusals
 
     def Attach(self, request: kvpb.AttachRequest, context: grpc.ServicerContext) -> kvpb.AttachResponse:
         ctl = self.ctl
-        rank = ctl.enter_room(request.room, lambda: ctl.place(None))
+        forwarded = bool(request.forwarded_request)  # decode-first: this is the request's arrival here
+        if forwarded and self.refusals.take():
+            context.abort(grpc.StatusCode.UNAVAILABLE, Refusals.MESSAGE)
+        pinned = request.prefill_dp_rank if request.HasField("prefill_dp_rank") else None
+        try:
+            rank = ctl.enter_room(request.room, lambda: ctl.place(pinned))
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
             spec = proto_convert.attach_from_proto(request)
             call = ctl.call(rank, lambda cid: msg.Attach(cid, spec))

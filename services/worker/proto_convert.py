@@ -88,6 +88,17 @@ def complete(out: RequestOutput, cached_tokens: int | None = None) -> pb.Generat
     return pb.GenerateResponse(request_id=out.request_id, complete=done)
 
 
+def prefill_complete(request_id: str, prompt: list[int], res: AttachResult) -> pb.GenerateResponse:
+    """A prefill's whole answer to a disaggregated Generate: the first token, once its KV is in the
+    decode pages."""
+    first_lp = [res.first_logprob] if res.first_logprob is not None else []
+    out = RequestOutput(
+        request_id, prompt, [res.first_token_id], "length",
+        cached_tokens=res.cached_tokens, output_logprobs=first_lp,
+    )  # fmt: skip
+    return complete(out)
+
+
 def output_logprobs(token_ids: list[int], logprobs: list[TokenLogprob]) -> pb.OutputLogProbs | None:
     """SGLang's per-token log-probabilities (None when the request did not ask for them)."""
     if not logprobs:
@@ -128,6 +139,8 @@ def attach_to_proto(spec: AttachSpec) -> kvpb.AttachRequest:
         layer_stride_bytes=spec.layer_stride,
         page_ids=list(spec.page_ids),
         num_prompt_tokens=spec.num_prompt_tokens,
+        forwarded_request=spec.forwarded,
+        prefill_dp_rank=spec.prefill_rank,
     )
 
 
@@ -141,6 +154,8 @@ def attach_from_proto(msg: kvpb.AttachRequest) -> AttachSpec:
         layer_stride=msg.layer_stride_bytes,
         page_ids=tuple(msg.page_ids),
         num_prompt_tokens=msg.num_prompt_tokens,
+        forwarded=msg.forwarded_request,
+        prefill_rank=msg.prefill_dp_rank if msg.HasField("prefill_dp_rank") else None,
     )
 
 

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
-from services.engine import Engine, InvalidRequestError, RequestOutput
+from services.engine import Engine, InvalidRequestError, SamplingParams
 from services.engine.loop import EngineDead, EngineLoop, RequestStream
 from services.ep import ExpertPlacement
-from services.kv import HandoffError, KVLayout, KVRegion, TransferEngine
-from services.kv.decode import AttachClient, DecodeHandoff
-from services.kv.prefill import PrefillHandoff
+from services.kv import AttachResult, AttachSpec, HandoffError, KVLayout, KVRegion, TransferEngine
+from services.kv.decode import AttachClient, DecodeHandoff, Forward
+from services.kv.prefill import Forwarded, PrefillHandoff
 from services.kv.sender import KVSender, TransferStats
 from services.worker import messages as msg
 from services.worker import proto_convert
@@ -130,7 +130,7 @@ class Rank:
                 self.reply(msg.Reply(cid, value))
             self.reply(msg.End(cid))
         except HandoffError as e:
-            self.reply(msg.Failure(cid, e.code, e.message))
+            self.reply(msg.Failure(cid, e.code, e.message, e.peer))
         except InvalidRequestError as e:
             self.reply(msg.Failure(cid, "INVALID_ARGUMENT", str(e)))
         except EngineDead as e:
@@ -143,10 +143,12 @@ class Rank:
     def _answer(self, command: msg.Command, call: RankCall) -> Iterator[Any]:
         if isinstance(command, msg.Generate):
             request = pb.GenerateRequest.FromString(command.request)
-            yield from logged(request.request_id, self.config.role, self._generate(request, call))
+            forward = Forward(command.request, command.prefill_rank) if command.forward else None
+            yield from logged(request.request_id, self.config.role, self._generate(request, call, forward))
         elif isinstance(command, msg.Attach):
             assert self.prefill is not None and command.spec is not None
-            yield self.prefill.attach(command.spec, call)
+            spec = command.spec
+            yield self._forwarded(spec, call) if spec.forwarded else self.prefill.attach(spec, call)
         elif isinstance(command, msg.Release):
             assert self.prefill is not None
             yield self.prefill.release(command.room, command.reason)
@@ -166,25 +168,43 @@ class Rank:
 
     # -- calls -----------------------------------------------------------------------------------
 
-    def _generate(self, request: pb.GenerateRequest, call: RankCall) -> Iterator[bytes]:
-        engine = self.engine
+    def _checked(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
+        """The request's prompt and engine parameters; INVALID_ARGUMENT if the engine cannot run it."""
         prompt = list(request.tokenized.input_ids)
         try:
-            params = proto_convert.request_params(request, engine.max_model_len)
-            engine.validate(prompt, params)
+            params = proto_convert.request_params(request, self.engine.max_model_len)
+            self.engine.validate(prompt, params)
         except ValueError as e:  # bad prompt or sampling parameters
             raise HandoffError("INVALID_ARGUMENT", str(e)) from None
+        return prompt, params
+
+    def _forwarded(self, spec: AttachSpec, call: RankCall) -> AttachResult:
+        """Decode-first: the Attach brought the request; serve it as this rank's own Generate."""
+        assert self.prefill is not None
+        request = pb.GenerateRequest.FromString(spec.forwarded)
+        prompt, params = self._checked(request)
+        rid = request.request_id or f"room-{spec.room}"
+        result: list[AttachResult] = []
+
+        def run() -> Iterator[bytes]:  # one answer, as a Generate would give, for the request log
+            result.append(self.prefill.attach(spec, call, Forwarded(rid, prompt, params)))
+            yield proto_convert.prefill_complete(rid, prompt, result[0]).SerializeToString()
+
+        for _ in logged(request.request_id, "prefill", run()):
+            pass
+        return result[0]
+
+    def _generate(
+        self, request: pb.GenerateRequest, call: RankCall, forward: Forward | None
+    ) -> Iterator[bytes]:
+        engine = self.engine
+        prompt, params = self._checked(request)
         dp = request.disaggregated_params if request.HasField("disaggregated_params") else None
         if dp is not None and dp.bootstrap_host:
             request_id = request.request_id or f"room-{dp.bootstrap_room}"
             if self.prefill is not None:
                 res = self.prefill.generate(dp.bootstrap_room, request_id, prompt, params, call)
-                first_lp = [res.first_logprob] if res.first_logprob is not None else []
-                out = RequestOutput(
-                    request_id, prompt, [res.first_token_id], "length",
-                    cached_tokens=res.cached_tokens, output_logprobs=first_lp,
-                )  # fmt: skip
-                yield proto_convert.complete(out).SerializeToString()
+                yield proto_convert.prefill_complete(request_id, prompt, res).SerializeToString()
                 return
             decode = self.decode
             assert decode is not None
@@ -192,7 +212,7 @@ class Rank:
             stream = RequestStream()
             try:
                 source = self.loop.run(
-                    decode.start, request_id, prompt, params, dp.bootstrap_room, prefill, stream
+                    decode.start, request_id, prompt, params, dp.bootstrap_room, prefill, stream, forward
                 )
             except InvalidRequestError as e:  # the request id is in use
                 raise HandoffError("ALREADY_EXISTS", str(e)) from None
@@ -204,6 +224,7 @@ class Rank:
                 request.stream,
                 decode.abort,
                 lambda: source.result.cached_tokens if source.result else 0,
+                last_in_complete=forward is not None,
             )
             return
         stream = RequestStream()

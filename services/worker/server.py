@@ -15,6 +15,7 @@ from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
 from services.worker.config import WorkerConfig
 from services.worker.control import ControlServicer
 from services.worker.dp_controller import DPController
+from services.worker.faults import Refusals
 from services.worker.prefill import KVHandoffServicer
 from services.worker.servicer import SchedulerServicer
 
@@ -51,10 +52,11 @@ def add_services(
     server: grpc.Server, counter: CallCounter, config: WorkerConfig, engine: Engine, controller: DPController
 ) -> None:
     """SglangScheduler, WorkerControl and (prefill) KVHandoff, all over `controller`."""
+    refusals = Refusals()
     pb_grpc.add_SglangSchedulerServicer_to_server(
-        SchedulerServicer(config, engine, controller, counter), server
+        SchedulerServicer(config, engine, controller, counter, refusals), server
     )
     control = ControlServicer(engine, controller, config.eplb_interval_s, config.eplb_tolerance)
     ctl_grpc.add_WorkerControlServicer_to_server(control, server)
     if config.role == "prefill":
-        kvpb_grpc.add_KVHandoffServicer_to_server(KVHandoffServicer(controller), server)
+        kvpb_grpc.add_KVHandoffServicer_to_server(KVHandoffServicer(controller, refusals), server)

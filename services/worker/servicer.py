@@ -25,12 +25,14 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 from smg_grpc_proto.generated import common_pb2
 
+from services import decode_first
 from services.engine import Engine
 from services.kv.sender import TransferStats
 from services.worker import messages as msg
 from services.worker.cache_rpcs import PrefixCacheRpcs
 from services.worker.config import WorkerConfig
 from services.worker.dp_controller import CallFailed, DPController
+from services.worker.faults import Refusals
 
 VERSION = "moeserve-0.1.0"
 TOKENIZER_FILES = (
@@ -64,7 +66,9 @@ def unimplemented_rpc(name: str):
 
 
 def abort_with(context: grpc.ServicerContext, e: CallFailed):
-    """End the RPC with the rank's status."""
+    """End the RPC with the rank's status (and whose failure it is, when another instance's)."""
+    if e.peer:
+        context.set_trailing_metadata(((decode_first.FAILED_PEER, e.peer),))
     context.abort(grpc.StatusCode[e.code], e.message)
 
 
@@ -74,23 +78,26 @@ class SchedulerServicer(PrefixCacheRpcs, pb_grpc.SglangSchedulerServicer):
     # Explicit UNIMPLEMENTED answers (the generated defaults also log a traceback per call).
     locals().update({name: unimplemented_rpc(name) for name in UNIMPLEMENTED_RPCS})
 
-    def __init__(self, config: WorkerConfig, engine: Engine, controller: DPController, calls):
+    def __init__(
+        self, config: WorkerConfig, engine: Engine, controller: DPController, calls, refusals: Refusals
+    ):
         self.config, self.engine, self.ctl = config, engine, controller
         self.calls = calls
         """gRPC calls served, per method (`server.CallCounter`)."""
         self.started = time.time()
-        self._refuse = int(os.environ.get("MOESERVE_FAULT_REFUSE_GENERATE", "0") or 0)
-        """Fault injection for tests: refuse this many Generate calls first (UNAVAILABLE)."""
+        self.refusals = refusals
 
     # -- generation ------------------------------------------------------------------------------
 
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateResponse]:
-        if self._refuse > 0:  # fault injection (tests): refuse as an overloaded worker would
-            self._refuse -= 1
-            context.abort(grpc.StatusCode.UNAVAILABLE, "refused (MOESERVE_FAULT_REFUSE_GENERATE)")
+        if self.refusals.take():  # fault injection (tests): refuse as an overloaded worker would
+            context.abort(grpc.StatusCode.UNAVAILABLE, Refusals.MESSAGE)
         ctl = self.ctl
+        forward, prefill_rank = False, None
+        if self.config.role == "decode":
+            forward, prefill_rank = decode_first.requested(context.invocation_metadata())
         pinned = request.data_parallel_rank if request.HasField("data_parallel_rank") else None
         dp = request.disaggregated_params if request.HasField("disaggregated_params") else None
         room = (
@@ -104,7 +111,9 @@ class SchedulerServicer(PrefixCacheRpcs, pb_grpc.SglangSchedulerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         ctl.started(rank)
         try:
-            call = ctl.call(rank, lambda cid: msg.Generate(cid, request.SerializeToString()))
+            call = ctl.call(
+                rank, lambda cid: msg.Generate(cid, request.SerializeToString(), forward, prefill_rank)
+            )
             if not context.add_callback(call.cancel):
                 call.cancel()  # the caller went away before the callback was in place
             try:
@@ -169,6 +178,7 @@ class SchedulerServicer(PrefixCacheRpcs, pb_grpc.SglangSchedulerServicer):
                 "ep_size": self.ctl.size,
                 "dp_size": self.ctl.size,
                 "rank_pids": list(self.ctl.pids),
+                decode_first.SERVER_ARG: True,
             }
         )
         info = pb.GetServerInfoResponse(

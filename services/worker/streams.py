@@ -22,8 +22,12 @@ def stream_outputs(
     want_chunks: bool,
     abort: Callable[[str], bool],
     cached_tokens: Callable[[], int] | None = None,
+    last_in_complete: bool = False,
 ) -> Iterator[bytes]:
     """Yield chunks (when streaming) and the final GenerateComplete of `request_id`.
+
+    `last_in_complete` (decode-first, whose router reads them from `output_ids`): the last step's
+    tokens go in the GenerateComplete alone, one message fewer per request.
 
     If the caller goes away, `abort(request_id)` runs on the loop (so the pages come back) and the
     reader is woken; aborting a finished request is a no-op. Engine errors and hand-off failures
@@ -42,7 +46,7 @@ def stream_outputs(
                 return
             continue
         cached = cached_tokens() if cached_tokens is not None else None  # None: the output's own
-        if want_chunks and out.new_token_ids:
+        if want_chunks and out.new_token_ids and not (last_in_complete and out.finished):
             yield proto_convert.chunk(out, cached).SerializeToString()
         if out.finished:
             yield proto_convert.complete(out, cached).SerializeToString()

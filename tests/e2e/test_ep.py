@@ -94,17 +94,45 @@ def listening_ports(pid: int) -> list[int]:
     return ports
 
 
-def test_one_grpc_call_per_side_and_none_between_ranks(ep2_ep2, ds_dir):
+def test_one_grpc_stream_per_request_and_none_between_ranks(ep2_ep2, ds_dir):
     c, url = ep2_ep2
     counted = ("Generate", "Attach", "Release", "Abort")
-    before = {n: grpc_calls(c, n) for n in ("prefill", "decode")}
-    res = client_for(url).completions.create(model=ds_dir.name, prompt="one hop", max_tokens=4, temperature=0)
-    assert res.choices[0].finish_reason == "length"
-    after = {n: grpc_calls(c, n) for n in ("prefill", "decode")}
-    delta = {n: {m: after[n].get(m, 0) - before[n].get(m, 0) for m in counted} for n in after}
-    # The orchestrator calls each side once; the decode rank attaches to the prefill instance once.
+    expected = greedy(ds_dir, encode(ds_dir, "one hop"), 4)[0]
+
+    def calls_of_one_request(base: str) -> dict[str, dict[str, int]]:
+        before = {n: grpc_calls(c, n) for n in ("prefill", "decode")}
+        res = client_for(base).completions.create(
+            model=ds_dir.name, prompt="one hop", max_tokens=4, temperature=0
+        )
+        assert res.choices[0].text == expected and res.choices[0].finish_reason == "length"
+        after = {n: grpc_calls(c, n) for n in ("prefill", "decode")}
+        return {n: {m: after[n].get(m, 0) - before[n].get(m, 0) for m in counted} for n in after}
+
+    # Decode-first (our workers on both sides): the orchestrator calls decode alone, and the decode
+    # rank's one Attach carries the request to the prefill instance.
+    delta = calls_of_one_request(url)
+    assert delta["prefill"] == {"Generate": 0, "Attach": 1, "Release": 0, "Abort": 0}
+    assert delta["decode"] == {"Generate": 1, "Attach": 0, "Release": 0, "Abort": 0}
+    # SGLang's dual dispatch, as SMG does it: one Generate to each side, and the Attach.
+    p, d = c.addresses["prefill"], c.addresses["decode"]
+    dual = c.orchestrator(ds_dir, [p], [d], "--dispatch", "dual", name="orchestrator-dual")
+    delta = calls_of_one_request(dual)
     assert delta["prefill"] == {"Generate": 1, "Attach": 1, "Release": 0, "Abort": 0}
     assert delta["decode"] == {"Generate": 1, "Attach": 0, "Release": 0, "Abort": 0}
+    serve = [
+        sys.executable,
+        "-m",
+        "orchestrator.serve",
+        "--model",
+        str(ds_dir),
+        "--prefill",
+        p,
+        "--decode",
+        d,
+    ]
+    bad = subprocess.run([*serve, "--port", str(free_port()), "--dispatch", "single"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "--dispatch is 'single'; it must be one of auto, dual" in bad.stderr
     # The other ranks serve no gRPC at all: rank 0 hands them calls over ZeroMQ.
     for name in ("prefill", "decode"):
         info = c.stub(name).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from orchestrator.attempt import TokenEvent
 from orchestrator.config import ApiConfig
-from orchestrator.generate import TokenEvent
 from orchestrator.tokenizer import Tokenizer
 
 

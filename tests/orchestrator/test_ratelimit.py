@@ -7,9 +7,9 @@ import asyncio
 import pytest
 
 from orchestrator.api import create_app
+from orchestrator.attempt import TokenEvent
 from orchestrator.config import ApiConfig
 from orchestrator.errors import ApiError
-from orchestrator.generate import TokenEvent
 from orchestrator.membership import create as create_membership
 from orchestrator.ratelimit import TokenBuckets, charged
 from orchestrator.registry import Registry

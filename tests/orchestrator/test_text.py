@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from orchestrator.generate import TokenEvent
+from orchestrator.attempt import TokenEvent
 from orchestrator.text import TextEvent, text_events
 from tests.orchestrator.conftest import TokenSource, token_events
 

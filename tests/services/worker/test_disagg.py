@@ -15,7 +15,9 @@ import pytest
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto.generated import common_pb2
 
+from services import decode_first
 from services.engine import Engine, SamplingParams
+from services.process import free_port
 from tests.cluster import LocalCluster
 
 PROMPT = list(range(5, 70))
@@ -81,6 +83,40 @@ def test_non_streaming_and_concurrent_rooms(pair, expected):
         results = list(ex.map(lambda r: run_pair(pair, r, stream=False), [next(rooms) for _ in range(6)]))
     for _, decode_out in results:
         assert len(decode_out) == 1 and list(decode_out[0].complete.output_ids) == expected.output_token_ids
+    pair.assert_idle()
+
+
+def test_decode_first_one_call_carries_the_request_to_prefill(pair, expected):
+    """Decode-first: only decode is called; its Attach brings prefill the request (to the DP rank the
+    router names, or prefill's choice). The last step's tokens come in the complete alone."""
+    for name in ("prefill", "decode"):
+        info = pair.stub(name).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+        assert info.server_args[decode_first.SERVER_ARG] is True
+    for rank in (None, 0):
+        req = request(pair.addresses["prefill"], next(rooms))
+        out = list(
+            pair.stub("decode").Generate(req, timeout=60, metadata=decode_first.forward_metadata(rank))
+        )
+        streamed = [t for r in out if r.HasField("chunk") for t in r.chunk.token_ids]
+        done = out[-1].complete
+        assert list(done.output_ids) == expected.output_token_ids and done.finish_reason == "length"
+        assert streamed == expected.output_token_ids[:-1]  # one message fewer
+    pair.assert_idle()
+
+
+def test_decode_first_failures_name_the_prefill(pair):
+    """A forwarded request that prefill cannot take fails the decode call, which says it is prefill's
+    failure (the router then avoids that prefill, not this decode), and holds no pages after."""
+    gone = request(f"127.0.0.1:{free_port()}", next(rooms))
+    with pytest.raises(grpc.RpcError) as e:
+        list(pair.stub("decode").Generate(gone, timeout=30, metadata=decode_first.forward_metadata(None)))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert decode_first.failed_peer(e.value.trailing_metadata()) == "prefill"
+    bad_rank = request(pair.addresses["prefill"], next(rooms))
+    with pytest.raises(grpc.RpcError) as e:
+        list(pair.stub("decode").Generate(bad_rank, timeout=30, metadata=decode_first.forward_metadata(7)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "7" in e.value.details()
+    assert decode_first.failed_peer(e.value.trailing_metadata()) == "prefill"
     pair.assert_idle()
 
 

@@ -23,7 +23,7 @@ class KVLayout(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., entry_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., page_size: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("room", "request_id", "layout", "transfer_session", "kv_base_address", "layer_stride_bytes", "page_ids", "num_prompt_tokens")
+    __slots__ = ("room", "request_id", "layout", "transfer_session", "kv_base_address", "layer_stride_bytes", "page_ids", "num_prompt_tokens", "forwarded_request", "prefill_dp_rank")
     ROOM_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,8 @@ class AttachRequest(_message.Message):
     LAYER_STRIDE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_DP_RANK_FIELD_NUMBER: _ClassVar[int]
     room: int
     request_id: str
     layout: KVLayout
@@ -40,7 +42,9 @@ class AttachRequest(_message.Message):
     layer_stride_bytes: int
     page_ids: _containers.RepeatedScalarFieldContainer[int]
     num_prompt_tokens: int
-    def __init__(self, room: _Optional[int] = ..., request_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., transfer_session: _Optional[str] = ..., kv_base_address: _Optional[int] = ..., layer_stride_bytes: _Optional[int] = ..., page_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...
+    forwarded_request: bytes
+    prefill_dp_rank: int
+    def __init__(self, room: _Optional[int] = ..., request_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., transfer_session: _Optional[str] = ..., kv_base_address: _Optional[int] = ..., layer_stride_bytes: _Optional[int] = ..., page_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., forwarded_request: _Optional[bytes] = ..., prefill_dp_rank: _Optional[int] = ...) -> None: ...
 
 class AttachResponse(_message.Message):
     __slots__ = ("first_token_id", "prompt_tokens", "cached_tokens", "transferred_bytes", "first_token_logprob", "first_top_token_ids", "first_top_logprobs")

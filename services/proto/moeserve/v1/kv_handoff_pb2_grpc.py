@@ -53,7 +53,8 @@ class KVHandoffServicer:
         """Attach the decode rank's pages to a room; returns once the prompt KV is in those pages.
         FAILED_PRECONDITION: KV layouts differ (the message names both); DEADLINE_EXCEEDED: the room's
         Generate never reached prefill in time; ABORTED: the room was released or aborted;
-        UNAVAILABLE: the KV transfer failed (e.g. the decode peer went away).
+        UNAVAILABLE: the KV transfer failed (e.g. the decode peer went away), or prefill refused a
+        forwarded request as it would refuse a Generate; INVALID_ARGUMENT: a bad forwarded request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
