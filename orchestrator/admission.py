@@ -43,7 +43,9 @@ class Admission:
         self.limit, self.queue_limit, self.queue_timeout_s = limit, queue, queue_timeout_s
         self.in_flight = 0
         self.closing = False
-        self._waits: set[asyncio.Timeout] = set()
+        self._readers: set[asyncio.Task] = set()
+        """Tasks awaiting an event in `next`, and those of them `close` cancelled:"""
+        self._stopped: set[asyncio.Task] = set()
         self._queue: deque[asyncio.Future[None]] = deque()
 
     async def enter(self) -> Slot:
@@ -109,27 +111,28 @@ class Admission:
             turn = self._queue.popleft()
             if not turn.done():
                 turn.set_exception(shutting_down())
-        for wait in self._waits:
-            wait.reschedule(-1.0)  # already due: its task is cancelled on the next loop turn
+        for task in self._readers:  # cancelled, each `next` answers 503 instead
+            self._stopped.add(task)
+            task.cancel()
 
     async def next(self, events: AsyncIterator[T]) -> T | None:
         """The next item of `events` (None at its end), or ApiError 503 once the server is stopping."""
         if self.closing:
             raise shutting_down()
-        wait = asyncio.timeout(None)
+        task = asyncio.current_task()
+        self._readers.add(task)
         try:
-            async with wait:
-                self._waits.add(wait)
-                try:
-                    return await anext(events)
-                except StopAsyncIteration:
-                    return None
-                finally:
-                    self._waits.discard(wait)
-        except TimeoutError:
-            if wait.expired():
-                raise shutting_down() from None
-            raise
+            return await anext(events)
+        except StopAsyncIteration:
+            return None
+        except asyncio.CancelledError:
+            if task not in self._stopped:
+                raise
+            self._stopped.discard(task)
+            task.uncancel()
+            raise shutting_down() from None
+        finally:
+            self._readers.discard(task)
 
 
 def shutting_down() -> ApiError:

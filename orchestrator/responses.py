@@ -7,48 +7,98 @@ the stream reports them in an error event. Either way the stream ends with `data
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 
 from orchestrator.admission import Admission, Slot
 from orchestrator.envelopes import DONE, Envelope, error_event
 from orchestrator.errors import ApiError
 from orchestrator.text import TextEvent
 
-DISCONNECT_POLL_S = 0.1
-"""How often a request waiting for output checks that its client is still there."""
+T = TypeVar("T")
 
 
 class ClientGone(Exception):
-    """The client disconnected while its request waited for output."""
+    """The client disconnected while its request was being served."""
 
 
-async def unless_gone(request: Request | None, work: Awaitable[Any]) -> Any:
-    """`work`'s result, or ClientGone as soon as the client disconnects (the work is cancelled)."""
-    if request is None:
-        return await work
-    task = asyncio.ensure_future(work)
+class Watch:
+    """Notices the client leaving and cancels the task serving its request (then `ClientGone`).
 
-    async def watch() -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(DISCONNECT_POLL_S)
+    One waiting `receive()` per request, which returns only at the disconnect once the body has
+    been read: no polling, and no task group around the stream (Starlette's costs a task and a
+    cancel scope per request). `receive` None (no client connection, as in unit tests): no watch.
+    """
 
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-    raise ClientGone
+    def __init__(self, receive: Receive | None):
+        self.gone = False
+        self._task = asyncio.current_task()
+        self._watcher = asyncio.ensure_future(self._watch(receive)) if receive is not None else None
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        if self._task is not None:
+            self._task.cancel()
+
+    async def run(self, work: Awaitable[T]) -> T:
+        """`work`'s result, or ClientGone as soon as the client disconnects (the work is cancelled)."""
+        try:
+            result = await work
+        except asyncio.CancelledError:
+            if not self.gone:
+                raise
+            self._uncancel()
+            raise ClientGone from None
+        if self.gone:  # left just as the work ended: the cancellation is still to land
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                self._uncancel()
+            raise ClientGone
+        return result
+
+    def stop(self) -> None:
+        """Stop watching (before the response's last message: a complete response reads as a disconnect)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    def _uncancel(self) -> None:
+        if self._task is not None:
+            self._task.uncancel()
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events under the request's `Watch` (Starlette's own runs a task group per request)."""
+
+    def __init__(self, content: AsyncIterator[str], watch: Watch, finish: Callable[[], Awaitable[None]]):
+        super().__init__(content, media_type="text/event-stream", background=BackgroundTask(finish))
+        self.watch = watch
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.watch.run(self._events(send))
+        except ClientGone:
+            pass  # the events' own `finally` ended the request on the workers
+        else:
+            self.watch.stop()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self.watch.stop()
+            if self.background is not None:
+                await self.background()
+
+    async def _events(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for line in self.body_iterator:
+            body = line if isinstance(line, bytes) else line.encode()
+            await send({"type": "http.response.body", "body": body, "more_body": True})
 
 
 async def respond(
@@ -71,27 +121,26 @@ async def respond(
         await events.aclose()
         slot.release()
 
+    watch = Watch(request.receive if request is not None else None)
     try:
-        first = await unless_gone(request, admission.next(events))
+        first = await watch.run(admission.next(events))
         if first is None:
             raise ApiError(502, "the workers returned no output", "upstream_error")
     except ClientGone:
         await finish()
         return Response(status_code=499)  # nobody reads it: the client has gone
     except BaseException:
+        watch.stop()
         await finish()
         raise
     if stream:
-        return StreamingResponse(
-            sse_stream(envelope, first, events, admission, finish),
-            media_type="text/event-stream",
-            background=BackgroundTask(finish),
-        )
+        return EventStream(sse_stream(envelope, first, events, admission, finish), watch, finish)
     try:
-        return JSONResponse(await unless_gone(request, collect(envelope, first, events, admission)))
+        return JSONResponse(await watch.run(collect(envelope, first, events, admission)))
     except ClientGone:
         return Response(status_code=499)
     finally:
+        watch.stop()
         await finish()
 
 
@@ -114,24 +163,30 @@ async def sse_stream(
     admission: Admission,
     finish: Callable[[], Awaitable[None]],
 ) -> AsyncIterator[str]:
-    """The response as server-sent events; `finish` runs when the stream ends, however it ends."""
+    """The response as server-sent events; `finish` runs when the stream ends, however it ends.
+
+    Events that are ready together go out as one piece (one write): the opening with the first
+    text, the last text with the usage and `[DONE]`.
+    """
+    ready = ""
     try:
-        for line in envelope.opening():
-            yield line
+        ready = "".join(envelope.opening())
         ev: TextEvent | None = first
         last = first
         while ev is not None:
             last = ev
             if ev.text or ev.finish_reason or ev.logprobs:
-                yield envelope.chunk(ev)
+                ready += envelope.chunk(ev)
             if ev.finish_reason is not None:
                 break
+            if ready:
+                yield ready
+                ready = ""
             ev = await admission.next(events)
         if envelope.stream_usage:
-            yield envelope.usage_chunk(last)
-        yield DONE
+            ready += envelope.usage_chunk(last)
+        yield ready + DONE
     except ApiError as e:
-        yield error_event(e)
-        yield DONE
+        yield ready + error_event(e) + DONE
     finally:
         await finish()

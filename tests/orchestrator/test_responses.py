@@ -31,10 +31,16 @@ def payloads(lines: list[str]) -> list:
     return [line[6:-2] if line == DONE else json.loads(line[6:]) for line in lines]
 
 
+def split_events(pieces: list[str]) -> list[str]:
+    """The stream's events (a piece of the body may carry several), each ending in a blank line."""
+    assert all(piece.endswith("\n\n") for piece in pieces)
+    return [event + "\n\n" for event in "".join(pieces).split("\n\n")[:-1]]
+
+
 async def body_lines(response: StreamingResponse) -> list[str]:
-    lines = [line async for line in response.body_iterator]
-    await response.background()  # what Starlette runs after the body
-    return lines
+    pieces = [piece async for piece in response.body_iterator]
+    await response.background()  # what the response runs after the body
+    return split_events(pieces)
 
 
 def test_stream_sends_role_text_finish_usage_then_done(tokenizer):
@@ -119,7 +125,7 @@ def test_shutdown_ends_a_running_stream_with_an_error_event_and_done(tokenizer):
         events = text_events(source.stream(), tokenizer, [])
         response = await respond(chat(True), True, events, slot, admission)
         body = response.body_iterator
-        lines = [await anext(body) for _ in range(1 + len(tokens))]  # the role, then a chunk a token
+        lines = [await anext(body) for _ in tokens]  # a piece a token (the role comes with the first)
         pending = asyncio.ensure_future(anext(body))
         await asyncio.sleep(0.01)
         assert not pending.done()  # waiting for a token that never comes
@@ -127,7 +133,7 @@ def test_shutdown_ends_a_running_stream_with_an_error_event_and_done(tokenizer):
         lines.append(await asyncio.wait_for(pending, 1.0))
         lines += [line async for line in body]
         await response.background()
-        return admission, source, payloads(lines)
+        return admission, source, payloads(split_events(lines))
 
     admission, source, events = asyncio.run(main())
     assert "".join(e["choices"][0]["delta"]["content"] for e in events[:-2]) == "Hello there"
