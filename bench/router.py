@@ -12,8 +12,10 @@ Mooncake TCP on loopback) serve three paths:
 - smg: SMG in PD mode (`smg launch --pd-disaggregation`, PyPI `smg`), the same endpoint.
 
 For each concurrency C and path, C streams run back to back until `--requests` have finished
-(after one warm-up round of C): TTFT p50/p99 (request sent -> first streamed token) and
-requests/s = completed requests / wall time. Added TTFT = the path's percentile - direct's.
+(after one warm-up round of C), in `--rounds` rounds that take the paths in turn (each round in
+another order), so a drift of this shared machine's speed falls on every path alike; a path's
+figures pool its rounds: TTFT p50/p99 (request sent -> first streamed token) over all its
+requests, and requests/s = completed requests / wall time. Added TTFT = the path's percentile - direct's.
 Prompts are distinct texts of `--prompt-len` tokens (direct sends their token ids), greedy,
 `ignore_eos`, `--max-tokens` new tokens. The client, the workers and the routers share this
 machine's cores, so the figures are for this machine only; the table names it. CPU milliseconds
@@ -92,6 +94,16 @@ class Run:
     @property
     def rps(self) -> float:
         return len(self.ttft) / self.wall_s
+
+    @classmethod
+    def pooled(cls, rounds: list[Run]) -> Run:
+        """One path's rounds at one concurrency as one run."""
+        cpu = {name: sum(r.cpu_s[name] for r in rounds) for name in rounds[0].cpu_s}
+        ttft = [t for r in rounds for t in r.ttft]
+        first = rounds[0]
+        return cls(
+            first.path, first.streams, ttft, sum(r.failed for r in rounds), sum(r.wall_s for r in rounds), cpu
+        )
 
 
 def make_prompts(tok: Tokenizer, n: int, length: int) -> list[Prompt]:
@@ -239,15 +251,20 @@ async def measure(
         for path, call in calls.items():
             await until_served(path, call, warm[0])
         runs = []
+        paths = list(calls)
         for streams in a.concurrency:
-            for path, call in calls.items():
-                watched = {"router": pids[path], "workers": pids["workers"]}
-                await drive(path, call, warm[:streams], streams, a.max_tokens, watched)
-                runs.append(r := await drive(path, call, timed, streams, a.max_tokens, watched))
-                print(
-                    f"{path:>9} {streams:>4} streams: p50 {1e3 * r.pct(50):.1f} ms, {r.rps:.1f} req/s, "
-                    f"router CPU {r.cpu_ms('router'):.2f} ms/request"
-                )
+            rounds: dict[str, list[Run]] = {path: [] for path in paths}
+            for turn in range(a.rounds):
+                for path in paths[turn % len(paths) :] + paths[: turn % len(paths)]:
+                    call = calls[path]
+                    watched = {"router": pids[path], "workers": pids["workers"]}
+                    await drive(path, call, warm[:streams], streams, a.max_tokens, watched)
+                    rounds[path].append(r := await drive(path, call, timed, streams, a.max_tokens, watched))
+                    print(
+                        f"{path:>9} {streams:>4} streams, round {turn + 1}: p50 {1e3 * r.pct(50):.1f} ms, "
+                        f"{r.rps:.1f} req/s, router CPU {r.cpu_ms('router'):.2f} ms/request"
+                    )
+            runs += [Run.pooled(rounds[path]) for path in paths]
     return runs
 
 
@@ -266,14 +283,16 @@ def report(runs: list[Run], a: argparse.Namespace) -> str:
     """The Markdown for docs/benchmarks.md."""
     base = {r.streams: r for r in runs if r.path == "direct"}
     lines = [
-        f"`bench/router.py --requests {a.requests} --concurrency {' '.join(map(str, a.concurrency))} "
+        f"`bench/router.py --requests {a.requests} --rounds {a.rounds} "
+        f"--concurrency {' '.join(map(str, a.concurrency))} "
         f"--max-tokens {a.max_tokens} --prompt-len {a.prompt_len}`",
         "",
         f"- machine: {machine()}",
         "- workers: one prefill + one decode, tiny DeepSeek-V3 on CPU, one torch thread each, "
         "Mooncake TCP on loopback",
         f"- load: {a.prompt_len}-token prompts, {a.max_tokens} new tokens, greedy, ignore_eos; "
-        f"{a.requests} timed requests per row after a warm-up round; added = path - direct",
+        f"{a.requests} timed requests per round after a warm-up, {a.rounds} rounds taking the paths in "
+        "turn, pooled per row; added = path - direct",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|---" + "|---:" * (len(COLUMNS) - 1) + "|",
@@ -308,6 +327,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[32, 256], help="concurrent streams")
     ap.add_argument("--max-tokens", type=int, default=8, help="new tokens per request")
     ap.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per request")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per concurrency, the paths in turn")
     ap.add_argument("--skip-smg", action="store_true", help="measure direct and moeserve only")
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill also stops the children

@@ -7,7 +7,7 @@ the stream reports them in an error event. Either way the stream ends with `data
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -21,6 +21,7 @@ from orchestrator.errors import ApiError
 from orchestrator.text import TextEvent
 
 T = TypeVar("T")
+DONE_BYTES = DONE.encode()
 
 
 class ClientGone(Exception):
@@ -37,30 +38,37 @@ class Watch:
 
     def __init__(self, receive: Receive | None):
         self.gone = False
-        self._task = asyncio.current_task()
+        self._running: asyncio.Task | None = None
+        """The task awaiting work in `run` (the one to cancel), if any."""
         self._watcher = asyncio.ensure_future(self._watch(receive)) if receive is not None else None
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
         self.gone = True
-        if self._task is not None:
-            self._task.cancel()
+        if self._running is not None:
+            self._running.cancel()
 
-    async def run(self, work: Awaitable[T]) -> T:
+    async def run(self, work: Coroutine[Any, Any, T]) -> T:
         """`work`'s result, or ClientGone as soon as the client disconnects (the work is cancelled)."""
+        if self.gone:
+            work.close()
+            raise ClientGone
+        self._running = task = asyncio.current_task()
         try:
             result = await work
         except asyncio.CancelledError:
             if not self.gone:
                 raise
-            self._uncancel()
+            task.uncancel()
             raise ClientGone from None
+        finally:
+            self._running = None
         if self.gone:  # left just as the work ended: the cancellation is still to land
             try:
                 await asyncio.sleep(0)
             except asyncio.CancelledError:
-                self._uncancel()
+                task.uncancel()
             raise ClientGone
         return result
 
@@ -68,10 +76,6 @@ class Watch:
         """Stop watching (before the response's last message: a complete response reads as a disconnect)."""
         if self._watcher is not None:
             self._watcher.cancel()
-
-    def _uncancel(self) -> None:
-        if self._task is not None:
-            self._task.uncancel()
 
 
 class EventStream(StreamingResponse):
@@ -83,22 +87,26 @@ class EventStream(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await self.watch.run(self._events(send))
+            last = await self.watch.run(self._events(send))
         except ClientGone:
             pass  # the events' own `finally` ended the request on the workers
         else:
-            self.watch.stop()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            self.watch.stop()  # a complete response reads as a disconnect to it
+            await send({"type": "http.response.body", "body": last, "more_body": False})
         finally:
             self.watch.stop()
             if self.background is not None:
                 await self.background()
 
-    async def _events(self, send: Send) -> None:
+    async def _events(self, send: Send) -> bytes:
+        """Sends the body but its last piece (`[DONE]`), which goes out with the body's end."""
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        async for line in self.body_iterator:
-            body = line if isinstance(line, bytes) else line.encode()
+        async for piece in self.body_iterator:
+            body = piece if isinstance(piece, bytes) else piece.encode()
+            if body.endswith(DONE_BYTES):
+                return body
             await send({"type": "http.response.body", "body": body, "more_body": True})
+        return b""
 
 
 async def respond(

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import Request
 
 from orchestrator.admission import Admission
 from orchestrator.envelopes import DONE, Envelope
@@ -181,3 +182,69 @@ def test_a_worker_error_mid_stream_becomes_an_error_event(tokenizer):
     admission, events = asyncio.run(main())
     assert events[-2]["error"]["message"].startswith("decode worker x failed")
     assert events[-1] == "[DONE]" and admission.in_flight == 0
+
+
+class Client:
+    """The ASGI side of one connection: what the response sends, and a disconnect when told."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+        self.leave = asyncio.Event()
+
+    async def receive(self) -> dict:
+        await self.leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict) -> None:
+        self.sent.append(message)
+
+    def request(self) -> Request:
+        return Request({"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []},
+                       self.receive)  # fmt: skip
+
+
+def test_event_stream_over_asgi_sends_pieces_and_ends_with_done(tokenizer):
+    async def main():
+        admission, client = Admission(1), Client()
+        source = TokenSource(token_events(tokenizer, "Hello there", "length"))
+        events = text_events(source.stream(), tokenizer, [])
+        response = await respond(chat(True), True, events, admission.admit(), admission, client.request())
+        await response({"type": "http"}, client.receive, client.send)
+        return admission, client.sent
+
+    admission, sent = asyncio.run(main())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    bodies = [m for m in sent[1:] if m["type"] == "http.response.body"]
+    assert [m["more_body"] for m in bodies] == [True] * (len(bodies) - 1) + [False]
+    text = b"".join(m["body"] for m in bodies).decode()
+    events = payloads(split_events([text]))
+    assert "".join(e["choices"][0]["delta"]["content"] for e in events[:-2]) == "Hello there"
+    assert bodies[-1]["body"].endswith(DONE.encode()) and admission.in_flight == 0
+
+
+def test_a_client_leaving_mid_stream_or_before_the_first_token_ends_the_request(tokenizer):
+    async def main():
+        admission, client = Admission(2), Client()
+        source = TokenSource(token_events(tokenizer, "Hello there", None), hang=True)
+        events = text_events(source.stream(), tokenizer, [])
+        response = await respond(chat(True), True, events, admission.admit(), admission, client.request())
+        streaming = asyncio.ensure_future(response({"type": "http"}, client.receive, client.send))
+        await asyncio.sleep(0.01)
+        assert not streaming.done() and len(client.sent) > 1  # the text so far went out; it waits
+        client.leave.set()
+        await asyncio.wait_for(streaming, 1.0)  # ends at once, without an error
+        mid_stream = (source.closed, client.sent[-1].get("more_body"))
+
+        early, waiting = Client(), TokenSource([], hang=True)
+        events = text_events(waiting.stream(), tokenizer, [])
+        answer = asyncio.ensure_future(
+            respond(chat(True), True, events, admission.admit(), admission, early.request())
+        )
+        await asyncio.sleep(0.01)
+        early.leave.set()
+        gone = await asyncio.wait_for(answer, 1.0)
+        return admission, mid_stream, waiting.closed, gone.status_code
+
+    admission, (closed, more), early_closed, status = asyncio.run(main())
+    assert closed and more is True  # cancelled on the workers; the body was never completed
+    assert early_closed and status == 499 and admission.in_flight == 0
