@@ -76,6 +76,8 @@ class MidStream(InstanceFailed):
 async def attempt(
     lease: Lease, prompt_ids: list[int], sampling: pb.SamplingParams, request_id: str, logprobs: int | None
 ) -> AsyncIterator[TokenEvent]:
+    """The request's token events from the lease's pair; raises `BeforeFirstToken` or `MidStream` when
+    an instance fails (whose breaker then counts it), an ApiError when the request itself is refused."""
     prefill, decode = lease.prefill, lease.decode
     request = pb.GenerateRequest(
         request_id=request_id,
