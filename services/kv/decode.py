@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
-from services.engine import SamplingParams
+from services.engine import RequestOutput, SamplingParams
 from services.engine.loop import EngineLoop, RequestStream
 from services.kv.layout import KVLayout
 from services.kv.pages import KVRegion
@@ -64,11 +64,13 @@ class RemotePrefill:
         request_id: str,
         room: int,
         prefill: str,
-        prompt_len: int,
+        prompt: list[int],
+        stream: RequestStream,
         forward: Forward | None = None,
     ):
         self.side, self.request_id, self.room, self.prefill = side, request_id, room, prefill
-        self.prompt_len, self.forward = prompt_len, forward
+        self.prompt, self.stream, self.forward = prompt, stream, forward
+        self.prompt_len = len(prompt)
         self.result: AttachResult | None = None
         self._cancel: Callable[[], None] | None = None
         self.cancelled = False
@@ -106,6 +108,13 @@ class RemotePrefill:
     def _done(self, outcome: AttachResult | HandoffError) -> None:
         if isinstance(outcome, AttachResult):
             self.result = outcome
+            if not self.cancelled:  # the first token goes out now, not after the step running meanwhile
+                lps = [outcome.first_logprob] if outcome.first_logprob is not None else []
+                first = [outcome.first_token_id]
+                out = RequestOutput(
+                    self.request_id, self.prompt, first, None, first, outcome.cached_tokens, lps
+                )
+                self.stream.put(out)
             self.side.loop.call(self._arrived, outcome)
         else:
             self.side.settle.submit(self._failed, outcome)
@@ -114,8 +123,8 @@ class RemotePrefill:
         loop = self.side.loop
         self.side.attaching.pop(self.request_id, None)
         out = loop.engine.kv_arrived(self.request_id, res.first_token_id, res.first_logprob)
-        if out is not None:
-            loop.deliver(out)
+        if out is not None and out.finished:  # its token went out when the KV arrived (`_done`)
+            loop.deliver(replace(out, new_token_ids=[]))
             if self.cancelled:  # aborted just as the KV arrived: prefill is done, the pages are free to go
                 loop.abort(self.request_id)
 
@@ -172,7 +181,7 @@ class DecodeHandoff:
     ) -> RemotePrefill:
         """Queue the request WAITING_FOR_KV (engine thread); its outputs go to `stream`. With
         `forward`, the Attach carries the request to prefill (decode-first)."""
-        source = RemotePrefill(self, request_id, room, prefill, len(prompt), forward)
+        source = RemotePrefill(self, request_id, room, prefill, prompt, stream, forward)
         rid = self.loop.engine.add_remote_request(prompt, params, request_id, source)
         self.attaching[rid] = source
         self.loop.attach_stream(rid, stream)
