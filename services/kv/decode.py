@@ -123,10 +123,12 @@ class RemotePrefill:
         loop = self.side.loop
         self.side.attaching.pop(self.request_id, None)
         out = loop.engine.kv_arrived(self.request_id, res.first_token_id, res.first_logprob)
-        if out is not None and out.finished:  # its token went out when the KV arrived (`_done`)
+        if out is None:
+            return
+        if out.finished:  # its token went out when the KV arrived (`_done`)
             loop.deliver(replace(out, new_token_ids=[]))
-            if self.cancelled:  # aborted just as the KV arrived: prefill is done, the pages are free to go
-                loop.abort(self.request_id)
+        if self.cancelled:  # aborted just as the KV arrived: prefill is done, the pages are free to go
+            loop.abort(self.request_id)
 
     def _failed(self, err: HandoffError) -> None:
         side = self.side
