@@ -48,9 +48,14 @@ class KvEventLog:
 
     def since(self, seq: int) -> KvEventPage:
         """Events numbered above `seq` (0: from the start of the log)."""
+        newer: list[KvEvent] = []
         with self._lock:
-            events = tuple(e for e in self._events if e.seq > seq)
+            for e in reversed(self._events):  # from the newest: only what is new is read
+                if e.seq <= seq:
+                    break
+                newer.append(e)
             oldest = self._events[0].seq if self._events else None
             last = self._events[-1].seq if self._events else seq
+        events = tuple(reversed(newer))
         lost = seq > 0 and oldest is not None and oldest > seq + 1
         return KvEventPage(events, max(seq, last), lost)

@@ -27,7 +27,7 @@ from services.worker import messages as msg
 from services.worker import proto_convert
 from services.worker.config import WorkerConfig
 from services.worker.kv_events import KvEventLog
-from services.worker.streams import logged, stream_outputs
+from services.worker.streams import RequestLog, logged, stream_outputs
 
 MAX_CALLS = 1024
 """Generate and Attach calls one rank serves at once (each holds a thread while it runs)."""
@@ -184,15 +184,10 @@ class Rank:
         request = pb.GenerateRequest.FromString(spec.forwarded)
         prompt, params = self._checked(request)
         rid = request.request_id or f"room-{spec.room}"
-        result: list[AttachResult] = []
-
-        def run() -> Iterator[bytes]:  # one answer, as a Generate would give, for the request log
-            result.append(self.prefill.attach(spec, call, Forwarded(rid, prompt, params)))
-            yield proto_convert.prefill_complete(rid, prompt, result[0]).SerializeToString()
-
-        for _ in logged(request.request_id, "prefill", run()):
-            pass
-        return result[0]
+        with RequestLog(request.request_id, "prefill") as log:
+            res = self.prefill.attach(spec, call, Forwarded(rid, prompt, params))
+        log.done("length", len(prompt), 1, res.cached_tokens)  # as its Generate would have ended
+        return res
 
     def _generate(
         self, request: pb.GenerateRequest, call: RankCall, forward: Forward | None

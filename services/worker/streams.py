@@ -56,28 +56,51 @@ def stream_outputs(
 def logged(request_id: str, role: str, responses: Iterator[bytes]) -> Iterator[bytes]:
     """`responses` of one Generate, with `request_id` on every record logged meanwhile, and one
     line on `moeserve.requests` when it ends (`--log-requests`)."""
-    token = REQUEST_ID.set(request_id or None)
-    start, last = time.monotonic(), b""
-    try:
+    last = b""
+    with RequestLog(request_id, role) as log:
         for last in responses:
             yield last
-    except HandoffError as e:
-        requests.info("request %s on %s failed: %s %s", request_id, role, e.code, e.message)
-        raise
-    finally:
-        REQUEST_ID.reset(token)
-    if requests.isEnabledFor(logging.INFO) and last:
+    if last and log.wanted:
         done = pb.GenerateResponse.FromString(last).complete
+        log.done(done.finish_reason, done.prompt_tokens, done.completion_tokens, done.cached_tokens)
+
+
+class RequestLog:
+    """One request's stay on this worker: `request_id` on every record logged meanwhile, a line on
+    `moeserve.requests` if it fails with a HandoffError, and (`done`) when it ends."""
+
+    def __init__(self, request_id: str, role: str):
+        self.request_id, self.role = request_id, role
+        self.wanted = requests.isEnabledFor(logging.INFO)
+        """Whether the end is logged at all (`--log-requests`)."""
+
+    def __enter__(self) -> RequestLog:
+        self._token = REQUEST_ID.set(self.request_id or None)
+        self._start = time.monotonic()
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        REQUEST_ID.reset(self._token)
+        if isinstance(error, HandoffError):
+            requests.info(
+                "request %s on %s failed: %s %s", self.request_id, self.role, error.code, error.message
+            )
+
+    def done(
+        self, finish_reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int
+    ) -> None:
+        if not self.wanted:
+            return
         fields = {
-            "role": role,
-            "finish_reason": done.finish_reason,
-            "prompt_tokens": done.prompt_tokens,
-            "completion_tokens": done.completion_tokens,
-            "cached_tokens": done.cached_tokens,
-            "seconds": round(time.monotonic() - start, 6),
+            "role": self.role,
+            "finish_reason": finish_reason,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "cached_tokens": cached_tokens,
+            "seconds": round(time.monotonic() - self._start, 6),
         }
         requests.info(
-            "request %s on %s: %s after %d prompt + %d completion tokens, %.3f s", request_id, role,
-            done.finish_reason, done.prompt_tokens, done.completion_tokens, fields["seconds"],
-            extra={"request_id": request_id, "fields": fields},
+            "request %s on %s: %s after %d prompt + %d completion tokens, %.3f s", self.request_id,
+            self.role, finish_reason, prompt_tokens, completion_tokens, fields["seconds"],
+            extra={"request_id": self.request_id, "fields": fields},
         )  # fmt: skip
