@@ -44,8 +44,9 @@ class Admission:
         self.in_flight = 0
         self.closing = False
         self._readers: set[asyncio.Task] = set()
-        """Tasks awaiting an event in `next`, and those of them `close` cancelled:"""
+        """Tasks awaiting an event in `next`."""
         self._stopped: set[asyncio.Task] = set()
+        """Readers that `close` cancelled (their `next` answers 503)."""
         self._queue: deque[asyncio.Future[None]] = deque()
 
     async def enter(self) -> Slot:

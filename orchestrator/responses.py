@@ -64,10 +64,8 @@ class Watch:
             raise ClientGone from None
         finally:
             self._running = None
-        if self.gone:  # left just as the work ended: the cancellation is still to land
-            try:
-                await asyncio.sleep(0)
-            except asyncio.CancelledError:
+        if self.gone:  # left as the work ended, or the work turned the cancellation into its own answer
+            if task.cancelling():
                 task.uncancel()
             raise ClientGone
         return result
@@ -95,6 +93,7 @@ class EventStream(StreamingResponse):
             await send({"type": "http.response.body", "body": last, "more_body": False})
         finally:
             self.watch.stop()
+            await self.body_iterator.aclose()  # sse_stream: its `finally` runs now, not when collected
             if self.background is not None:
                 await self.background()
 
@@ -120,12 +119,13 @@ async def respond(
     """Waits for the first event, then answers; the slot is released once the events are closed.
 
     A client that leaves while its request waits for output (its first token; or, not streaming,
-    the whole answer) ends it at once: both worker calls are cancelled and aborted, no KV stays.
+    the whole answer) ends it at once: its worker calls are cancelled and both workers abort it, no
+    KV stays.
     """
 
     async def finish() -> None:
         # Idempotent; also runs when the client left before the stream body started (then
-        # `sse_stream` never runs): closing the events cancels both worker calls and aborts.
+        # `sse_stream` never runs): closing the events cancels the worker calls and aborts.
         await events.aclose()
         slot.release()
 

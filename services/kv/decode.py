@@ -108,14 +108,16 @@ class RemotePrefill:
     def _done(self, outcome: AttachResult | HandoffError) -> None:
         if isinstance(outcome, AttachResult):
             self.result = outcome
-            if not self.cancelled:  # the first token goes out now, not after the step running meanwhile
-                lps = [outcome.first_logprob] if outcome.first_logprob is not None else []
-                first = [outcome.first_token_id]
-                out = RequestOutput(
-                    self.request_id, self.prompt, first, None, first, outcome.cached_tokens, lps
-                )
-                self.stream.put(out)
-            self.side.loop.call(self._arrived, outcome)
+            try:
+                if not self.cancelled:  # the first token goes out now, not after the step running meanwhile
+                    lps = [outcome.first_logprob] if outcome.first_logprob is not None else []
+                    first = [outcome.first_token_id]
+                    out = RequestOutput(
+                        self.request_id, self.prompt, first, None, first, outcome.cached_tokens, lps
+                    )
+                    self.stream.put(out)
+            finally:  # whatever happened above, the engine takes the request on (or frees it)
+                self.side.loop.call(self._arrived, outcome)
         else:
             self.side.settle.submit(self._failed, outcome)
 
@@ -138,11 +140,11 @@ class RemotePrefill:
         settled = any(side.client.release(self.prefill, self.room, reason) for _ in range(RELEASE_TRIES))
         if self.cancelled:
             err = HandoffError("ABORTED", f"request {self.request_id} aborted while waiting for KV")
-        else:  # the Attach failed: prefill's failure (or the way to it), so says `peer`
+        else:  # the Attach failed: prefill's failure (or the way to it) unless prefill says it was ours
             err = HandoffError(
                 err.code,
                 f"KV hand-off from prefill {self.prefill} (room {self.room}) failed: {err.message}",
-                peer="prefill",
+                peer="" if err.peer == "decode" else "prefill",
             )
 
         side.loop.call(side.fail, self.request_id, err, settled)

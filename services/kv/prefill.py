@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.engine import RequestOutput, SamplingParams
+from services.engine import InvalidRequestError, RequestOutput, SamplingParams
 from services.engine.loop import EngineDead, EngineLoop
 from services.kv.layout import KVLayout, LayoutMismatch
 from services.kv.pages import KVRegion, copy_descriptors
@@ -226,6 +226,8 @@ class PrefillHandoff:
             self.loop.run(start)
         except EngineDead as e:
             room.fail("UNAVAILABLE", f"room {room.room_id}: prefill engine is down: {e}")
+        except InvalidRequestError as e:  # the id is still in use: an earlier attempt's room is ending
+            room.fail("UNAVAILABLE", f"room {room.room_id}: {e}; retry")
         except Exception as e:
             room.fail("INVALID_ARGUMENT", f"room {room.room_id}: {e}")
 

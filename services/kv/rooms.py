@@ -70,10 +70,10 @@ class Room:
     def done(self) -> bool:
         return self.result is not None or self.error is not None
 
-    def fail(self, code: str, message: str) -> None:
+    def fail(self, code: str, message: str, peer: str = "") -> None:
         with self.changed:
             if not self.done:
-                self.error = HandoffError(code, message)
+                self.error = HandoffError(code, message, peer)
             self.changed.notify_all()
 
     def succeed(self, result: AttachResult) -> None:

@@ -11,6 +11,7 @@ from services.worker import messages as msg
 from services.worker import proto_convert
 from services.worker.dp_controller import CallFailed, DPController
 from services.worker.faults import Refusals
+from services.worker.servicer import abort_with
 
 RELEASE_TIMEOUT_S = 20.0
 """Longer than a rank's wait for a room's writes to settle, shorter than decode's wait for us."""
@@ -32,6 +33,8 @@ class KVHandoffServicer(kvpb_grpc.KVHandoffServicer):
             rank = ctl.enter_room(request.room, lambda: ctl.place(pinned))
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if forwarded:  # it counts in the ranks' load as a Generate would
+            ctl.started(rank)
         try:
             spec = proto_convert.attach_from_proto(request)
             call = ctl.call(rank, lambda cid: msg.Attach(cid, spec))
@@ -40,8 +43,10 @@ class KVHandoffServicer(kvpb_grpc.KVHandoffServicer):
             try:
                 return proto_convert.result_to_proto(call.result())
             except CallFailed as e:
-                context.abort(grpc.StatusCode[e.code], e.message)
+                abort_with(context, e)
         finally:
+            if forwarded:
+                ctl.finished(rank)
             ctl.leave_room(request.room)
 
     def Release(self, request: kvpb.ReleaseRequest, context: grpc.ServicerContext) -> kvpb.ReleaseResponse:

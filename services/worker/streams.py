@@ -27,7 +27,8 @@ def stream_outputs(
     """Yield chunks (when streaming) and the final GenerateComplete of `request_id`.
 
     `last_in_complete` (decode-first, whose router reads them from `output_ids`): the last step's
-    tokens go in the GenerateComplete alone, one message fewer per request.
+    tokens go in the GenerateComplete alone (one message fewer, unless the first token is the last:
+    decode sends that one as soon as the KV arrives).
 
     If the caller goes away, `abort(request_id)` runs on the loop (so the pages come back) and the
     reader is woken; aborting a finished request is a no-op. Engine errors and hand-off failures
@@ -80,11 +81,11 @@ class RequestLog:
         return self
 
     def __exit__(self, kind, error, tb) -> None:
-        REQUEST_ID.reset(self._token)
-        if isinstance(error, HandoffError):
+        if isinstance(error, HandoffError):  # logged while the request's id is still in the context
             requests.info(
                 "request %s on %s failed: %s %s", self.request_id, self.role, error.code, error.message
             )
+        REQUEST_ID.reset(self._token)
 
     def done(
         self, finish_reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int

@@ -11,7 +11,7 @@ import pytest
 
 from services.engine import Engine, SamplingParams
 from services.engine.loop import EngineLoop, RequestStream
-from services.kv import AttachResult, KVLayout, KVRegion
+from services.kv import AttachResult, HandoffError, KVLayout, KVRegion
 from services.kv.decode import DecodeHandoff
 
 PROMPT = list(range(5, 30))
@@ -85,3 +85,18 @@ def test_a_request_cancelled_while_its_kv_was_on_the_way_ends_when_it_arrives(de
     last = outputs(stream)[-1]
     assert last.finish_reason == "abort" and len(last.output_token_ids) <= 1  # not run on to 200
     assert loop.run(lambda: engine.kv_stats().used_pages) == 0 and engine.num_running == 0
+
+
+@pytest.mark.parametrize(("prefill_says", "blamed"), [("", "prefill"), ("decode", "")])
+def test_a_failed_attach_names_the_prefill_unless_prefill_says_the_decode_side_failed(
+    decode, prefill_says, blamed
+):
+    engine, loop, side, client = decode
+    stream = start(loop, side, f"failed-{prefill_says}", 4)
+    answer = client.pending.get(timeout=10)
+    answer(HandoffError("UNAVAILABLE", "the KV transfer failed", peer=prefill_says))
+    with pytest.raises(HandoffError) as e:
+        outputs(stream)
+    assert e.value.code == "UNAVAILABLE" and e.value.peer == blamed  # whom the router then avoids
+    assert "KV hand-off from prefill" in e.value.message
+    assert loop.run(lambda: engine.kv_stats().used_pages) == 0
