@@ -70,7 +70,6 @@ class RemotePrefill:
     ):
         self.side, self.request_id, self.room, self.prefill = side, request_id, room, prefill
         self.prompt, self.stream, self.forward = prompt, stream, forward
-        self.prompt_len = len(prompt)
         self.result: AttachResult | None = None
         self._cancel: Callable[[], None] | None = None
         self.cancelled = False
@@ -91,7 +90,7 @@ class RemotePrefill:
             kv_base=side.region.base,
             layer_stride=side.region.layer_stride,
             page_ids=tuple(pages),
-            num_prompt_tokens=self.prompt_len,
+            num_prompt_tokens=len(self.prompt),
             forwarded=self.forward.request if self.forward else b"",
             prefill_rank=self.forward.prefill_rank if self.forward else None,
         )
