@@ -5,7 +5,9 @@ request from the router. Decode-first sends it to the decode instance alone, wit
 `FORWARD` (a prefill DP rank, or `ANY_RANK`); the decode rank forwards the request to prefill in
 its KV Attach (`kv_handoff.proto`), so the router holds one stream per request. A decode Generate
 that fails because of its prefill says so in its trailing metadata (`FAILED_PEER` = "prefill"), so
-the router avoids the right instance. Workers that serve it say so in GetServerInfo's server_args
+the router avoids the right instance. With `TOKEN_FEED` (the router's feed id) the prefill also
+sends the request's first token on the router's FirstTokens stream as soon as it is sampled
+(`kv_handoff.proto`). Workers that serve it say so in GetServerInfo's server_args
 (`SERVER_ARG` = true); the router uses it only when both sides of a pair do, and dual dispatch
 otherwise (SGLang workers). Dependency-free: both sides import it.
 """
@@ -15,22 +17,28 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 FORWARD = "moeserve-forward-prefill"
+TOKEN_FEED = "moeserve-token-feed"
 ANY_RANK = "any"
 FAILED_PEER = "moeserve-failed-peer"
 SERVER_ARG = "moeserve_decode_first"
 
 
-def forward_metadata(prefill_rank: int | None) -> tuple[tuple[str, str], ...]:
-    """The call metadata asking a decode instance to forward the request to prefill (rank pinned or not)."""
-    return ((FORWARD, ANY_RANK if prefill_rank is None else str(prefill_rank)),)
+def forward_metadata(prefill_rank: int | None, feed: str = "") -> tuple[tuple[str, str], ...]:
+    """The call metadata asking a decode instance to forward the request to prefill (rank pinned or
+    not), and the prefill to send its first token on the router's `feed` too (if any)."""
+    forward = ((FORWARD, ANY_RANK if prefill_rank is None else str(prefill_rank)),)
+    return (*forward, (TOKEN_FEED, feed)) if feed else forward
 
 
-def requested(metadata: Iterable[tuple[str, str]] | None) -> tuple[bool, int | None]:
-    """Whether a call's metadata asks for decode-first, and the prefill DP rank it names."""
+def requested(metadata: Iterable[tuple[str, str]] | None) -> tuple[bool, int | None, str]:
+    """Whether a call's metadata asks for decode-first, the prefill DP rank and the feed it names."""
+    forward, rank, feed = False, None, ""
     for key, value in metadata or ():
         if key == FORWARD:
-            return True, int(value) if value.isdigit() else None
-    return False, None
+            forward, rank = True, int(value) if value.isdigit() else None
+        elif key == TOKEN_FEED:
+            feed = value
+    return forward, rank, feed
 
 
 def failed_peer(metadata: Iterable[tuple[str, str]] | None) -> str:

@@ -37,6 +37,8 @@ class Forward:
     request: bytes
     """The router's GenerateRequest, serialized (prefill reads it as if it had been sent there)."""
     prefill_rank: int | None = None
+    token_feed: str = ""
+    """The router's FirstTokens feed on the prefill instance, for the first token as it is sampled."""
 
 
 class AttachClient(Protocol):
@@ -93,6 +95,7 @@ class RemotePrefill:
             num_prompt_tokens=len(self.prompt),
             forwarded=self.forward.request if self.forward else b"",
             prefill_rank=self.forward.prefill_rank if self.forward else None,
+            token_feed=self.forward.token_feed if self.forward else "",
         )
         self._cancel = side.client.attach(self.prefill, spec, side.prefill_timeout_s, self._done)
 

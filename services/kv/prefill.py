@@ -11,6 +11,8 @@ room with an error; the error is answered only once writes have settled.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.engine import InvalidRequestError, RequestOutput, SamplingParams
@@ -20,6 +22,8 @@ from services.kv.pages import KVRegion, copy_descriptors
 from services.kv.rooms import AttachResult, AttachSpec, Room, RoomTable
 from services.kv.sender import Finish, KVSender, Write
 from services.kv.status import Caller, HandoffError
+
+log = logging.getLogger(__name__)
 
 SETTLE_S = 10.0
 """Longest a room's error or release waits for the writes queued before it."""
@@ -32,13 +36,21 @@ class Forwarded:
     request_id: str
     prompt: list[int]
     params: SamplingParams
+    on_first: Callable[[RequestOutput], None] | None = None
+    """Told the prompt's output (its first token) as soon as it is sampled, before the KV is sent."""
 
 
 class RoomListener:
     """KVListener for one room: turns finished layers into queued page writes (engine thread)."""
 
-    def __init__(self, side: PrefillHandoff, room: Room, spec: AttachSpec):
-        self.side, self.room = side, room
+    def __init__(
+        self,
+        side: PrefillHandoff,
+        room: Room,
+        spec: AttachSpec,
+        on_first: Callable[[RequestOutput], None] | None = None,
+    ):
+        self.side, self.room, self.on_first = side, room, on_first
         self.dst = KVRegion(spec.kv_base, spec.layer_stride, side.region.entry_bytes, side.region.page_size)
         self.dst_pages = list(spec.page_ids)
         self.deferred: list[tuple[list[int], list[int], list[int]]] | None = (
@@ -57,6 +69,11 @@ class RoomListener:
             self.side.sender.put(Write(self.room, descs))
 
     def on_finish(self, output: RequestOutput) -> None:
+        if self.on_first is not None and output.finish_reason != "abort":
+            try:
+                self.on_first(output)
+            except Exception:  # never into the engine's step; decode still delivers the token
+                log.exception("room %d: could not send the first token ahead", self.room.room_id)
         if self.deferred and output.finish_reason != "abort":
             merged = tuple([x for d in self.deferred for x in d[i]] for i in range(3))
             self.side.sender.put(Write(self.room, merged))  # type: ignore[arg-type]
@@ -152,7 +169,7 @@ class PrefillHandoff:
                     room.request_id, room.prompt = forwarded.request_id, forwarded.prompt
                 room.changed.notify_all()
             if forwarded is not None:
-                self._start(room, forwarded.params)
+                self._start(room, forwarded.params, forwarded.on_first)
             elif not self._wait(room, lambda: room.prompt is not None, self.handoff_timeout_s, caller):
                 room.fail(
                     "DEADLINE_EXCEEDED",
@@ -194,7 +211,9 @@ class PrefillHandoff:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _start(self, room: Room, params: SamplingParams) -> None:
+    def _start(
+        self, room: Room, params: SamplingParams, on_first: Callable[[RequestOutput], None] | None = None
+    ) -> None:
         spec, prompt = room.attach, room.prompt
         assert spec is not None and prompt is not None
         if spec.num_prompt_tokens != len(prompt):
@@ -214,7 +233,7 @@ class PrefillHandoff:
             return
         # Prefill samples exactly the first token; decode samples the rest with the same params.
         first = SamplingParams(**{**params.__dict__, "max_tokens": 1})
-        listener = RoomListener(self, room, spec)
+        listener = RoomListener(self, room, spec, on_first)
 
         def start() -> None:
             if room.done:  # aborted or released while this command waited in the queue

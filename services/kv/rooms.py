@@ -36,6 +36,8 @@ class AttachSpec:
     own; empty when prefill gets a Generate of its own (dual dispatch)."""
     prefill_rank: int | None = None
     """Decode-first: the prefill DP rank the router chose (None: prefill places it)."""
+    token_feed: str = ""
+    """Decode-first: the router's FirstTokens feed that wants the first token as it is sampled."""
 
 
 @dataclass(frozen=True)

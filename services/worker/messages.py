@@ -1,7 +1,8 @@
 """What crosses the boundary between an instance's DP controller (rank 0) and its ranks.
 
 Every call the controller hands a rank is a `Command` with a call id; the rank answers with
-`Reply` values (a stream for Generate, one value otherwise), then `End`, or with one `Failure`.
+`Reply` values (a stream for Generate; one value otherwise, after a `FirstToken` for an Attach
+whose router takes first tokens ahead), then `End`, or with one `Failure`.
 `Cancel` tells the rank that the caller went away. Messages are plain frozen dataclasses, pickled
 on the wire between processes (instance ranks trust each other, as torch.distributed ranks do).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from services.engine import RequestOutput
 from services.engine.stats import StepStats
 from services.kv import AttachSpec
 from services.kv.sender import TransferStats
@@ -32,6 +34,8 @@ class Generate(Command):
     """Decode-first (decode only): forward the request to prefill in the KV Attach."""
     prefill_rank: int | None = None
     """Decode-first: the prefill DP rank the router chose for it."""
+    token_feed: str = ""
+    """Decode-first: the router's FirstTokens feed on the prefill instance ("": none)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,23 @@ class Attach(Command):
     """A decode rank attaches its pages to a room on this (prefill) rank: replies an AttachResult."""
 
     spec: AttachSpec | None = None
+
+
+@dataclass(frozen=True)
+class FirstToken:
+    """Prefill (decode-first): a forwarded request's first token, replied on its Attach call ahead of
+    the AttachResult, for the router's FirstTokens feed."""
+
+    room: int
+    request_id: str
+    token_id: int
+    prompt_tokens: int
+    cached_tokens: int
+
+    @classmethod
+    def of(cls, room: int, request_id: str, out: RequestOutput) -> FirstToken:
+        """From the prompt's output on the prefill rank (its one token is the first)."""
+        return cls(room, request_id, out.output_token_ids[0], len(out.prompt_token_ids), out.cached_tokens)
 
 
 @dataclass(frozen=True)

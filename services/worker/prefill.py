@@ -1,7 +1,10 @@
 """The KVHandoff gRPC service of a prefill instance (rank 0): Attach and Release, handed to the
-DP rank that serves the room (see `services.kv.prefill` for what the rank does)."""
+DP rank that serves the room (see `services.kv.prefill` for what the rank does), and the routers'
+FirstTokens feeds (`services.worker.first_tokens`)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import grpc
 
@@ -11,6 +14,7 @@ from services.worker import messages as msg
 from services.worker import proto_convert
 from services.worker.dp_controller import CallFailed, DPController
 from services.worker.faults import Refusals
+from services.worker.first_tokens import FirstTokenFeeds
 from services.worker.servicer import abort_with
 
 RELEASE_TIMEOUT_S = 20.0
@@ -20,8 +24,8 @@ RELEASE_TIMEOUT_S = 20.0
 class KVHandoffServicer(kvpb_grpc.KVHandoffServicer):
     """Decode ranks attach their pages to rooms here; prefill writes the prompt KV into them."""
 
-    def __init__(self, controller: DPController, refusals: Refusals):
-        self.ctl, self.refusals = controller, refusals
+    def __init__(self, controller: DPController, refusals: Refusals, feeds: FirstTokenFeeds):
+        self.ctl, self.refusals, self.feeds = controller, refusals, feeds
 
     def Attach(self, request: kvpb.AttachRequest, context: grpc.ServicerContext) -> kvpb.AttachResponse:
         ctl = self.ctl
@@ -41,13 +45,40 @@ class KVHandoffServicer(kvpb_grpc.KVHandoffServicer):
             if not context.add_callback(call.cancel):
                 call.cancel()  # the caller went away before the callback was in place
             try:
-                return proto_convert.result_to_proto(call.result())
+                for value in call:  # a router's first token (decode-first with a feed), then the result
+                    if isinstance(value, msg.FirstToken):
+                        self.feeds.publish(spec.token_feed, value)
+                    else:
+                        return proto_convert.result_to_proto(value)
             except CallFailed as e:
                 abort_with(context, e)
+            context.abort(grpc.StatusCode.INTERNAL, f"prefill answered nothing for room {request.room}")
         finally:
             if forwarded:
                 ctl.finished(rank)
             ctl.leave_room(request.room)
+
+    def FirstTokens(
+        self, request: kvpb.FirstTokensRequest, context: grpc.ServicerContext
+    ) -> Iterator[kvpb.FirstTokenBatch]:
+        feed = self.feeds.subscribe(request.feed)
+        context.add_callback(feed.close)  # the router went: stop waiting at once
+        try:
+            for batch in feed.batches(context.is_active):
+                yield kvpb.FirstTokenBatch(
+                    tokens=[
+                        kvpb.FirstToken(
+                            room=t.room,
+                            request_id=t.request_id,
+                            token_id=t.token_id,
+                            prompt_tokens=t.prompt_tokens,
+                            cached_tokens=t.cached_tokens,
+                        )
+                        for t in batch
+                    ]
+                )
+        finally:
+            self.feeds.unsubscribe(request.feed, feed)
 
     def Release(self, request: kvpb.ReleaseRequest, context: grpc.ServicerContext) -> kvpb.ReleaseResponse:
         rank = self.ctl.room_rank(request.room)

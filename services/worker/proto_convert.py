@@ -141,6 +141,7 @@ def attach_to_proto(spec: AttachSpec) -> kvpb.AttachRequest:
         num_prompt_tokens=spec.num_prompt_tokens,
         forwarded_request=spec.forwarded,
         prefill_dp_rank=spec.prefill_rank,
+        token_feed=spec.token_feed,
     )
 
 
@@ -156,6 +157,7 @@ def attach_from_proto(msg: kvpb.AttachRequest) -> AttachSpec:
         num_prompt_tokens=msg.num_prompt_tokens,
         forwarded=msg.forwarded_request,
         prefill_rank=msg.prefill_dp_rank if msg.HasField("prefill_dp_rank") else None,
+        token_feed=msg.token_feed,
     )
 
 

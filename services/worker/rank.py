@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
-from services.engine import Engine, InvalidRequestError, SamplingParams
+from services.engine import Engine, InvalidRequestError, RequestOutput, SamplingParams
 from services.engine.loop import EngineDead, EngineLoop, RequestStream
 from services.ep import ExpertPlacement
 from services.kv import AttachResult, AttachSpec, HandoffError, KVLayout, KVRegion, TransferEngine
@@ -143,12 +143,20 @@ class Rank:
     def _answer(self, command: msg.Command, call: RankCall) -> Iterator[Any]:
         if isinstance(command, msg.Generate):
             request = pb.GenerateRequest.FromString(command.request)
-            forward = Forward(command.request, command.prefill_rank) if command.forward else None
+            forward = (
+                Forward(command.request, command.prefill_rank, command.token_feed)
+                if command.forward
+                else None
+            )
             yield from logged(request.request_id, self.config.role, self._generate(request, call, forward))
         elif isinstance(command, msg.Attach):
             assert self.prefill is not None and command.spec is not None
             spec = command.spec
-            yield self._forwarded(spec, call) if spec.forwarded else self.prefill.attach(spec, call)
+            yield (
+                self._forwarded(spec, call, command.call_id)
+                if spec.forwarded
+                else self.prefill.attach(spec, call)
+            )
         elif isinstance(command, msg.Release):
             assert self.prefill is not None
             yield self.prefill.release(command.room, command.reason)
@@ -178,14 +186,20 @@ class Rank:
             raise HandoffError("INVALID_ARGUMENT", str(e)) from None
         return prompt, params
 
-    def _forwarded(self, spec: AttachSpec, call: RankCall) -> AttachResult:
-        """Decode-first: the Attach brought the request; serve it as this rank's own Generate."""
+    def _forwarded(self, spec: AttachSpec, call: RankCall, call_id: int) -> AttachResult:
+        """Decode-first: the Attach brought the request; serve it as this rank's own Generate. For a
+        router's feed, its first token goes back on the call as sampled, ahead of the AttachResult."""
         assert self.prefill is not None
         request = pb.GenerateRequest.FromString(spec.forwarded)
         prompt, params = self._checked(request)
         rid = request.request_id or f"room-{spec.room}"
+
+        def first(out: RequestOutput) -> None:  # engine thread
+            self.reply(msg.Reply(call_id, msg.FirstToken.of(spec.room, rid, out)))
+
+        on_first = first if spec.token_feed else None
         with RequestLog(request.request_id, "prefill") as log:
-            res = self.prefill.attach(spec, call, Forwarded(rid, prompt, params))
+            res = self.prefill.attach(spec, call, Forwarded(rid, prompt, params, on_first))
         log.done("length", len(prompt), 1, res.cached_tokens)  # as its Generate would have ended
         return res
 

@@ -16,6 +16,7 @@ from services.worker.config import WorkerConfig
 from services.worker.control import ControlServicer
 from services.worker.dp_controller import DPController
 from services.worker.faults import Refusals
+from services.worker.first_tokens import FirstTokenFeeds
 from services.worker.prefill import KVHandoffServicer
 from services.worker.servicer import SchedulerServicer
 
@@ -59,4 +60,5 @@ def add_services(
     control = ControlServicer(engine, controller, config.eplb_interval_s, config.eplb_tolerance)
     ctl_grpc.add_WorkerControlServicer_to_server(control, server)
     if config.role == "prefill":
-        kvpb_grpc.add_KVHandoffServicer_to_server(KVHandoffServicer(controller, refusals), server)
+        handoff = KVHandoffServicer(controller, refusals, FirstTokenFeeds())
+        kvpb_grpc.add_KVHandoffServicer_to_server(handoff, server)

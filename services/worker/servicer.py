@@ -95,9 +95,9 @@ class SchedulerServicer(PrefixCacheRpcs, pb_grpc.SglangSchedulerServicer):
         if self.refusals.take():  # fault injection (tests): refuse as an overloaded worker would
             context.abort(grpc.StatusCode.UNAVAILABLE, Refusals.MESSAGE)
         ctl = self.ctl
-        forward, prefill_rank = False, None
+        forward, prefill_rank, feed = False, None, ""
         if self.config.role == "decode":
-            forward, prefill_rank = decode_first.requested(context.invocation_metadata())
+            forward, prefill_rank, feed = decode_first.requested(context.invocation_metadata())
         pinned = request.data_parallel_rank if request.HasField("data_parallel_rank") else None
         dp = request.disaggregated_params if request.HasField("disaggregated_params") else None
         room = (
@@ -112,7 +112,7 @@ class SchedulerServicer(PrefixCacheRpcs, pb_grpc.SglangSchedulerServicer):
         ctl.started(rank)
         try:
             call = ctl.call(
-                rank, lambda cid: msg.Generate(cid, request.SerializeToString(), forward, prefill_rank)
+                rank, lambda cid: msg.Generate(cid, request.SerializeToString(), forward, prefill_rank, feed)
             )
             if not context.add_callback(call.cancel):
                 call.cancel()  # the caller went away before the callback was in place

@@ -18,6 +18,8 @@ from smg_grpc_proto.generated import common_pb2
 from services import decode_first
 from services.engine import Engine, SamplingParams
 from services.process import free_port
+from services.proto.moeserve.v1 import kv_handoff_pb2 as kvpb
+from services.proto.moeserve.v1 import kv_handoff_pb2_grpc as kvpb_grpc
 from tests.cluster import LocalCluster
 
 PROMPT = list(range(5, 70))
@@ -101,6 +103,42 @@ def test_decode_first_one_call_carries_the_request_to_prefill(pair, expected):
         done = out[-1].complete
         assert list(done.output_ids) == expected.output_token_ids and done.finish_reason == "length"
         assert streamed == expected.output_token_ids[:-1]  # one message fewer
+    pair.assert_idle()
+
+
+def test_decode_first_sends_the_first_token_on_the_routers_feed_as_prefill_samples_it(pair, expected):
+    """A router subscribed to prefill's FirstTokens gets the first token of each decode-first request
+    that names its feed (by room, the same token decode then sends); a request that names no feed, or
+    another router's, puts nothing on it; a second subscriber of the feed ends the first's stream."""
+    channel = grpc.insecure_channel(pair.addresses["prefill"])
+    feed = kvpb_grpc.KVHandoffStub(channel).FirstTokens(kvpb.FirstTokensRequest(feed="router-a"), timeout=60)
+    tokens: list = []
+    pool = cf.ThreadPoolExecutor(1)
+    reader = pool.submit(lambda: [tokens.extend(b.tokens) for b in feed])
+    time.sleep(0.5)  # subscribed
+    named, other, unnamed = next(rooms), next(rooms), next(rooms)
+    for room, meta in (
+        (named, decode_first.forward_metadata(None, "router-a")),
+        (other, decode_first.forward_metadata(None, "router-b")),
+        (unnamed, decode_first.forward_metadata(None)),
+    ):
+        out = list(
+            pair.stub("decode").Generate(request(pair.addresses["prefill"], room), timeout=60, metadata=meta)
+        )
+        assert list(out[-1].complete.output_ids) == expected.output_token_ids
+    deadline = time.monotonic() + 10
+    while not tokens and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [(t.room, t.request_id, t.token_id) for t in tokens] == [
+        (named, f"req-{named}", expected.output_token_ids[0])
+    ]
+    assert tokens[0].prompt_tokens == len(PROMPT)
+    again = kvpb_grpc.KVHandoffStub(channel).FirstTokens(kvpb.FirstTokensRequest(feed="router-a"), timeout=2)
+    reader.result(timeout=10)  # the first stream ended when the feed was taken over
+    with pytest.raises(grpc.RpcError):
+        next(again)  # nothing on the new stream either (it ends at its deadline)
+    pool.shutdown()
+    channel.close()
     pair.assert_idle()
 
 

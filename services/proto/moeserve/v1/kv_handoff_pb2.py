@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmoeserve/v1/kv_handoff.proto\x12\x0bmoeserve.v1\"\x80\x01\n\x08KVLayout\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x13\n\x0b\x65ntry_shape\x18\x03 \x03(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x06 \x01(\t\"\xa7\x02\n\rAttachRequest\x12\x0c\n\x04room\x18\x01 \x01(\x05\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12%\n\x06layout\x18\x03 \x01(\x0b\x32\x15.moeserve.v1.KVLayout\x12\x18\n\x10transfer_session\x18\x04 \x01(\t\x12\x17\n\x0fkv_base_address\x18\x05 \x01(\x04\x12\x1a\n\x12layer_stride_bytes\x18\x06 \x01(\x04\x12\x10\n\x08page_ids\x18\x07 \x03(\r\x12\x19\n\x11num_prompt_tokens\x18\x08 \x01(\r\x12\x19\n\x11\x66orwarded_request\x18\n \x01(\x0c\x12\x1c\n\x0fprefill_dp_rank\x18\x0b \x01(\rH\x00\x88\x01\x01\x42\x12\n\x10_prefill_dp_rankJ\x04\x08\t\x10\n\"\xe4\x01\n\x0e\x41ttachResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x19\n\x11transferred_bytes\x18\x04 \x01(\x04\x12 \n\x13\x66irst_token_logprob\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x13\x66irst_top_token_ids\x18\x06 \x03(\r\x12\x1a\n\x12\x66irst_top_logprobs\x18\x07 \x03(\x02\x42\x16\n\x14_first_token_logprob\".\n\x0eReleaseRequest\x12\x0c\n\x04room\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\x94\x01\n\tKVHandoff\x12\x41\n\x06\x41ttach\x12\x1a.moeserve.v1.AttachRequest\x1a\x1b.moeserve.v1.AttachResponse\x12\x44\n\x07Release\x12\x1b.moeserve.v1.ReleaseRequest\x1a\x1c.moeserve.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmoeserve/v1/kv_handoff.proto\x12\x0bmoeserve.v1\"\x80\x01\n\x08KVLayout\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x13\n\x0b\x65ntry_shape\x18\x03 \x03(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x06 \x01(\t\"\xbb\x02\n\rAttachRequest\x12\x0c\n\x04room\x18\x01 \x01(\x05\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12%\n\x06layout\x18\x03 \x01(\x0b\x32\x15.moeserve.v1.KVLayout\x12\x18\n\x10transfer_session\x18\x04 \x01(\t\x12\x17\n\x0fkv_base_address\x18\x05 \x01(\x04\x12\x1a\n\x12layer_stride_bytes\x18\x06 \x01(\x04\x12\x10\n\x08page_ids\x18\x07 \x03(\r\x12\x19\n\x11num_prompt_tokens\x18\x08 \x01(\r\x12\x19\n\x11\x66orwarded_request\x18\n \x01(\x0c\x12\x1c\n\x0fprefill_dp_rank\x18\x0b \x01(\rH\x00\x88\x01\x01\x12\x12\n\ntoken_feed\x18\x0c \x01(\tB\x12\n\x10_prefill_dp_rankJ\x04\x08\t\x10\n\"\xe4\x01\n\x0e\x41ttachResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x19\n\x11transferred_bytes\x18\x04 \x01(\x04\x12 \n\x13\x66irst_token_logprob\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x13\x66irst_top_token_ids\x18\x06 \x03(\r\x12\x1a\n\x12\x66irst_top_logprobs\x18\x07 \x03(\x02\x42\x16\n\x14_first_token_logprob\".\n\x0eReleaseRequest\x12\x0c\n\x04room\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\"\n\x12\x46irstTokensRequest\x12\x0c\n\x04\x66\x65\x65\x64\x18\x01 \x01(\t\"n\n\nFirstToken\x12\x0c\n\x04room\x18\x01 \x01(\x05\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x10\n\x08token_id\x18\x03 \x01(\r\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\":\n\x0f\x46irstTokenBatch\x12\'\n\x06tokens\x18\x01 \x03(\x0b\x32\x17.moeserve.v1.FirstToken2\xe4\x01\n\tKVHandoff\x12\x41\n\x06\x41ttach\x12\x1a.moeserve.v1.AttachRequest\x1a\x1b.moeserve.v1.AttachResponse\x12\x44\n\x07Release\x12\x1b.moeserve.v1.ReleaseRequest\x1a\x1c.moeserve.v1.ReleaseResponse\x12N\n\x0b\x46irstTokens\x12\x1f.moeserve.v1.FirstTokensRequest\x1a\x1c.moeserve.v1.FirstTokenBatch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVLAYOUT']._serialized_start=46
   _globals['_KVLAYOUT']._serialized_end=174
   _globals['_ATTACHREQUEST']._serialized_start=177
-  _globals['_ATTACHREQUEST']._serialized_end=472
-  _globals['_ATTACHRESPONSE']._serialized_start=475
-  _globals['_ATTACHRESPONSE']._serialized_end=703
-  _globals['_RELEASEREQUEST']._serialized_start=705
-  _globals['_RELEASEREQUEST']._serialized_end=751
-  _globals['_RELEASERESPONSE']._serialized_start=753
-  _globals['_RELEASERESPONSE']._serialized_end=788
-  _globals['_KVHANDOFF']._serialized_start=791
-  _globals['_KVHANDOFF']._serialized_end=939
+  _globals['_ATTACHREQUEST']._serialized_end=492
+  _globals['_ATTACHRESPONSE']._serialized_start=495
+  _globals['_ATTACHRESPONSE']._serialized_end=723
+  _globals['_RELEASEREQUEST']._serialized_start=725
+  _globals['_RELEASEREQUEST']._serialized_end=771
+  _globals['_RELEASERESPONSE']._serialized_start=773
+  _globals['_RELEASERESPONSE']._serialized_end=808
+  _globals['_FIRSTTOKENSREQUEST']._serialized_start=810
+  _globals['_FIRSTTOKENSREQUEST']._serialized_end=844
+  _globals['_FIRSTTOKEN']._serialized_start=846
+  _globals['_FIRSTTOKEN']._serialized_end=956
+  _globals['_FIRSTTOKENBATCH']._serialized_start=958
+  _globals['_FIRSTTOKENBATCH']._serialized_end=1016
+  _globals['_KVHANDOFF']._serialized_start=1019
+  _globals['_KVHANDOFF']._serialized_end=1247
 # @@protoc_insertion_point(module_scope)

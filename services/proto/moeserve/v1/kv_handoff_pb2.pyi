@@ -23,7 +23,7 @@ class KVLayout(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., entry_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., page_size: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("room", "request_id", "layout", "transfer_session", "kv_base_address", "layer_stride_bytes", "page_ids", "num_prompt_tokens", "forwarded_request", "prefill_dp_rank")
+    __slots__ = ("room", "request_id", "layout", "transfer_session", "kv_base_address", "layer_stride_bytes", "page_ids", "num_prompt_tokens", "forwarded_request", "prefill_dp_rank", "token_feed")
     ROOM_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class AttachRequest(_message.Message):
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FORWARDED_REQUEST_FIELD_NUMBER: _ClassVar[int]
     PREFILL_DP_RANK_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FEED_FIELD_NUMBER: _ClassVar[int]
     room: int
     request_id: str
     layout: KVLayout
@@ -44,7 +45,8 @@ class AttachRequest(_message.Message):
     num_prompt_tokens: int
     forwarded_request: bytes
     prefill_dp_rank: int
-    def __init__(self, room: _Optional[int] = ..., request_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., transfer_session: _Optional[str] = ..., kv_base_address: _Optional[int] = ..., layer_stride_bytes: _Optional[int] = ..., page_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., forwarded_request: _Optional[bytes] = ..., prefill_dp_rank: _Optional[int] = ...) -> None: ...
+    token_feed: str
+    def __init__(self, room: _Optional[int] = ..., request_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., transfer_session: _Optional[str] = ..., kv_base_address: _Optional[int] = ..., layer_stride_bytes: _Optional[int] = ..., page_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., forwarded_request: _Optional[bytes] = ..., prefill_dp_rank: _Optional[int] = ..., token_feed: _Optional[str] = ...) -> None: ...
 
 class AttachResponse(_message.Message):
     __slots__ = ("first_token_id", "prompt_tokens", "cached_tokens", "transferred_bytes", "first_token_logprob", "first_top_token_ids", "first_top_logprobs")
@@ -77,3 +79,29 @@ class ReleaseResponse(_message.Message):
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     released: bool
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
+
+class FirstTokensRequest(_message.Message):
+    __slots__ = ("feed",)
+    FEED_FIELD_NUMBER: _ClassVar[int]
+    feed: str
+    def __init__(self, feed: _Optional[str] = ...) -> None: ...
+
+class FirstToken(_message.Message):
+    __slots__ = ("room", "request_id", "token_id", "prompt_tokens", "cached_tokens")
+    ROOM_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    room: int
+    request_id: str
+    token_id: int
+    prompt_tokens: int
+    cached_tokens: int
+    def __init__(self, room: _Optional[int] = ..., request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+
+class FirstTokenBatch(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[FirstToken]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[FirstToken, _Mapping]]] = ...) -> None: ...

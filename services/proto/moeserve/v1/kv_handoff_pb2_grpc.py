@@ -44,6 +44,11 @@ class KVHandoffStub:
                 request_serializer=moeserve_dot_v1_dot_kv__handoff__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=moeserve_dot_v1_dot_kv__handoff__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.FirstTokens = channel.unary_stream(
+                '/moeserve.v1.KVHandoff/FirstTokens',
+                request_serializer=moeserve_dot_v1_dot_kv__handoff__pb2.FirstTokensRequest.SerializeToString,
+                response_deserializer=moeserve_dot_v1_dot_kv__handoff__pb2.FirstTokenBatch.FromString,
+                _registered_method=True)
 
 
 class KVHandoffServicer:
@@ -67,6 +72,15 @@ class KVHandoffServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FirstTokens(self, request, context):
+        """The first tokens of the forwarded requests that name `feed`, in batches, as prefill samples them
+        (a token whose request then fails is still a real first token: the router migrates from it).
+        One stream per router; a second subscriber of the same feed replaces the first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVHandoffServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +93,11 @@ def add_KVHandoffServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=moeserve_dot_v1_dot_kv__handoff__pb2.ReleaseRequest.FromString,
                     response_serializer=moeserve_dot_v1_dot_kv__handoff__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'FirstTokens': grpc.unary_stream_rpc_method_handler(
+                    servicer.FirstTokens,
+                    request_deserializer=moeserve_dot_v1_dot_kv__handoff__pb2.FirstTokensRequest.FromString,
+                    response_serializer=moeserve_dot_v1_dot_kv__handoff__pb2.FirstTokenBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +154,33 @@ class KVHandoff:
             '/moeserve.v1.KVHandoff/Release',
             moeserve_dot_v1_dot_kv__handoff__pb2.ReleaseRequest.SerializeToString,
             moeserve_dot_v1_dot_kv__handoff__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FirstTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moeserve.v1.KVHandoff/FirstTokens',
+            moeserve_dot_v1_dot_kv__handoff__pb2.FirstTokensRequest.SerializeToString,
+            moeserve_dot_v1_dot_kv__handoff__pb2.FirstTokenBatch.FromString,
             options,
             channel_credentials,
             insecure,
