@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
+from orchestrator import first_tokens, metrics
 from orchestrator.errors import ApiError, upstream_error
 from orchestrator.logprobs import TokenLogprob, from_proto
 from orchestrator.registry import Instance, State
@@ -93,13 +94,15 @@ async def attempt(
         top_logprobs_num=logprobs or 0,
         logprob_start_len=-1,
     )
-    pcall = dcall = prefill_done = None
-    finished = started = False
+    pcall = dcall = prefill_done = ahead = pending = None
+    finished = started = heard = False
     single = lease.decode_first
-    streamed = 0  # tokens that came in chunks
+    streamed = 0  # tokens the client has had from this attempt
     try:
         if single:  # one stream: decode forwards the request to prefill
-            forward = decode_first.forward_metadata(lease.prefill_rank)
+            ahead = prefill.first_tokens.expect(lease.room) if logprobs is None else None
+            feed = first_tokens.FEED_ID if ahead is not None else ""
+            forward = decode_first.forward_metadata(lease.prefill_rank, feed)
             dcall = decode.stub.Generate(request, timeout=REQUEST_TIMEOUT_S, metadata=forward)
         else:  # SGLang's dual dispatch
             pcall = prefill.stub.Generate(_pinned(request, lease.prefill_rank), timeout=REQUEST_TIMEOUT_S)
@@ -108,20 +111,44 @@ async def attempt(
         responses = dcall.__aiter__()
         try:
             while True:
-                if started or prefill_done is None:
+                if pending is not None:  # decode's first message, read while prefill's token went out
+                    resp, pending = await pending, None
+                elif started or (prefill_done is None and ahead is None):
                     resp = await responses.__anext__()
+                elif ahead is not None:  # decode-first: the first token from prefill, if it is sooner
+                    pending = asyncio.ensure_future(responses.__anext__())
+                    await asyncio.wait({pending, ahead}, return_when=asyncio.FIRST_COMPLETED)
+                    if not pending.done():
+                        token = ahead.result()
+                        started, streamed = True, 1
+                        metrics.FIRST_TOKENS.labels("prefill").inc()
+                        prefill.breaker.success()
+                        yield TokenEvent([token.token_id], None, token.prompt_tokens, 1, token.cached_tokens)
+                        continue
+                    resp, pending = pending.result(), None
+                    metrics.FIRST_TOKENS.labels("decode").inc()
                 else:  # before the first token, a failed prefill ends the attempt at once
                     resp = await _first(responses, prefill_done, prefill)
-                if not started:
-                    started = True
+                if not heard:
+                    started = heard = True
                     prefill.breaker.success()
                     decode.breaker.success()
                 if resp.HasField("chunk"):
                     c = resp.chunk
-                    streamed += len(c.token_ids)
-                    lps = from_proto(c.output_logprobs) if c.HasField("output_logprobs") else ()
+                    seen = 0
+                    if ahead is not None:  # the first token may have gone out ahead, from prefill
+                        seen = max(0, streamed - (c.completion_tokens - len(c.token_ids)))
+                        if seen >= len(c.token_ids):
+                            continue
+                    streamed += len(c.token_ids) - seen
+                    lps = from_proto(c.output_logprobs)[seen:] if c.HasField("output_logprobs") else ()
                     yield TokenEvent(
-                        list(c.token_ids), None, c.prompt_tokens, c.completion_tokens, c.cached_tokens, lps
+                        list(c.token_ids)[seen:],
+                        None,
+                        c.prompt_tokens,
+                        c.completion_tokens,
+                        c.cached_tokens,
+                        lps,
                     )
                 else:
                     c = resp.complete
@@ -149,6 +176,9 @@ async def attempt(
             error = ApiError(502, f"decode worker {decode.address} ended the stream early", "upstream_error")
             raise (MidStream if started else BeforeFirstToken)(decode, error)
     finally:
+        if ahead is not None:
+            prefill.first_tokens.forget(lease.room)
+        _settle(pending)
         if not finished:
             for call in (pcall, dcall):
                 if call is not None:
@@ -172,6 +202,16 @@ def _pinned(request: pb.GenerateRequest, rank: int | None) -> pb.GenerateRequest
     pinned.CopyFrom(request)
     pinned.data_parallel_rank = rank
     return pinned
+
+
+def _settle(read: asyncio.Future | None) -> None:
+    """A read of the decode stream the attempt no longer waits for: stop it, or take its error."""
+    if read is None:
+        return
+    if not read.done():
+        read.cancel()
+    elif not read.cancelled():
+        read.exception()
 
 
 async def _first(responses, prefill_done: asyncio.Future, prefill: Instance) -> pb.GenerateResponse:

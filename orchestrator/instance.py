@@ -19,6 +19,7 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
 from orchestrator.breaker import Breaker
+from orchestrator.first_tokens import FirstTokenFeed
 from services import decode_first
 from services.proto.moeserve.v1 import worker_control_pb2 as ctl
 from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
@@ -90,6 +91,7 @@ class Instance:
     _failures: int = 0
     _channel: grpc.aio.Channel | None = field(default=None, repr=False)
     _stub: pb_grpc.SglangSchedulerStub | None = field(default=None, repr=False)
+    _first_tokens: FirstTokenFeed | None = field(default=None, repr=False)
 
     @property
     def host(self) -> str:
@@ -111,10 +113,21 @@ class Instance:
     @property
     def stub(self) -> pb_grpc.SglangSchedulerStub:
         """The instance's stub, made once per channel (a stub builds a callable per RPC)."""
+        self._connect()
+        return self._stub
+
+    def _connect(self) -> grpc.aio.Channel:
         if self._channel is None:
             self._channel = grpc.aio.insecure_channel(self.address)
             self._stub = pb_grpc.SglangSchedulerStub(self._channel)
-        return self._stub
+        return self._channel
+
+    @property
+    def first_tokens(self) -> FirstTokenFeed:
+        """Prefill (decode-first): its FirstTokens stream to this router, opened on first use."""
+        if self._first_tokens is None:
+            self._first_tokens = FirstTokenFeed(self._connect)
+        return self._first_tokens
 
     def set_state(self, state: State, reason: str = "") -> None:
         if state != self.state:
@@ -210,6 +223,8 @@ class Instance:
             await self.stub.Abort(pb.AbortRequest(request_id=request_id, reason=reason), timeout=5.0)
 
     async def close(self) -> None:
+        if self._first_tokens is not None:
+            await self._first_tokens.close()
         if self._channel is not None:
             await self._channel.close()
             self._channel = None

@@ -1,7 +1,8 @@
 """Prometheus metrics of the orchestrator (`GET /metrics`), all named `moeserve_*`.
 
 Per request: time to first token, inter-token latency, end-to-end latency (histograms by model)
-and the outcome (counter); retries before the first token and migrations after it; per instance
+and the outcome (counter); retries before the first token and migrations after it; where
+decode-first first tokens came from; per instance
 at scrape time: state,
 breaker state, running and waiting requests, KV tokens in use and in total.
 """
@@ -55,6 +56,13 @@ RETRIES = Counter(
 MIGRATIONS = Counter(
     "moeserve_migrations",
     "Requests moved to a fresh pair after their decode instance failed mid-stream.",
+    registry=REGISTRY,
+)
+FIRST_TOKENS = Counter(
+    "moeserve_first_tokens",
+    "Decode-first attempts' first tokens by the way that brought them sooner: prefill (its FirstTokens "
+    "stream, ahead of the KV transfer) or decode.",
+    ["source"],
     registry=REGISTRY,
 )
 

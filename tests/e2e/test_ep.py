@@ -71,6 +71,39 @@ def test_prefill_ep2_to_decode_ep2_is_exact(ep2_ep2, ds_dir):
     c.assert_idle()
 
 
+def test_first_tokens_come_straight_from_prefill_and_none_twice(ep2_ep2, ds_dir):
+    """Decode-first: prefill's FirstTokens stream brings the router each first token as soon as it is
+    sampled, ahead of the KV transfer; decode's copy of it is dropped, so every stream stays exact.
+    Requests that ask for log-probabilities take decode's first token (the feed carries none)."""
+    c, url = ep2_ep2
+    client = client_for(url)
+
+    def first_tokens() -> dict[str, float]:
+        front = scrape(f"{url}/metrics")
+        return {
+            s: front.get(("moeserve_first_tokens_total", (("source", s),)), 0.0)
+            for s in ("prefill", "decode")
+        }
+
+    prompts = [f"Tokens from prefill {i}" for i in range(6)]
+    before = first_tokens()
+    for prompt in prompts:
+        chunks = client.completions.create(
+            model=ds_dir.name, prompt=prompt, max_tokens=6, temperature=0, stream=True
+        )
+        pieces = [ch.choices[0].text for ch in chunks]
+        assert "".join(pieces) == greedy(ds_dir, encode(ds_dir, prompt), 6)[0]
+    after = first_tokens()
+    came = {s: after[s] - before[s] for s in after}
+    assert came["prefill"] >= 1  # the stream opens with the first request; later ones use it
+    assert came["prefill"] + came["decode"] <= len(prompts)
+    res = client.completions.create(
+        model=ds_dir.name, prompt=prompts[0], max_tokens=3, temperature=0, logprobs=2
+    )
+    assert len(res.choices[0].logprobs.tokens) == 3 and first_tokens() == after
+    c.assert_idle()
+
+
 def grpc_calls(c: LocalCluster, name: str) -> dict[str, int]:
     """gRPC calls the instance's server (rank 0) has received, per method."""
     info = c.stub(name).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
