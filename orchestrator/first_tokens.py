@@ -1,12 +1,13 @@
 """First tokens straight from prefill (decode-first, moeserve workers; `kv_handoff.proto`).
 
-This router keeps one FirstTokens stream per prefill instance, opened on the instance's first
-decode-first request. A request that names the router's feed gets its first token on it as soon as
-the prefill rank has sampled it, while its KV is still on the way to decode: the client has it one
-worker hop and one KV transfer sooner. Decode sends the token too; the attempt passes on whichever
-comes first and drops the other by its position. Tokens are matched by bootstrap room, which is
-new for every attempt, so a late token of a failed attempt never reaches the next one. A stream that
-ends costs only that head start (decode delivers every token); it is opened again after a pause.
+This router keeps one FirstTokens stream per prefill instance that serves decode-first, opened
+when its health check finds it ready (and on a request, if it ended since). A request that names
+the router's feed gets its first token on it as soon as the prefill rank has sampled it, while its
+KV is still on the way to decode: the client has it one worker hop and one KV transfer sooner.
+Decode sends the token too; the attempt passes on whichever comes first and drops the other by its
+position. Tokens are matched by bootstrap room, which is new for every attempt, so a late token of
+a failed attempt never reaches the next one. A stream that ends costs only that head start (decode
+delivers every token); it is opened again after a pause.
 """
 
 from __future__ import annotations
@@ -41,13 +42,17 @@ class FirstTokenFeed:
         self.received = 0
         """Tokens that came on the stream (whether or not they were first to the client)."""
 
+    def open(self) -> bool:
+        """Open the stream unless it is open or pausing after it ended; whether it is open."""
+        if self._task is None and time.monotonic() >= self._reopen_at:
+            self._task = asyncio.get_running_loop().create_task(self._read())
+        return self._task is not None
+
     def expect(self, room: int) -> asyncio.Future[kvpb.FirstToken] | None:
         """A future for the first token of the attempt in `room`; None while the stream is down (the
         request then does not name the feed). `forget` it when the attempt ends."""
-        if self._task is None:
-            if time.monotonic() < self._reopen_at:
-                return None
-            self._task = asyncio.get_running_loop().create_task(self._read())
+        if not self.open():
+            return None
         future = self._waiting[room] = asyncio.get_running_loop().create_future()
         return future
 

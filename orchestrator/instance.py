@@ -124,7 +124,7 @@ class Instance:
 
     @property
     def first_tokens(self) -> FirstTokenFeed:
-        """Prefill (decode-first): its FirstTokens stream to this router, opened on first use."""
+        """Prefill (decode-first): its FirstTokens stream to this router (`first_tokens.py`)."""
         if self._first_tokens is None:
             self._first_tokens = FirstTokenFeed(self._connect)
         return self._first_tokens
@@ -188,6 +188,8 @@ class Instance:
         self._failures = 0
         if self.state in (State.STARTING, State.FAILED):  # a failed instance that answers again is back
             self.set_state(State.READY, "healthy")
+        if self.role == "prefill" and self.decode_first:
+            self.first_tokens.open()  # ready for its first request (again, if the stream ended)
 
     async def _balancedness(self) -> float | None:
         """From moeserve's WorkerControl.GetExpertLoad (other workers lack it: None): mean ÷ max

@@ -71,8 +71,9 @@ Job = Write | Finish | Barrier
 class KVSender:
     """Runs jobs in order on its own thread; counts bytes per room and for the rank."""
 
-    def __init__(self, transfer: TransferEngine):
-        self.transfer = transfer
+    def __init__(self, transfer: TransferEngine, fault: Callable[[], None] | None = None):
+        # `fault` (fault injection, tests): called before each write; a TransferError fails it.
+        self.transfer, self.fault = transfer, fault
         self.stats = TransferStats()
         self.sent: dict[int, int] = {}
         """Bytes written per live room id (dropped at Finish)."""
@@ -125,6 +126,8 @@ class KVSender:
             return held  # failed or released: skip the remaining layers
         try:
             start = time.perf_counter()
+            if self.fault is not None:
+                self.fault()
             self.transfer.write(room.attach.transfer_session, *job.descs)
             self.stats.seconds += time.perf_counter() - start
             n = sum(job.descs[2])

@@ -26,6 +26,7 @@ from services.kv.sender import KVSender, TransferStats
 from services.worker import messages as msg
 from services.worker import proto_convert
 from services.worker.config import WorkerConfig
+from services.worker.faults import FailedWrites
 from services.worker.kv_events import KvEventLog
 from services.worker.streams import RequestLog, logged, stream_outputs
 
@@ -83,7 +84,7 @@ class Rank:
         self.transfer.register(storage.data_ptr(), storage.nbytes)
         self.sender: KVSender | None = None
         if config.role == "prefill":
-            self.sender = KVSender(self.transfer)
+            self.sender = KVSender(self.transfer, FailedWrites().check)
             self.prefill: PrefillHandoff | None = PrefillHandoff(
                 self.loop, self.layout, self.region, self.sender, config.handoff_timeout_s, config.kv_push
             )
