@@ -71,7 +71,8 @@ class BeforeFirstToken(InstanceFailed):
 
 
 class MidStream(InstanceFailed):
-    """The decode instance failed after tokens went out: migrate what is left to a fresh pair."""
+    """An instance failed after tokens went out (the decode, or a prefill whose hand-off failed after
+    its first token went ahead): migrate what is left to a fresh pair."""
 
 
 async def attempt(
@@ -109,27 +110,28 @@ async def attempt(
             dcall = decode.stub.Generate(request, timeout=REQUEST_TIMEOUT_S)
             prefill_done = _keep(asyncio.ensure_future(_drain(pcall)))
         responses = dcall.__aiter__()
+        rival = ahead if ahead is not None else prefill_done  # what decode's first message races
         try:
             while True:
                 if pending is not None:  # decode's first message, read while prefill's token went out
                     resp, pending = await pending, None
-                elif started or (prefill_done is None and ahead is None):
+                elif started or rival is None:
                     resp = await responses.__anext__()
-                elif ahead is not None:  # decode-first: the first token from prefill, if it is sooner
+                else:
                     pending = asyncio.ensure_future(responses.__anext__())
-                    await asyncio.wait({pending, ahead}, return_when=asyncio.FIRST_COMPLETED)
-                    if not pending.done():
+                    await asyncio.wait({pending, rival}, return_when=asyncio.FIRST_COMPLETED)
+                    if not pending.done() and rival is ahead:  # prefill's first token is sooner
                         token = ahead.result()
                         started, streamed = True, 1
                         metrics.FIRST_TOKENS.labels("prefill").inc()
-                        prefill.breaker.success()
                         yield TokenEvent([token.token_id], None, token.prompt_tokens, 1, token.cached_tokens)
                         continue
-                    resp, pending = pending.result(), None
-                    metrics.FIRST_TOKENS.labels("decode").inc()
-                else:  # before the first token, a failed prefill ends the attempt at once
-                    resp = await _first(responses, prefill_done, prefill)
-                if not heard:
+                    if not pending.done():  # dual dispatch: a failed prefill ends the attempt at once
+                        _raise_if_failed(rival.result(), prefill)
+                    resp, pending = await pending, None
+                    if rival is ahead:
+                        metrics.FIRST_TOKENS.labels("decode").inc()
+                if not heard:  # both instances did their part
                     started = heard = True
                     prefill.breaker.success()
                     decode.breaker.success()
@@ -214,18 +216,14 @@ def _settle(read: asyncio.Future | None) -> None:
         read.exception()
 
 
-async def _first(responses, prefill_done: asyncio.Future, prefill: Instance) -> pb.GenerateResponse:
-    """The decode stream's first message, unless the prefill call fails first (then a retry)."""
-    nxt = asyncio.ensure_future(responses.__anext__())
-    await asyncio.wait({nxt, prefill_done}, return_when=asyncio.FIRST_COMPLETED)
-    error = prefill_done.result() if prefill_done.done() else None
-    if not nxt.done() and error is not None:
-        nxt.cancel()
-        api_error = upstream_error("prefill", prefill.address, error.code(), error.details())
-        if error.code() in RETRYABLE:
-            raise BeforeFirstToken(prefill, api_error)
-        raise api_error
-    return await nxt
+def _raise_if_failed(error: grpc.aio.AioRpcError | None, prefill: Instance) -> None:
+    """Dual dispatch: the prefill call ended before decode's first message; a failure ends the try."""
+    if error is None:
+        return
+    api_error = upstream_error("prefill", prefill.address, error.code(), error.details())
+    if error.code() in RETRYABLE:
+        raise BeforeFirstToken(prefill, api_error)
+    raise api_error
 
 
 def _raise_if_drained(*instances: Instance) -> None:

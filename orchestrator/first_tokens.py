@@ -39,17 +39,20 @@ class FirstTokenFeed:
         self._waiting: dict[int, asyncio.Future[kvpb.FirstToken]] = {}
         self._task: asyncio.Task | None = None
         self._reopen_at = 0.0
+        self.live = False
+        """The prefill has confirmed the subscription (its first, empty batch came)."""
+        self.closed = False
         self.received = 0
         """Tokens that came on the stream (whether or not they were first to the client)."""
 
     def open(self) -> bool:
-        """Open the stream unless it is open or pausing after it ended; whether it is open."""
-        if self._task is None and time.monotonic() >= self._reopen_at:
+        """Open the stream unless it is open, pausing after it ended, or closed; whether it is live."""
+        if self._task is None and not self.closed and time.monotonic() >= self._reopen_at:
             self._task = asyncio.get_running_loop().create_task(self._read())
-        return self._task is not None
+        return self.live
 
     def expect(self, room: int) -> asyncio.Future[kvpb.FirstToken] | None:
-        """A future for the first token of the attempt in `room`; None while the stream is down (the
+        """A future for the first token of the attempt in `room`; None unless the stream is live (the
         request then does not name the feed). `forget` it when the attempt ends."""
         if not self.open():
             return None
@@ -60,6 +63,7 @@ class FirstTokenFeed:
         self._waiting.pop(room, None)
 
     async def close(self) -> None:
+        self.closed = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -68,6 +72,7 @@ class FirstTokenFeed:
         stub = kvpb_grpc.KVHandoffStub(self._channel())
         try:
             async for batch in stub.FirstTokens(kvpb.FirstTokensRequest(feed=FEED_ID)):
+                self.live = True  # the first batch, empty, says the prefill has subscribed us
                 self.received += len(batch.tokens)
                 for token in batch.tokens:
                     future = self._waiting.pop(token.room, None)
@@ -76,4 +81,4 @@ class FirstTokenFeed:
         except grpc.aio.AioRpcError as e:  # decode still delivers every token: only the head start is lost
             log.debug("first-token stream ended: %s %s", e.code().name, e.details())
         finally:
-            self._task, self._reopen_at = None, time.monotonic() + REOPEN_S
+            self._task, self._reopen_at, self.live = None, time.monotonic() + REOPEN_S, False

@@ -252,6 +252,7 @@ class Instance:
             "balancedness": self.balancedness,
             "breaker": self.breaker.state.value,
             "breaker_opened": self.breaker.opened,
+            "first_tokens": self._first_tokens is not None and self._first_tokens.live,
             "dp_ranks": [ld.__dict__ for ld in self.loads],
         }
 

@@ -55,13 +55,13 @@ RETRIES = Counter(
 )
 MIGRATIONS = Counter(
     "moeserve_migrations",
-    "Requests moved to a fresh pair after their decode instance failed mid-stream.",
+    "Requests moved to a fresh pair after an instance failed mid-stream.",
     registry=REGISTRY,
 )
 FIRST_TOKENS = Counter(
     "moeserve_first_tokens",
-    "Decode-first attempts' first tokens by the way that brought them sooner: prefill (its FirstTokens "
-    "stream, ahead of the KV transfer) or decode.",
+    "Decode-first attempts that named this router's first-token feed, by what brought their first "
+    "token sooner: prefill (its FirstTokens stream, ahead of the KV transfer) or decode.",
     ["source"],
     registry=REGISTRY,
 )

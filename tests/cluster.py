@@ -112,3 +112,18 @@ class LocalCluster:
 
     def stop(self) -> None:
         self.cluster.stop()
+
+
+def wait_first_tokens(url: str, timeout: float = 30.0) -> None:
+    """Wait until the orchestrator at `url` has a confirmed FirstTokens stream to every prefill
+    instance (it opens them once it finds them ready): from then on, every request names its feed."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        data = httpx.get(f"{url}/admin/instances", timeout=5).json()["data"]
+        if all(i["first_tokens"] for i in data if i["role"] == "prefill"):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no FirstTokens stream to some prefill instance: {data}")
+        time.sleep(0.05)

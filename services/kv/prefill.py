@@ -37,7 +37,8 @@ class Forwarded:
     prompt: list[int]
     params: SamplingParams
     on_first: Callable[[RequestOutput], None] | None = None
-    """Told the prompt's output (its first token) as soon as it is sampled, before the KV is sent."""
+    """Told the prompt's output (its first token) as soon as it is sampled, before the KV is sent,
+    unless that token ends the request."""
 
 
 class RoomListener:
@@ -69,7 +70,8 @@ class RoomListener:
             self.side.sender.put(Write(self.room, descs))
 
     def on_finish(self, output: RequestOutput) -> None:
-        if self.on_first is not None and output.finish_reason != "abort":
+        # Not a token that ends the request (EOS, a stop token): decode's answer says it ends there.
+        if self.on_first is not None and output.finish_reason == "length":
             try:
                 self.on_first(output)
             except Exception:  # never into the engine's step; decode still delivers the token

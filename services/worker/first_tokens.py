@@ -5,11 +5,13 @@ message. A token nobody takes is dropped; decode delivers it anyway, a hop and a
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 
 from services.worker import messages as msg
 
+log = logging.getLogger(__name__)
 MAX_PENDING = 4096
 """Tokens kept for a router that does not read its feed; beyond that they are dropped (decode
 delivers them)."""
@@ -20,7 +22,8 @@ IDLE_CHECK_S = 1.0
 class Feed:
     """One router's feed: tokens waiting to be sent on its stream."""
 
-    def __init__(self) -> None:
+    def __init__(self, feed_id: str = "") -> None:
+        self.feed_id = feed_id
         self.pending: list[msg.FirstToken] = []
         self.dropped = 0
         self.closed = False
@@ -29,6 +32,10 @@ class Feed:
     def put(self, token: msg.FirstToken) -> None:
         with self.changed:
             if len(self.pending) >= MAX_PENDING:
+                if not self.dropped:
+                    log.warning(
+                        "first-token feed %s is not read; its tokens go with decode only", self.feed_id
+                    )
                 self.dropped += 1
                 return
             self.pending.append(token)
@@ -68,7 +75,7 @@ class FirstTokenFeeds:
 
     def subscribe(self, feed_id: str) -> Feed:
         """A new feed under `feed_id`; one that was there (a router's earlier stream) is closed."""
-        feed = Feed()
+        feed = Feed(feed_id)
         with self._lock:
             old, self._feeds[feed_id] = self._feeds.get(feed_id), feed
         if old is not None:

@@ -64,19 +64,9 @@ class KVHandoffServicer(kvpb_grpc.KVHandoffServicer):
         feed = self.feeds.subscribe(request.feed)
         context.add_callback(feed.close)  # the router went: stop waiting at once
         try:
+            yield kvpb.FirstTokenBatch()  # subscribed: the router may name this feed from now on
             for batch in feed.batches(context.is_active):
-                yield kvpb.FirstTokenBatch(
-                    tokens=[
-                        kvpb.FirstToken(
-                            room=t.room,
-                            request_id=t.request_id,
-                            token_id=t.token_id,
-                            prompt_tokens=t.prompt_tokens,
-                            cached_tokens=t.cached_tokens,
-                        )
-                        for t in batch
-                    ]
-                )
+                yield proto_convert.first_tokens_to_proto(batch)
         finally:
             self.feeds.unsubscribe(request.feed, feed)
 

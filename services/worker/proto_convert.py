@@ -8,6 +8,7 @@ from smg_grpc_proto.generated import common_pb2
 from services.engine import InvalidRequestError, RequestOutput, SamplingParams, TokenLogprob
 from services.kv import AttachResult, AttachSpec, KVLayout
 from services.proto.moeserve.v1 import kv_handoff_pb2 as kvpb
+from services.worker import messages as msg
 from services.worker.kv_events import KvEvent
 
 
@@ -199,3 +200,18 @@ def kv_event(event: KvEvent, block_size: int) -> common_pb2.KvCacheEvent:
     else:
         out.cleared.SetInParent()
     return out
+
+
+def first_tokens_to_proto(batch: list[msg.FirstToken]) -> kvpb.FirstTokenBatch:
+    return kvpb.FirstTokenBatch(
+        tokens=[
+            kvpb.FirstToken(
+                room=t.room,
+                request_id=t.request_id,
+                token_id=t.token_id,
+                prompt_tokens=t.prompt_tokens,
+                cached_tokens=t.cached_tokens,
+            )
+            for t in batch
+        ]
+    )

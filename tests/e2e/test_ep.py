@@ -25,11 +25,14 @@ from smg_grpc_proto.generated import common_pb2
 from orchestrator.kv_feed import KvEventFeed
 from orchestrator.policies import create as create_policy
 from orchestrator.registry import Registry
+from services import decode_first
 from services.prefix_hash import block_hashes
 from services.process import free_port
+from services.proto.moeserve.v1 import kv_handoff_pb2 as kvpb
+from services.proto.moeserve.v1 import kv_handoff_pb2_grpc as kvpb_grpc
 from services.proto.moeserve.v1 import worker_control_pb2 as ctl
 from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
-from tests.cluster import LocalCluster
+from tests.cluster import LocalCluster, wait_first_tokens
 from tests.oracle import chat_ids, encode, greedy, greedy_ids
 
 MESSAGES = [{"role": "user", "content": "Explain expert parallelism."}]
@@ -86,6 +89,7 @@ def test_first_tokens_come_straight_from_prefill_and_none_twice(ep2_ep2, ds_dir)
         }
 
     prompts = [f"Tokens from prefill {i}" for i in range(6)]
+    wait_first_tokens(url)
     before = first_tokens()
     for prompt in prompts:
         chunks = client.completions.create(
@@ -95,8 +99,30 @@ def test_first_tokens_come_straight_from_prefill_and_none_twice(ep2_ep2, ds_dir)
         assert "".join(pieces) == greedy(ds_dir, encode(ds_dir, prompt), 6)[0]
     after = first_tokens()
     came = {s: after[s] - before[s] for s in after}
-    assert came["prefill"] >= 1  # the stream opens with the first request; later ones use it
-    assert came["prefill"] + came["decode"] <= len(prompts)
+    assert came["prefill"] >= 1 and came["prefill"] + came["decode"] == len(prompts)  # each named it
+    # Both prefill DP ranks send it, rank 1 over ZeroMQ to rank 0's gRPC server: pinned, straight
+    # to the decode instance with a feed of the test's own.
+    channel = grpc.insecure_channel(c.addresses["prefill"])
+    feed = kvpb_grpc.KVHandoffStub(channel).FirstTokens(kvpb.FirstTokensRequest(feed="test"), timeout=60)
+    assert not next(feed).tokens  # subscribed
+    ids = encode(ds_dir, prompts[0])
+    host, port = c.addresses["prefill"].rsplit(":", 1)
+    for rank in (0, 1):
+        req = pb.GenerateRequest(
+            request_id=f"pinned-{rank}",
+            tokenized=pb.TokenizedInput(input_ids=ids),
+            sampling_params=pb.SamplingParams(temperature=0.0, max_new_tokens=2),
+            disaggregated_params=pb.DisaggregatedParams(
+                bootstrap_host=host, bootstrap_port=int(port), bootstrap_room=900 + rank
+            ),
+            stream=True,
+        )
+        meta = decode_first.forward_metadata(rank, "test")
+        done = list(c.stub("decode").Generate(req, timeout=60, metadata=meta))[-1].complete
+        token = next(feed).tokens
+        assert [(t.room, t.token_id) for t in token] == [(900 + rank, done.output_ids[0])]
+    feed.cancel()
+    channel.close()
     res = client.completions.create(
         model=ds_dir.name, prompt=prompts[0], max_tokens=3, temperature=0, logprobs=2
     )

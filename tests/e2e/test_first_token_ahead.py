@@ -4,19 +4,11 @@ starting over, and the answer is still exactly the uninterrupted one."""
 
 from __future__ import annotations
 
-import time
-
 import openai
-from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
-from tests.cluster import LocalCluster
+from tests.cluster import LocalCluster, wait_first_tokens
 from tests.e2e.test_retry import scrape
 from tests.oracle import encode, greedy
-
-
-def first_token_streams(c: LocalCluster) -> int:
-    info = c.stub("prefill").GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
-    return int(dict(info.scheduler_info["grpc_calls"].items()).get("FirstTokens", 0))
 
 
 def test_a_handoff_that_fails_after_the_first_token_went_ahead_is_migrated_exactly(ds_dir):
@@ -28,11 +20,7 @@ def test_a_handoff_that_fails_after_the_first_token_went_ahead_is_migrated_exact
         p = c.worker("prefill", "prefill", ds_dir, "--kv-push", "complete", env=env)
         decodes = [c.worker(f"decode-{i}", "decode", ds_dir) for i in range(2)]
         url = c.orchestrator(ds_dir, [p], decodes)
-        deadline = time.monotonic() + 30
-        while first_token_streams(c) == 0:  # the router opens it once it finds the prefill ready
-            assert time.monotonic() < deadline, "the router never opened the prefill's FirstTokens"
-            time.sleep(0.1)
-        time.sleep(0.3)  # subscribed (the call is counted as it arrives)
+        wait_first_tokens(url)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
         prompt = "ahead of the KV"
         before = scrape(url)

@@ -107,37 +107,38 @@ def test_decode_first_one_call_carries_the_request_to_prefill(pair, expected):
 
 
 def test_decode_first_sends_the_first_token_on_the_routers_feed_as_prefill_samples_it(pair, expected):
-    """A router subscribed to prefill's FirstTokens gets the first token of each decode-first request
-    that names its feed (by room, the same token decode then sends); a request that names no feed, or
-    another router's, puts nothing on it; a second subscriber of the feed ends the first's stream."""
+    """A router subscribed to prefill's FirstTokens (confirmed by an empty first batch) gets the first
+    token of each decode-first request that names its feed, by room: the token decode then sends too.
+    Nothing goes there for a request that names no feed or another router's, nor for one whose first
+    token ends it (a stop token: decode's answer says it ends there). A second subscriber of the feed
+    ends the first one's stream."""
     channel = grpc.insecure_channel(pair.addresses["prefill"])
-    feed = kvpb_grpc.KVHandoffStub(channel).FirstTokens(kvpb.FirstTokensRequest(feed="router-a"), timeout=60)
-    tokens: list = []
-    pool = cf.ThreadPoolExecutor(1)
-    reader = pool.submit(lambda: [tokens.extend(b.tokens) for b in feed])
-    time.sleep(0.5)  # subscribed
-    named, other, unnamed = next(rooms), next(rooms), next(rooms)
+    feeds = kvpb_grpc.KVHandoffStub(channel)
+    feed = feeds.FirstTokens(kvpb.FirstTokensRequest(feed="router-a"), timeout=60)
+    assert not next(feed).tokens  # subscribed
+    named, other, unnamed, stopped = next(rooms), next(rooms), next(rooms), next(rooms)
     for room, meta in (
         (named, decode_first.forward_metadata(None, "router-a")),
         (other, decode_first.forward_metadata(None, "router-b")),
         (unnamed, decode_first.forward_metadata(None)),
+        (stopped, decode_first.forward_metadata(None, "router-a")),
     ):
-        out = list(
-            pair.stub("decode").Generate(request(pair.addresses["prefill"], room), timeout=60, metadata=meta)
-        )
-        assert list(out[-1].complete.output_ids) == expected.output_token_ids
-    deadline = time.monotonic() + 10
-    while not tokens and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert [(t.room, t.request_id, t.token_id) for t in tokens] == [
-        (named, f"req-{named}", expected.output_token_ids[0])
+        req = request(pair.addresses["prefill"], room)
+        if room == stopped:
+            req.sampling_params.stop_token_ids.append(expected.output_token_ids[0])
+        done = list(pair.stub("decode").Generate(req, timeout=60, metadata=meta))[-1].complete
+        if room == stopped:
+            assert list(done.output_ids) == expected.output_token_ids[:1] and done.finish_reason == "stop"
+        else:
+            assert list(done.output_ids) == expected.output_token_ids
+    first = next(feed).tokens
+    assert [(t.room, t.request_id, t.token_id, t.prompt_tokens) for t in first] == [
+        (named, f"req-{named}", expected.output_token_ids[0], len(PROMPT))
     ]
-    assert tokens[0].prompt_tokens == len(PROMPT)
-    again = kvpb_grpc.KVHandoffStub(channel).FirstTokens(kvpb.FirstTokensRequest(feed="router-a"), timeout=2)
-    reader.result(timeout=10)  # the first stream ended when the feed was taken over
-    with pytest.raises(grpc.RpcError):
-        next(again)  # nothing on the new stream either (it ends at its deadline)
-    pool.shutdown()
+    again = feeds.FirstTokens(kvpb.FirstTokensRequest(feed="router-a"), timeout=60)
+    assert not next(again).tokens
+    assert list(feed) == []  # taken over: the first stream ended, with nothing more on it
+    again.cancel()
     channel.close()
     pair.assert_idle()
 
