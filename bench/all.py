@@ -30,7 +30,7 @@ BENCHES = {  # name: (arguments after the script, baseline of its ratios)
     "engine": ([], "transformers' generate on the same tiny model, same process"),
     "handoff": ([], "one raw Mooncake write of the same bytes between two bare engines; monolithic TTFT"),
     "dispatch": ([], "a bare all_to_all_single of the same rows; EP1 decode"),
-    "instance": (["--rounds", "1"], "none without --baseline (absolute figures)"),
+    "ep_pair": (["--rounds", "1"], "none without --baseline (absolute figures)"),
     "load": ([], "safetensors' get_tensor of the same checkpoint"),
     "pools": ([], "the same pools at a steady size"),
     "router": ([], "the workers' gRPC without a router; SMG in PD mode"),

@@ -33,7 +33,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from services.engine import Engine, SamplingParams
 from services.ep import ExpertLoadRecorder, ExpertParallel, ExpertPlacement, create
-from services.tiny import make_tiny_model
+from services.tools.tiny import make_tiny_model
 from tests.ranks import run_ranks
 from tests.services.ep.test_deepep_engine import decode_rank as synced_decode_rank
 

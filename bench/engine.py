@@ -17,7 +17,7 @@ import torch
 import transformers
 
 from services.engine import Engine, SamplingParams
-from services.tiny import make_tiny_model
+from services.tools.tiny import make_tiny_model
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:

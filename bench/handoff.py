@@ -31,8 +31,8 @@ from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from orchestrator.up import Cluster, wait_worker
-from services.process import free_port
-from services.tiny import make_tiny_model
+from services.common.process import free_port
+from services.tools.tiny import make_tiny_model
 
 BENCH_MODEL = dict(
     hidden_size=256,

@@ -30,7 +30,7 @@ from safetensors import safe_open
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from services.ep import ExpertParallel, ExpertPlacement, create
 from services.models import load_model
-from services.synthetic import random_config, write_random_checkpoint
+from services.tools.synthetic import random_config, write_random_checkpoint
 from tests.ranks import run_ranks
 
 

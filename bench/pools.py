@@ -25,7 +25,7 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from orchestrator.up import Cluster, tiny_model, wait_http
-from services.process import free_port
+from services.common.process import free_port
 
 
 class Traffic:

@@ -33,7 +33,7 @@ import openai
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.router import machine
 from orchestrator.up import Cluster, tiny_model, wait_http
-from services.process import free_port
+from services.common.process import free_port
 
 RUNS = {
     "prefix_affinity": ["--prefill-policy", "prefix_affinity"],

@@ -45,7 +45,7 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from orchestrator.tokenizer import Tokenizer
+from orchestrator.http.tokenizer import Tokenizer
 from orchestrator.up import tiny_model
 from tests.cluster import LocalCluster
 

@@ -23,10 +23,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 
-from orchestrator.autoscaler import Autoscaler
 from orchestrator.errors import ApiError
-from orchestrator.membership import Membership, ScaleError
-from orchestrator.registry import DRAIN_DEADLINE_S, ROLES, Registry, State
+from orchestrator.fleet.autoscaler import Autoscaler
+from orchestrator.fleet.membership import Membership, ScaleError
+from orchestrator.fleet.registry import DRAIN_DEADLINE_S, ROLES, Registry, State
 
 _tasks: set[asyncio.Task] = set()
 

@@ -14,7 +14,7 @@ import typer
 
 from orchestrator import pools_cli
 from orchestrator.planner.cli import plan_command
-from services.typer_main import run_app
+from services.common.typer_main import run_app
 
 app = typer.Typer(
     name="moeserve",
@@ -32,9 +32,12 @@ PASS_THROUGH = {
     "add_help_option": False,  # --help reaches the command's own parser
 }
 WORKER_COMMANDS = {
-    "make-tiny-model": ("services.cli", "write a tiny random checkpoint with a tokenizer"),
-    "generate": ("services.cli", "offline generation with the reference engine"),
-    "inspect-model": ("services.cli", "parameters, and the bytes one rank of EP W holds (from config.json)"),
+    "make-tiny-model": ("services.tools.cli", "write a tiny random checkpoint with a tokenizer"),
+    "generate": ("services.tools.cli", "offline generation with the reference engine"),
+    "inspect-model": (
+        "services.tools.cli",
+        "parameters, and the bytes one rank of EP W holds (from config.json)",
+    ),
     "worker": ("services.worker", "a worker instance (SGLang scheduler gRPC + KV hand-off)"),
     "eplb": ("services.eplb", "expert placement: dump an instance's loads, plan a placement from them"),
 }
@@ -42,7 +45,7 @@ WORKER_COMMANDS = {
 
 def _exec_worker_command(command: str, module: str):
     def run(ctx: typer.Context) -> None:
-        argv = [command, *ctx.args] if module == "services.cli" else list(ctx.args)
+        argv = [command, *ctx.args] if module == "services.tools.cli" else list(ctx.args)
         # exec, not import: the engine's dependencies stay out of the orchestrator's process.
         os.execv(sys.executable, [sys.executable, "-m", module, *argv])
 

@@ -18,13 +18,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from orchestrator.autoscaler import SIGNALS
-from orchestrator.breaker import BreakerState
-from orchestrator.registry import Registry, State
-from services.logs import requests
+from orchestrator.fleet.autoscaler import SIGNALS
+from orchestrator.fleet.breaker import BreakerState
+from orchestrator.fleet.registry import Registry, State
+from services.common.logs import requests
 
 if TYPE_CHECKING:
-    from orchestrator.attempt import TokenEvent
+    from orchestrator.dispatch.attempt import TokenEvent
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)

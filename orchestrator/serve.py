@@ -15,17 +15,17 @@ from typing import Annotated
 import typer
 import uvicorn
 
-from orchestrator.api import create_app
-from orchestrator.autoscaler import Autoscaler, AutoscalerConfig
 from orchestrator.config import ApiConfig, env_keys, read_keys
-from orchestrator.membership import create as create_membership
-from orchestrator.policies import DEFAULT as DEFAULT_POLICY
-from orchestrator.policies import create as create_policy
-from orchestrator.registry import Registry
-from orchestrator.tokenizer import TokenizerError
-from services.logs import setup_logging
-from services.process import die_with_parent_if_asked
-from services.typer_main import (
+from orchestrator.dispatch.policies import DEFAULT as DEFAULT_POLICY
+from orchestrator.dispatch.policies import create as create_policy
+from orchestrator.fleet.autoscaler import Autoscaler, AutoscalerConfig
+from orchestrator.fleet.membership import create as create_membership
+from orchestrator.fleet.registry import Registry
+from orchestrator.http.app import create_app
+from orchestrator.http.tokenizer import TokenizerError
+from services.common.logs import setup_logging
+from services.common.process import die_with_parent_if_asked
+from services.common.typer_main import (
     LogFormat,
     LogFormatOption,
     LogLevel,
@@ -135,7 +135,7 @@ def serve(
     policy_option: Annotated[
         list[str] | None,
         typer.Option(
-            help="KEY=VALUE parameter of the prefill policy (repeatable; see orchestrator/policies)"
+            help="KEY=VALUE parameter of the prefill policy (repeatable; see orchestrator/dispatch/policies)"
         ),
     ] = None,
     dispatch: Annotated[

@@ -30,10 +30,10 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
 from orchestrator.config import env_keys, read_keys
-from orchestrator.policies import DEFAULT as DEFAULT_POLICY
-from services.logs import setup_logging
-from services.process import port_in_use, spawn_env, stop_on_signals
-from services.typer_main import (
+from orchestrator.dispatch.policies import DEFAULT as DEFAULT_POLICY
+from services.common.logs import setup_logging
+from services.common.process import port_in_use, spawn_env, stop_on_signals
+from services.common.typer_main import (
     LogFormat,
     LogFormatOption,
     LogLevel,
@@ -123,7 +123,7 @@ def wait_http(cluster: Cluster, url: str, timeout: float) -> None:
 
 def tiny_model(arch: str) -> Path:
     out = subprocess.run(
-        [sys.executable, "-m", "services.cli", "tiny-model-path", "--arch", arch],
+        [sys.executable, "-m", "services.tools.cli", "tiny-model-path", "--arch", arch],
         capture_output=True,
         text=True,
         check=False,

@@ -12,7 +12,7 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
 from orchestrator.up import Cluster, wait_http, wait_worker
-from services.process import free_port
+from services.common.process import free_port
 
 READY_TIMEOUT_S = 120.0
 

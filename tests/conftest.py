@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from services.tiny import make_tiny_model
+from services.tools.tiny import make_tiny_model
 
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -33,7 +33,7 @@ FP8_SHAPES = dict(hidden_size=192, intermediate_size=320, moe_intermediate_size=
 def fp8_dirs(tmp_path_factory):
     """Per family: (an FP8 block-quantized checkpoint in the official layout, sharded with an
     index, DeepSeek's with an MTP layer; the same weights dequantized for transformers)."""
-    from services.synthetic import write_fp8_checkpoint
+    from services.tools.synthetic import write_fp8_checkpoint
     from tests.fp8 import write_dequantized
 
     root = tmp_path_factory.mktemp("fp8")
@@ -57,7 +57,7 @@ FP8_ALIGNED = {
 @pytest.fixture(scope="session")
 def fp8_aligned_dirs(tmp_path_factory):
     """Per family: an FP8 checkpoint whose linear layers and experts can all be kept in FP8."""
-    from services.synthetic import write_fp8_checkpoint
+    from services.tools.synthetic import write_fp8_checkpoint
 
     root = tmp_path_factory.mktemp("fp8-aligned")
     out = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from services.synthetic import read_tensors
+from services.tools.synthetic import read_tensors
 
 BLOCK = 128
 

@@ -13,7 +13,7 @@ import httpx
 import openai
 
 from orchestrator.up import wait_http
-from services.process import free_port
+from services.common.process import free_port
 from tests.cluster import LocalCluster
 
 PROMPTS = [f"resize under load {i}" for i in range(4)]

@@ -1,7 +1,7 @@
 """Run a function on W local processes joined by torch.distributed (gloo on loopback).
 
 For tests and benchmarks that need a real group on one machine; serving instances are launched
-by `services.worker.instance`. With `nodes` > 1 the ranks split over that many "nodes", node n
+by `services.worker.supervisor`. With `nodes` > 1 the ranks split over that many "nodes", node n
 on address 127.0.0.{n+1}, and meet the way a multi-node instance's ranks do (node 0's store).
 """
 
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from services.process import free_port
+from services.common.process import free_port
 
 
 def _join_as_node(rank: int, world: int, port: int, nodes: int) -> None:

@@ -21,12 +21,12 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from services.common.prefix_hash import next_hash
 from services.engine.page_pool import PagePool
-from services.prefix_hash import next_hash
 
 Events = Callable[[str, list[int], int], None]
 """Told of changes: ("stored", hashes of new pages in path order, their parent's hash) or
-("removed", hashes, 0); hashes are `services.prefix_hash`'s (the engine thread calls it)."""
+("removed", hashes, 0); hashes are `services.common.prefix_hash`'s (the engine thread calls it)."""
 
 
 @dataclass(eq=False)
@@ -42,7 +42,7 @@ class Node:
     """Requests that use this page now (an in-use node's ancestors are in use too)."""
     last_used: int = 0
     hash: int = 0
-    """The chained hash of the prefix this node ends (`services.prefix_hash`)."""
+    """The chained hash of the prefix this node ends (`services.common.prefix_hash`)."""
 
 
 class PrefixCache:

@@ -21,7 +21,7 @@ from typing import Annotated
 
 import typer
 
-from services.typer_main import run_app
+from services.common.typer_main import run_app
 
 app = typer.Typer(name="eplb", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from services.ep import ExpertParallel
-from services.ep.rebalance import switch
+from services.ep.slot_moves import switch
 from services.models.attention import AttnBatch
 from services.models.config import ModelConfig
 from services.models.layers import DenseMLP, RMSNorm, RotaryEmbedding

@@ -11,10 +11,9 @@ from typing import Annotated
 
 import typer
 
-from services.engine.config import EngineConfig, EngineConfigError
-from services.logs import setup_logging
-from services.process import die_with_parent_if_asked
-from services.typer_main import (
+from services.common.logs import setup_logging
+from services.common.process import die_with_parent_if_asked
+from services.common.typer_main import (
     LogFormat,
     LogFormatOption,
     LogLevel,
@@ -23,6 +22,7 @@ from services.typer_main import (
     namespace,
     run_app,
 )
+from services.engine.config import EngineConfig, EngineConfigError
 from services.worker.config import WorkerConfig
 
 
@@ -173,7 +173,7 @@ def run(a: argparse.Namespace) -> int:
     except (EngineConfigError, ValueError) as e:
         print(f"moeserve worker: {e}", file=sys.stderr)
         return 2
-    from services.worker.instance import serve  # heavy imports after argument errors are reported
+    from services.worker.supervisor import serve  # heavy imports after argument errors are reported
 
     try:
         return serve(config)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from services.process import free_port
+from services.common.process import free_port
 from tests.load import Clients, admin, live, local_orchestrator, wait_for
 
 SCALING = "interval=0.5,window=4,min=1,max=2,utilization=0.7,down-utilization=0.4,down-delay=4,cold-start=120"

@@ -22,12 +22,12 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 from smg_grpc_proto.generated import common_pb2
 
-from orchestrator.kv_feed import KvEventFeed
-from orchestrator.policies import create as create_policy
-from orchestrator.registry import Registry
-from services import decode_first
-from services.prefix_hash import block_hashes
-from services.process import free_port
+from orchestrator.dispatch.policies import create as create_policy
+from orchestrator.fleet.kv_event_feed import KvEventFeed
+from orchestrator.fleet.registry import Registry
+from services.common import decode_first
+from services.common.prefix_hash import block_hashes
+from services.common.process import free_port
 from services.proto.moeserve.v1 import kv_handoff_pb2 as kvpb
 from services.proto.moeserve.v1 import kv_handoff_pb2_grpc as kvpb_grpc
 from services.proto.moeserve.v1 import worker_control_pb2 as ctl

@@ -19,7 +19,7 @@ import openai
 import pytest
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
-from services.process import free_port
+from services.common.process import free_port
 from services.proto.moeserve.v1 import worker_control_pb2 as ctl
 from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
 from tests.cluster import LocalCluster

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from orchestrator.pools_cli import EXIT_REFUSED, EXIT_TIMEOUT, EXIT_UNAUTHORISED, EXIT_UNREACHABLE, app
 from orchestrator.up import wait_http
-from services.process import free_port
+from services.common.process import free_port
 from tests.cluster import LocalCluster
 
 runner = CliRunner()

@@ -24,7 +24,7 @@ def smg_url(ds_dir):
 
 def test_smg_serves_a_chat_completion_through_our_workers(smg_url, ds_dir):
     url, cluster = smg_url
-    from orchestrator.tokenizer import Tokenizer
+    from orchestrator.http.tokenizer import Tokenizer
 
     messages = [{"role": "user", "content": "Hello"}]
     prompt = Tokenizer(ds_dir).apply_chat_template(messages)

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 
-from services.process import free_port, port_in_use
+from services.common.process import free_port, port_in_use
 
 MOESERVE = str(Path(sys.executable).with_name("moeserve"))
 

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from orchestrator.attempt import TokenEvent
 from orchestrator.config import ApiConfig
-from orchestrator.tokenizer import Tokenizer
+from orchestrator.dispatch.attempt import TokenEvent
+from orchestrator.http.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,11 @@ import asyncio
 import httpx
 import pytest
 
-from orchestrator.api import create_app
 from orchestrator.config import ApiConfig
-from orchestrator.membership import create as create_membership
-from orchestrator.membership.static import parse_targets
-from orchestrator.registry import Registry, State
+from orchestrator.fleet.membership import create as create_membership
+from orchestrator.fleet.membership.static import parse_targets
+from orchestrator.fleet.registry import Registry, State
+from orchestrator.http.app import create_app
 
 KEY, ADMIN = "user-key", "admin-token"
 

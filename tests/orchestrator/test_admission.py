@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from orchestrator.admission import Admission
 from orchestrator.errors import ApiError
+from orchestrator.http.admission import Admission
 from tests.orchestrator.conftest import TokenSource
 
 

@@ -7,10 +7,10 @@ import asyncio
 import httpx
 import pytest
 
-from orchestrator.api import create_app
 from orchestrator.config import ApiConfig
-from orchestrator.membership import create as create_membership
-from orchestrator.registry import Registry
+from orchestrator.fleet.membership import create as create_membership
+from orchestrator.fleet.registry import Registry
+from orchestrator.http.app import create_app
 
 KEY = "k"
 AUTH = {"Authorization": f"Bearer {KEY}"}

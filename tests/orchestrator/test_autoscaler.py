@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from orchestrator.autoscaler import AutoscalerConfig, Signals, _planned_capacity
+from orchestrator.fleet.autoscaler import AutoscalerConfig, Signals, _planned_capacity
 from orchestrator.planner.cost import Group
 from orchestrator.planner.plan import Traffic, decode_batch
 from orchestrator.planner.specs import GPUS, MODELS

@@ -10,11 +10,11 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from orchestrator.envelopes import DONE, Envelope, error_event
 from orchestrator.errors import ApiError
-from orchestrator.logprobs import ShownLogprob
-from orchestrator.protocol import ChatCompletionRequest, CompletionRequest
-from orchestrator.text import TextEvent
+from orchestrator.http.detokenize import TextEvent
+from orchestrator.http.envelopes import DONE, Envelope, error_event
+from orchestrator.http.logprobs import ShownLogprob
+from orchestrator.http.openai_types import ChatCompletionRequest, CompletionRequest
 
 LAST = TextEvent("", "stop", prompt_tokens=5, completion_tokens=3, cached_tokens=2)
 USAGE = {

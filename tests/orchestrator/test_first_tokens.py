@@ -8,8 +8,8 @@ import asyncio
 
 import grpc
 
-from orchestrator import first_tokens
-from orchestrator.first_tokens import FirstTokenFeed
+from orchestrator.fleet import first_token_stream as first_tokens
+from orchestrator.fleet.first_token_stream import FirstTokenFeed
 from services.proto.moeserve.v1 import kv_handoff_pb2 as kvpb
 from services.proto.moeserve.v1 import kv_handoff_pb2_grpc as kvpb_grpc
 

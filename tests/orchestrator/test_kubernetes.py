@@ -8,8 +8,8 @@ import time
 
 from kubernetes import client
 
-from orchestrator.membership import create
-from orchestrator.registry import Registry, State
+from orchestrator.fleet.membership import create
+from orchestrator.fleet.registry import Registry, State
 from tests.doubles.kube_api import KubeApiDouble
 
 NS, RELEASE = "serving", "ms"

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from orchestrator.errors import ApiError
-from orchestrator.parsing import parse_request, prompt_ids, sampling_params
-from orchestrator.protocol import ChatCompletionRequest, CompletionRequest
+from orchestrator.http.openai_types import ChatCompletionRequest, CompletionRequest
+from orchestrator.http.parsing import parse_request, prompt_ids, sampling_params
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}]}
 

@@ -8,11 +8,11 @@ import random
 import pytest
 from smg_grpc_proto.generated import common_pb2
 
-from orchestrator.instance import RankLoad
-from orchestrator.policies import create
-from orchestrator.registry import Registry, State
-from orchestrator.router import Router
-from services.prefix_hash import block_hashes
+from orchestrator.dispatch.policies import create
+from orchestrator.dispatch.router import Router
+from orchestrator.fleet.instance import RankLoad
+from orchestrator.fleet.registry import Registry, State
+from services.common.prefix_hash import block_hashes
 
 
 def pool(prefill: int, decode: int, ranks: int = 2) -> Registry:

@@ -6,13 +6,13 @@ import asyncio
 
 import pytest
 
-from orchestrator.api import create_app
-from orchestrator.attempt import TokenEvent
 from orchestrator.config import ApiConfig
+from orchestrator.dispatch.attempt import TokenEvent
 from orchestrator.errors import ApiError
-from orchestrator.membership import create as create_membership
-from orchestrator.ratelimit import TokenBuckets, charged
-from orchestrator.registry import Registry
+from orchestrator.fleet.membership import create as create_membership
+from orchestrator.fleet.registry import Registry
+from orchestrator.http.app import create_app
+from orchestrator.http.ratelimit import TokenBuckets, charged
 from tests.orchestrator.test_api import CHAT, call
 
 

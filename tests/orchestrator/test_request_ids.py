@@ -10,8 +10,8 @@ import logging
 import httpx
 from starlette.responses import PlainTextResponse
 
-from orchestrator.guard import RequestIds
-from services.logs import REQUEST_ID, JsonFormatter, _WithRequestId
+from orchestrator.http.guard import RequestIds
+from services.common.logs import REQUEST_ID, JsonFormatter, _WithRequestId
 
 
 def test_an_id_in_flight_is_refused_until_its_request_ends():

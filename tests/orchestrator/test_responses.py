@@ -8,12 +8,12 @@ import json
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
 
-from orchestrator.admission import Admission
-from orchestrator.envelopes import DONE, Envelope
 from orchestrator.errors import ApiError
-from orchestrator.protocol import ChatCompletionRequest, CompletionRequest
-from orchestrator.responses import respond
-from orchestrator.text import text_events
+from orchestrator.http.admission import Admission
+from orchestrator.http.detokenize import text_events
+from orchestrator.http.envelopes import DONE, Envelope
+from orchestrator.http.openai_types import ChatCompletionRequest, CompletionRequest
+from orchestrator.http.responses import respond
 from tests.orchestrator.conftest import TokenSource, token_events
 
 MESSAGES = [{"role": "user", "content": "x"}]

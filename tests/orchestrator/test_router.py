@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.registry import Registry, State
-from orchestrator.router import NoWorkers, Router
+from orchestrator.dispatch.router import NoWorkers, Router
+from orchestrator.fleet.registry import Registry, State
 
 
 def pool(prefill: int, decode: int) -> Registry:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from orchestrator.attempt import TokenEvent
-from orchestrator.text import TextEvent, text_events
+from orchestrator.dispatch.attempt import TokenEvent
+from orchestrator.http.detokenize import TextEvent, text_events
 from tests.orchestrator.conftest import TokenSource, token_events
 
 TEXT = "The KV cache moves from the prefill worker to the decode worker. Done."

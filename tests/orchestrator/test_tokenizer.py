@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from orchestrator.tokenizer import ChatTemplateError, IncrementalDetokenizer, StopStrings, Tokenizer
+from orchestrator.http.tokenizer import ChatTemplateError, IncrementalDetokenizer, StopStrings, Tokenizer
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -76,7 +76,7 @@ def test_templates_that_rewrite_content_refuse_special_token_text(tmp_path, ds_d
     import json
     import shutil
 
-    from orchestrator.tokenizer import ChatTemplateError, Tokenizer
+    from orchestrator.http.tokenizer import ChatTemplateError, Tokenizer
 
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
         shutil.copy(ds_dir / name, tmp_path / name)

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
+from services.common.prefix_hash import block_hashes
 from services.engine import Engine, SamplingParams
 from services.engine.page_pool import PagePool
 from services.engine.prefix_cache import PrefixCache
-from services.prefix_hash import block_hashes
 from tests.oracle import greedy_ids
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)

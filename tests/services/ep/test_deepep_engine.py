@@ -12,7 +12,7 @@ import sys
 from services.engine import Engine, SamplingParams
 from services.ep import ExpertParallel, ExpertPlacement, create
 from services.ep.syncs import HostSyncCounter
-from services.tiny import make_tiny_model
+from services.tools.tiny import make_tiny_model
 from tests.ranks import run_ranks
 from tests.services.ep.test_dispatcher import DOUBLES
 from tests.services.ep.test_ep_engine import make_prompts

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-START = "from services.logs import setup_logging; setup_logging({level!r}); "
+START = "from services.common.logs import setup_logging; setup_logging({level!r}); "
 START += "from services.kv.transfer import TransferEngine; print(TransferEngine().session_id)"
 
 

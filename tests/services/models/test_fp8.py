@@ -14,7 +14,7 @@ from services.engine import Engine, SamplingParams
 from services.models import ModelConfigError, load_model
 from services.models.fp8 import Fp8Linear, block_scaled_mm
 from services.models.moe import RoutedExperts
-from services.synthetic import quantize_block_fp8
+from services.tools.synthetic import quantize_block_fp8
 from tests.fp8 import dequantize_by_blocks, read_tensors
 from tests.oracle import greedy_ids
 from tests.ranks import run_ranks

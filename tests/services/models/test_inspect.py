@@ -118,7 +118,7 @@ def test_rank_footprint_is_what_a_loaded_rank_holds(model_dirs):
 def test_cli_json(model_dirs):
     flags = ["--ep", "4", "--kv-tokens", "1000", "--device-memory", "100KiB", "--output", "json"]
     out = subprocess.run(
-        [sys.executable, "-m", "services.cli", "inspect-model", str(model_dirs["qwen3_moe"]), *flags],
+        [sys.executable, "-m", "services.tools.cli", "inspect-model", str(model_dirs["qwen3_moe"]), *flags],
         capture_output=True,
         text=True,
         check=True,

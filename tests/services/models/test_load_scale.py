@@ -13,7 +13,7 @@ import torch
 from services.ep import ExpertParallel, ExpertPlacement, create
 from services.models import load_model
 from services.models.checkpoint import Checkpoint
-from services.synthetic import random_config, write_random_checkpoint
+from services.tools.synthetic import random_config, write_random_checkpoint
 from tests.ranks import run_ranks
 
 EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")

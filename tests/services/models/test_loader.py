@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from services.models import ModelConfigError, load_model
-from services.tiny import make_tiny_model
+from services.tools.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import pytest
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto.generated import common_pb2
 
-from services import decode_first
+from services.common import decode_first
+from services.common.process import free_port
 from services.engine import Engine, SamplingParams
-from services.process import free_port
 from services.proto.moeserve.v1 import kv_handoff_pb2 as kvpb
 from services.proto.moeserve.v1 import kv_handoff_pb2_grpc as kvpb_grpc
 from tests.cluster import LocalCluster

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import threading
 
-from services.worker import first_tokens
-from services.worker.first_tokens import FirstTokenFeeds
+from services.worker.front import first_token_feeds as first_tokens
+from services.worker.front.first_token_feeds import FirstTokenFeeds
 from services.worker.messages import FirstToken
 
 

@@ -1,6 +1,6 @@
 """The rank's prefix-cache event log that SubscribeKvEvents reads from a cursor."""
 
-from services.worker.kv_events import KvEventLog
+from services.worker.rank.kv_events import KvEventLog
 
 
 def test_events_after_a_cursor_in_order_and_lost_ones_said():

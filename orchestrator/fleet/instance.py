@@ -1,0 +1,273 @@
+"""One instance as the orchestrator sees it: its address, state, load per DP rank and breaker.
+
+Its gRPC calls live here: health and load polling (`poll`), expert-load balancedness, Abort.
+The registry (`registry.py`) holds the instances and moves them through drain.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+import grpc
+from smg_grpc_proto import sglang_scheduler_pb2 as pb
+from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
+
+from orchestrator.fleet.breaker import Breaker
+from orchestrator.fleet.first_token_stream import FirstTokenFeed
+from services.common import decode_first
+from services.proto.moeserve.v1 import worker_control_pb2 as ctl
+from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
+
+log = logging.getLogger(__name__)
+Role = Literal["prefill", "decode"]
+ROLES: tuple[Role, ...] = ("prefill", "decode")
+RPC_TIMEOUT_S = 2.0
+
+
+class State(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    GONE = "gone"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class RankLoad:
+    """One DP rank's load as its worker reports it."""
+
+    dp_rank: int
+    running: int
+    waiting: int
+    kv_used_tokens: int
+    kv_total_tokens: int
+    kv_transfer_latency_ms: float = 0.0
+    """Prefill: mean time its KV writes took per handed-off request (0 on decode)."""
+    kv_transfer_gb_s: float = 0.0
+    """Prefill: KV bytes written per second of writing."""
+
+
+@dataclass(eq=False)
+class Instance:
+    """One instance as the orchestrator sees it."""
+
+    id: str
+    role: Role
+    address: str
+    """host:port of the instance's gRPC server."""
+    bootstrap_port: int | None = None
+    """A prefill instance's KV bootstrap port when it differs from its gRPC port (SGLang's does)."""
+    state: State = State.STARTING
+    inflight: int = 0
+    """Requests this orchestrator has in flight on the instance (the least-load signal)."""
+    requests: set[str] = field(default_factory=set)
+    """Their ids (aborted if a drain runs past its deadline)."""
+    served: int = 0
+    """Requests this orchestrator has sent it so far."""
+    pid: int | None = None
+    """The instance's process on this machine (local backend), else None."""
+    breaker: Breaker = field(default_factory=Breaker)
+    """Stops its traffic after consecutive failed requests; a probe lets it back."""
+    balancedness: float | None = None
+    """Expert load over its EP ranks, mean / max per MoE layer averaged (1.0 = even); None unknown."""
+    loads: list[RankLoad] = field(default_factory=list)
+    ep_size: int = 0
+    """Ranks of the instance's EP group, from GetServerInfo (0 until known)."""
+    slots: int = 0
+    """Requests it runs at once (max_running_requests x DP ranks, from GetServerInfo; 0 until known)."""
+    decode_first: bool = False
+    """It serves decode-first dispatch (`services.common.decode_first`; GetServerInfo says so)."""
+    info: pb.GetModelInfoResponse | None = None
+    reason: str = ""
+    """Why the instance is failed or gone."""
+    since: float = field(default_factory=time.monotonic)
+    drain_deadline: float | None = None
+    _failures: int = 0
+    _channel: grpc.aio.Channel | None = field(default=None, repr=False)
+    _stub: pb_grpc.SglangSchedulerStub | None = field(default=None, repr=False)
+    _first_tokens: FirstTokenFeed | None = field(default=None, repr=False)
+
+    @property
+    def host(self) -> str:
+        return self.address.rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    @property
+    def bootstrap(self) -> tuple[str, int]:
+        """Where a decode instance fetches this prefill instance's KV (host, port)."""
+        return self.host, self.bootstrap_port or self.port
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == State.READY
+
+    @property
+    def stub(self) -> pb_grpc.SglangSchedulerStub:
+        """The instance's stub, made once per channel (a stub builds a callable per RPC)."""
+        self._connect()
+        return self._stub
+
+    def _connect(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.address)
+            self._stub = pb_grpc.SglangSchedulerStub(self._channel)
+        return self._channel
+
+    @property
+    def first_tokens(self) -> FirstTokenFeed:
+        """Prefill (decode-first): its FirstTokens stream to this router (`first_tokens.py`)."""
+        if self._first_tokens is None:
+            self._first_tokens = FirstTokenFeed(self._connect)
+        return self._first_tokens
+
+    def set_state(self, state: State, reason: str = "") -> None:
+        if state != self.state:
+            log.info(
+                "instance %s (%s %s): %s -> %s %s",
+                self.id,
+                self.role,
+                self.address,
+                self.state.value,
+                state.value,
+                reason,
+            )
+            self.state, self.since, self.reason = state, time.monotonic(), reason or self.reason
+
+    @property
+    def idle(self) -> bool:
+        """Nothing of ours in flight and, as last reported, no request and no KV on the worker."""
+        return self.inflight == 0 and all(
+            ld.running == 0 and ld.waiting == 0 and ld.kv_used_tokens == 0 for ld in self.loads
+        )
+
+    async def poll(self) -> None:
+        """One health check and load read; moves starting/ready/failed as the answers say."""
+        if self.state == State.GONE:
+            return
+        try:
+            health = await self.stub.HealthCheck(pb.HealthCheckRequest(), timeout=RPC_TIMEOUT_S)
+            if health.healthy:
+                loads = await self.stub.GetLoads(pb.GetLoadsRequest(), timeout=RPC_TIMEOUT_S)
+                self.loads = [
+                    RankLoad(
+                        ld.dp_rank,
+                        ld.num_running_reqs,
+                        ld.num_waiting_reqs,
+                        ld.num_used_tokens,
+                        ld.max_total_num_tokens,
+                        ld.disaggregation.kv_transfer_latency_ms,
+                        ld.disaggregation.kv_transfer_speed_gb_s,
+                    )
+                    for ld in loads.loads
+                ]
+                self.balancedness = await self._balancedness()
+                if self.info is None:
+                    self.info = await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S)
+                    server = await self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=RPC_TIMEOUT_S)
+                    self.ep_size = _server_int(server, "ep_size", "dp_size") or len(self.loads)
+                    per_rank = _server_int(server, "max_running_requests")
+                    self.slots = per_rank * max(1, _server_int(server, "dp_size") or len(self.loads))
+                    self.decode_first = _server_args(server).get(decode_first.SERVER_ARG) is True
+        except grpc.aio.AioRpcError as e:
+            self._unhealthy(
+                f"{e.code().name}: {e.details()}", refused=e.code() == grpc.StatusCode.UNAVAILABLE
+            )
+            return
+        if not health.healthy:
+            self._unhealthy("HealthCheck says unhealthy", refused=False)
+            return
+        self._failures = 0
+        if self.state in (State.STARTING, State.FAILED):  # a failed instance that answers again is back
+            self.set_state(State.READY, "healthy")
+        if self.role == "prefill" and self.decode_first:
+            self.first_tokens.open()  # ready for its first request (again, if the stream ended)
+
+    async def _balancedness(self) -> float | None:
+        """From moeserve's WorkerControl.GetExpertLoad (other workers lack it: None): mean ÷ max
+        tokens per EP rank under the placement in use (an expert's tokens split over its replicas)."""
+        try:
+            res = await ctl_grpc.WorkerControlStub(self._channel).GetExpertLoad(
+                ctl.GetExpertLoadRequest(), timeout=RPC_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError:
+            return None
+        ranks, slots = max(1, res.ep_size), res.num_slots or res.num_experts
+        ratios = []
+        for i, layer in enumerate(res.layers):
+            tokens = list(layer.tokens_per_expert)
+            held = list(res.phy2log[i * slots : (i + 1) * slots]) or [s % len(tokens) for s in range(slots)]
+            copies = collections.Counter(held)
+            per_slot = [tokens[e] / copies[e] for e in held]
+            per_rank = len(held) // ranks
+            loads = [sum(per_slot[r * per_rank : (r + 1) * per_rank]) for r in range(ranks)]
+            if per_rank and max(loads):
+                ratios.append(sum(loads) / ranks / max(loads))
+        return sum(ratios) / len(ratios) if ratios else None
+
+    def _unhealthy(self, why: str, refused: bool) -> None:
+        if self.state in (State.STARTING, State.FAILED):
+            return  # still coming up, or still down
+        self._failures += 1
+        if refused or self._failures >= 2:
+            self.set_state(State.FAILED, why)
+
+    async def abort(self, request_id: str, reason: str = "client") -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self.stub.Abort(pb.AbortRequest(request_id=request_id, reason=reason), timeout=5.0)
+
+    async def close(self) -> None:
+        if self._first_tokens is not None:
+            await self._first_tokens.close()
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    def describe(self) -> dict[str, Any]:
+        """The instance as the admin API shows it."""
+        return {
+            "id": self.id,
+            "role": self.role,
+            "address": self.address,
+            "bootstrap": ":".join(map(str, self.bootstrap)) if self.role == "prefill" else None,
+            "state": self.state.value,
+            "reason": self.reason,
+            "ep_size": self.ep_size,
+            "slots": self.slots,
+            "inflight": self.inflight,
+            "served": self.served,
+            "pid": self.pid,
+            "running": sum(ld.running for ld in self.loads),
+            "waiting": sum(ld.waiting for ld in self.loads),
+            "kv_used_tokens": sum(ld.kv_used_tokens for ld in self.loads),
+            "kv_total_tokens": sum(ld.kv_total_tokens for ld in self.loads),
+            "balancedness": self.balancedness,
+            "breaker": self.breaker.state.value,
+            "breaker_opened": self.breaker.opened,
+            "first_tokens": self._first_tokens is not None and self._first_tokens.live,
+            "dp_ranks": [ld.__dict__ for ld in self.loads],
+        }
+
+
+def _server_int(server: pb.GetServerInfoResponse, *keys: str) -> int:
+    """The first of `keys` in the server's arguments that holds a whole number (0: none does)."""
+    args = _server_args(server)
+    for key in keys:
+        value = args.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value == int(value):
+            return int(value)
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+    return 0
+
+
+def _server_args(server: pb.GetServerInfoResponse) -> dict:
+    return dict(server.server_args.items()) if server.HasField("server_args") else {}

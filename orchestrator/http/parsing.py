@@ -1,0 +1,124 @@
+"""OpenAI request in, SGLang request out: body → validated request → prompt ids and SamplingParams.
+
+Every failure is an ApiError whose message says what to change (400), names the model served
+(404), or the body limit (413).
+"""
+
+from __future__ import annotations
+
+import json
+
+from google.protobuf import struct_pb2
+from pydantic import ValidationError
+from smg_grpc_proto import sglang_scheduler_pb2 as pb
+
+from orchestrator.config import ApiConfig
+from orchestrator.errors import ApiError
+from orchestrator.http.openai_types import (
+    BODIES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Kind,
+    OpenAIRequest,
+)
+from orchestrator.http.tokenizer import ChatTemplateError, Tokenizer
+
+
+def parse_request(body: bytes, kind: Kind, config: ApiConfig) -> OpenAIRequest:
+    """The validated body of a /v1/chat/completions ("chat") or /v1/completions ("completion") call."""
+    if len(body) > config.max_body_bytes:
+        raise ApiError(413, f"request body over {config.max_body_bytes} bytes", code="body_too_large")
+    try:
+        raw = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(raw, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    try:  # JSON may escape half a surrogate pair ("\ud800"); no tokenizer can take that
+        json.dumps(raw, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(
+            400,
+            f"request body has a lone surrogate ({e.object[e.start : e.end]!a}); "
+            "text must be valid Unicode (send surrogates in pairs)",
+            code="invalid_unicode",
+        ) from None
+    try:
+        req = BODIES[kind].model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or None
+        raise ApiError(400, f"{where}: {err['msg']}" if where else err["msg"], param=where) from None
+    if req.model not in (config.served_model_name, str(config.model_dir)):
+        raise ApiError(
+            404,
+            f"model {req.model!r} does not exist; this server serves {config.served_model_name!r}",
+            code="model_not_found",
+            param="model",
+        )
+    return req
+
+
+def prompt_ids(req: OpenAIRequest, tokenizer: Tokenizer) -> list[int]:
+    """The prompt's token ids: chat messages through the model's chat template, text encoded, ids as sent."""
+    if isinstance(req, ChatCompletionRequest):
+        try:
+            return tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.text()} for m in req.messages]
+            )
+        except (ChatTemplateError, ValueError) as e:
+            raise ApiError(400, str(e), param="messages") from None
+    ids = req.prompt if isinstance(req.prompt, list) else tokenizer.encode(req.prompt)
+    if not ids:
+        raise ApiError(400, "prompt is empty", param="prompt")
+    vocab = tokenizer.model_vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ApiError(
+            400, f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}", param="prompt"
+        )
+    return ids
+
+
+def prompt_text(req: OpenAIRequest, ids: list[int], tokenizer: Tokenizer) -> str:
+    """A completion's prompt as text, for `echo`: as sent, or its token ids decoded ("" otherwise)."""
+    if not isinstance(req, CompletionRequest) or not req.echo:
+        return ""
+    return req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def sampling_params(req: OpenAIRequest, prompt_len: int, limit: int) -> pb.SamplingParams:
+    """SGLang's sampling parameters for `req`; `limit` is the model's context (0: not known yet, no check).
+
+    max_tokens defaults to what is left of the context; a seed travels in `custom_params`.
+    """
+    if limit and prompt_len >= limit:
+        raise ApiError(
+            400,
+            f"the prompt has {prompt_len} tokens but the model's context is {limit} tokens; "
+            "shorten the prompt",
+            code="context_length_exceeded",
+            param="messages",
+        )
+    max_tokens = req.max_tokens if req.max_tokens is not None else max(1, limit - prompt_len)
+    if limit and prompt_len + max_tokens > limit:
+        raise ApiError(
+            400,
+            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+            f"context of {limit} tokens; lower max_tokens",
+            code="context_length_exceeded",
+            param="max_tokens",
+        )
+    sp = pb.SamplingParams(
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k or 0,
+        min_p=req.min_p,
+        max_new_tokens=max_tokens,
+        ignore_eos=req.ignore_eos,
+        skip_special_tokens=req.skip_special_tokens,
+        n=1,
+    )
+    if req.seed is not None:
+        sp.custom_params.CopyFrom(struct_pb2.Struct(fields={"seed": struct_pb2.Value(number_value=req.seed)}))
+    return sp
