@@ -35,7 +35,7 @@ class ApiConfig:
     """Most tokens a key may use at once (default: a minute's worth of its rate)."""
     dispatch: str = "auto"
     """How a request reaches its pair: auto (decode-first where both workers serve it, else SGLang's
-    dual dispatch; `services.common.decode_first`) or dual (always both workers, as SMG does)."""
+    dual dispatch; `services.common.wire`) or dual (always both workers, as SMG does)."""
 
     def __post_init__(self) -> None:
         if not self.served_model_name:

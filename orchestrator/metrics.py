@@ -12,19 +12,16 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from orchestrator.events import TokenEvent
 from orchestrator.fleet.autoscaler import SIGNALS
 from orchestrator.fleet.breaker import BreakerState
 from orchestrator.fleet.registry import Registry, State
 from services.common.logs import requests
-
-if TYPE_CHECKING:
-    from orchestrator.dispatch.attempt import TokenEvent
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)

@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
 from orchestrator import metrics
-from orchestrator.dispatch.attempt import BeforeFirstToken, MidStream, TokenEvent, attempt
+from orchestrator.dispatch.attempt import attempt
+from orchestrator.dispatch.failures import BeforeFirstToken, MidStream
 from orchestrator.dispatch.router import NoWorkers, Router
 from orchestrator.errors import ApiError
+from orchestrator.events import TokenEvent
 
 MAX_ATTEMPTS = 3
 RETRY_BUDGET_S = 30.0

@@ -35,7 +35,7 @@ class Lease:
     prefill_rank: int | None = None
     """The prefill instance's DP rank to pin (None: its own choice)."""
     decode_first: bool = False
-    """The request goes to decode alone, which forwards it to prefill (`services.common.decode_first`)."""
+    """The request goes to decode alone, which forwards it to prefill (`services.common.wire`)."""
     released: bool = False
 
     def release(self) -> None:

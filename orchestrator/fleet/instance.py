@@ -20,7 +20,7 @@ from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
 from orchestrator.fleet.breaker import Breaker
 from orchestrator.fleet.first_token_stream import FirstTokenFeed
-from services.common import decode_first
+from services.common import wire
 from services.proto.moeserve.v1 import worker_control_pb2 as ctl
 from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
 
@@ -82,7 +82,7 @@ class Instance:
     slots: int = 0
     """Requests it runs at once (max_running_requests x DP ranks, from GetServerInfo; 0 until known)."""
     decode_first: bool = False
-    """It serves decode-first dispatch (`services.common.decode_first`; GetServerInfo says so)."""
+    """It serves decode-first dispatch (`services.common.wire`; GetServerInfo says so)."""
     info: pb.GetModelInfoResponse | None = None
     reason: str = ""
     """Why the instance is failed or gone."""
@@ -176,7 +176,7 @@ class Instance:
                     self.ep_size = _server_int(server, "ep_size", "dp_size") or len(self.loads)
                     per_rank = _server_int(server, "max_running_requests")
                     self.slots = per_rank * max(1, _server_int(server, "dp_size") or len(self.loads))
-                    self.decode_first = _server_args(server).get(decode_first.SERVER_ARG) is True
+                    self.decode_first = _server_args(server).get(wire.SERVER_ARG) is True
         except grpc.aio.AioRpcError as e:
             self._unhealthy(
                 f"{e.code().name}: {e.details()}", refused=e.code() == grpc.StatusCode.UNAVAILABLE

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from orchestrator import metrics
 from orchestrator.admin import add_admin_routes, check_admin
 from orchestrator.config import ApiConfig
-from orchestrator.dispatch.attempt import settle
+from orchestrator.dispatch.background import settle
 from orchestrator.dispatch.generate import generate
 from orchestrator.dispatch.policies import PrefillPolicy
 from orchestrator.dispatch.router import Router

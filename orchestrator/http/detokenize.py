@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from orchestrator.dispatch.attempt import TokenEvent
+from orchestrator.events import TokenEvent
 from orchestrator.http.logprobs import ShownLogprob, Speller
 from orchestrator.http.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
 

@@ -12,24 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from smg_grpc_proto import sglang_scheduler_pb2 as pb
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One generated token's log-probability and the most likely tokens at its position."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-def from_proto(msg: pb.OutputLogProbs) -> tuple[TokenLogprob, ...]:
-    tops = list(msg.top_logprobs) or [pb.TopLogProbs()] * len(msg.token_ids)
-    return tuple(
-        TokenLogprob(tid, lp, tuple(zip(top.token_ids, top.values, strict=True)))
-        for tid, lp, top in zip(msg.token_ids, msg.token_logprobs, tops, strict=True)
-    )
+from orchestrator.events import TokenLogprob
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,9 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from orchestrator.errors import ApiError
-
-if TYPE_CHECKING:
-    from orchestrator.dispatch.attempt import TokenEvent
+from orchestrator.events import TokenEvent
 
 
 @dataclass

@@ -25,7 +25,7 @@ from smg_grpc_proto.generated import common_pb2
 from orchestrator.dispatch.policies import create as create_policy
 from orchestrator.fleet.kv_event_feed import KvEventFeed
 from orchestrator.fleet.registry import Registry
-from services.common import decode_first
+from services.common import wire
 from services.common.prefix_hash import block_hashes
 from services.common.process import free_port
 from services.proto.moeserve.v1 import kv_handoff_pb2 as kvpb
@@ -117,7 +117,7 @@ def test_first_tokens_come_straight_from_prefill_and_none_twice(ep2_ep2, ds_dir)
             ),
             stream=True,
         )
-        meta = decode_first.forward_metadata(rank, "test")
+        meta = wire.forward_metadata(rank, "test")
         done = list(c.stub("decode").Generate(req, timeout=60, metadata=meta))[-1].complete
         token = next(feed).tokens
         assert [(t.room, t.token_id) for t in token] == [(900 + rank, done.output_ids[0])]

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from orchestrator.config import ApiConfig
-from orchestrator.dispatch.attempt import TokenEvent
+from orchestrator.events import TokenEvent
 from orchestrator.http.tokenizer import Tokenizer
 
 

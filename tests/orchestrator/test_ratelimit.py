@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from orchestrator.config import ApiConfig
-from orchestrator.dispatch.attempt import TokenEvent
 from orchestrator.errors import ApiError
+from orchestrator.events import TokenEvent
 from orchestrator.fleet.membership import create as create_membership
 from orchestrator.fleet.registry import Registry
 from orchestrator.http.app import create_app

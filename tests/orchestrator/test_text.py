@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from orchestrator.dispatch.attempt import TokenEvent
+from orchestrator.events import TokenEvent
 from orchestrator.http.detokenize import TextEvent, text_events
 from tests.orchestrator.conftest import TokenSource, token_events
 

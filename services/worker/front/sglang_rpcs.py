@@ -25,7 +25,7 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 from smg_grpc_proto.generated import common_pb2
 
-from services.common import decode_first
+from services.common import wire
 from services.engine import Engine
 from services.kv.sender import TransferStats
 from services.worker import messages as msg
@@ -68,7 +68,7 @@ def unimplemented_rpc(name: str):
 def abort_with(context: grpc.ServicerContext, e: CallFailed):
     """End the RPC with the rank's status (and whose failure it is, when another instance's)."""
     if e.peer:
-        context.set_trailing_metadata(((decode_first.FAILED_PEER, e.peer),))
+        context.set_trailing_metadata(((wire.FAILED_PEER, e.peer),))
     context.abort(grpc.StatusCode[e.code], e.message)
 
 
@@ -97,7 +97,7 @@ class SchedulerServicer(PrefixCacheRpcs, pb_grpc.SglangSchedulerServicer):
         ctl = self.ctl
         forward, prefill_rank, feed = False, None, ""
         if self.config.role == "decode":
-            forward, prefill_rank, feed = decode_first.requested(context.invocation_metadata())
+            forward, prefill_rank, feed = wire.requested(context.invocation_metadata())
         pinned = request.data_parallel_rank if request.HasField("data_parallel_rank") else None
         dp = request.disaggregated_params if request.HasField("disaggregated_params") else None
         room = (
@@ -178,7 +178,7 @@ class SchedulerServicer(PrefixCacheRpcs, pb_grpc.SglangSchedulerServicer):
                 "ep_size": self.ctl.size,
                 "dp_size": self.ctl.size,
                 "rank_pids": list(self.ctl.pids),
-                decode_first.SERVER_ARG: True,
+                wire.SERVER_ARG: True,
             }
         )
         info = pb.GetServerInfoResponse(

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import grpc
 
-from services.common import decode_first
+from services.common import wire
 from services.kv import AttachResult, AttachSpec, HandoffError
 from services.proto.moeserve.v1 import kv_handoff_pb2 as kvpb
 from services.proto.moeserve.v1 import kv_handoff_pb2_grpc as kvpb_grpc
@@ -47,7 +47,7 @@ class GrpcAttachClient:
             try:
                 on_done(proto_convert.result_from_proto(f.result()))
             except grpc.RpcError as e:
-                peer = decode_first.failed_peer(e.trailing_metadata())  # "decode": our side of it failed
+                peer = wire.failed_peer(e.trailing_metadata())  # "decode": our side of it failed
                 on_done(HandoffError(e.code().name, e.details() or e.code().name, peer))
 
         future.add_done_callback(done)

@@ -15,7 +15,7 @@ import pytest
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto.generated import common_pb2
 
-from services.common import decode_first
+from services.common import wire
 from services.common.process import free_port
 from services.engine import Engine, SamplingParams
 from services.proto.moeserve.v1 import kv_handoff_pb2 as kvpb
@@ -93,12 +93,10 @@ def test_decode_first_one_call_carries_the_request_to_prefill(pair, expected):
     router names, or prefill's choice). The last step's tokens come in the complete alone."""
     for name in ("prefill", "decode"):
         info = pair.stub(name).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
-        assert info.server_args[decode_first.SERVER_ARG] is True
+        assert info.server_args[wire.SERVER_ARG] is True
     for rank in (None, 0):
         req = request(pair.addresses["prefill"], next(rooms))
-        out = list(
-            pair.stub("decode").Generate(req, timeout=60, metadata=decode_first.forward_metadata(rank))
-        )
+        out = list(pair.stub("decode").Generate(req, timeout=60, metadata=wire.forward_metadata(rank)))
         streamed = [t for r in out if r.HasField("chunk") for t in r.chunk.token_ids]
         done = out[-1].complete
         assert list(done.output_ids) == expected.output_token_ids and done.finish_reason == "length"
@@ -118,10 +116,10 @@ def test_decode_first_sends_the_first_token_on_the_routers_feed_as_prefill_sampl
     assert not next(feed).tokens  # subscribed
     named, other, unnamed, stopped = next(rooms), next(rooms), next(rooms), next(rooms)
     for room, meta in (
-        (named, decode_first.forward_metadata(None, "router-a")),
-        (other, decode_first.forward_metadata(None, "router-b")),
-        (unnamed, decode_first.forward_metadata(None)),
-        (stopped, decode_first.forward_metadata(None, "router-a")),
+        (named, wire.forward_metadata(None, "router-a")),
+        (other, wire.forward_metadata(None, "router-b")),
+        (unnamed, wire.forward_metadata(None)),
+        (stopped, wire.forward_metadata(None, "router-a")),
     ):
         req = request(pair.addresses["prefill"], room)
         if room == stopped:
@@ -148,14 +146,14 @@ def test_decode_first_failures_name_the_prefill(pair):
     failure (the router then avoids that prefill, not this decode), and holds no pages after."""
     gone = request(f"127.0.0.1:{free_port()}", next(rooms))
     with pytest.raises(grpc.RpcError) as e:
-        list(pair.stub("decode").Generate(gone, timeout=30, metadata=decode_first.forward_metadata(None)))
+        list(pair.stub("decode").Generate(gone, timeout=30, metadata=wire.forward_metadata(None)))
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert decode_first.failed_peer(e.value.trailing_metadata()) == "prefill"
+    assert wire.failed_peer(e.value.trailing_metadata()) == "prefill"
     bad_rank = request(pair.addresses["prefill"], next(rooms))
     with pytest.raises(grpc.RpcError) as e:
-        list(pair.stub("decode").Generate(bad_rank, timeout=30, metadata=decode_first.forward_metadata(7)))
+        list(pair.stub("decode").Generate(bad_rank, timeout=30, metadata=wire.forward_metadata(7)))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "7" in e.value.details()
-    assert decode_first.failed_peer(e.value.trailing_metadata()) == "prefill"
+    assert wire.failed_peer(e.value.trailing_metadata()) == "prefill"
     pair.assert_idle()
 
 

@@ -1,4 +1,4 @@
-"""Decode-first dispatch: what the orchestrator and the workers agree on beside SGLang's protocol.
+"""What the orchestrator and the workers agree on beside SGLang's protocol: decode-first dispatch.
 
 SGLang's disaggregated Generate goes to both workers (dual dispatch, what SMG does): two streams per
 request from the router. Decode-first sends it to the decode instance alone, with the metadata
