@@ -26,7 +26,8 @@ from pydantic import BaseModel, Field
 from orchestrator.errors import ApiError
 from orchestrator.fleet.autoscaler import Autoscaler
 from orchestrator.fleet.membership import Membership, ScaleError
-from orchestrator.fleet.registry import DRAIN_DEADLINE_S, ROLES, Registry, State
+from orchestrator.fleet.registry import DRAIN_DEADLINE_S, Registry, State
+from services.common.roles import ROLES
 
 _tasks: set[asyncio.Task] = set()
 

@@ -53,12 +53,12 @@ class Router:
 
     def __init__(
         self,
-        pool: Registry,
+        registry: Registry,
         seed: int | None = None,
         policy: PrefillPolicy | None = None,
         decode_first: bool = True,
     ):
-        self.pool = pool
+        self.registry = registry
         self.decode_first = decode_first
         """Send requests decode-first to pairs whose workers both serve it (else dual dispatch)."""
         self.policy = policy or create("least_load")
@@ -76,9 +76,9 @@ class Router:
         one of them again rather than none).
         """
         decode = self._decode_picker.pick(
-            self._ready(self.pool.decode, "decode", avoid), lambda i: i.inflight
+            self._ready(self.registry.decode, "decode", avoid), lambda i: i.inflight
         )
-        prefill, rank = self.policy.pick(self._ready(self.pool.prefill, "prefill", avoid), prompt_ids)
+        prefill, rank = self.policy.pick(self._ready(self.registry.prefill, "prefill", avoid), prompt_ids)
         for inst in (prefill, decode):
             inst.inflight += 1
             inst.served += 1

@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from orchestrator.fleet.membership import Membership, ScaleError
-from orchestrator.fleet.registry import ROLES, Registry, Role, State
+from orchestrator.fleet.registry import Registry, State
+from services.common.roles import ROLES, Role
 
 log = logging.getLogger("orchestrator.fleet.autoscaler")
 

@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
@@ -21,12 +21,11 @@ from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 from orchestrator.fleet.breaker import Breaker
 from orchestrator.fleet.first_token_stream import FirstTokenFeed
 from services.common import wire
+from services.common.roles import Role
 from services.proto.moeserve.v1 import worker_control_pb2 as ctl
 from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
 
 log = logging.getLogger(__name__)
-Role = Literal["prefill", "decode"]
-ROLES: tuple[Role, ...] = ("prefill", "decode")
 RPC_TIMEOUT_S = 2.0
 
 
@@ -39,7 +38,7 @@ class State(StrEnum):
 
 
 @dataclass(frozen=True)
-class RankLoad:
+class DpLoad:
     """One DP rank's load as its worker reports it."""
 
     dp_rank: int
@@ -76,7 +75,7 @@ class Instance:
     """Stops its traffic after consecutive failed requests; a probe lets it back."""
     balancedness: float | None = None
     """Expert load over its EP ranks, mean / max per MoE layer averaged (1.0 = even); None unknown."""
-    loads: list[RankLoad] = field(default_factory=list)
+    loads: list[DpLoad] = field(default_factory=list)
     ep_size: int = 0
     """Ranks of the instance's EP group, from GetServerInfo (0 until known)."""
     slots: int = 0
@@ -158,7 +157,7 @@ class Instance:
             if health.healthy:
                 loads = await self.stub.GetLoads(pb.GetLoadsRequest(), timeout=RPC_TIMEOUT_S)
                 self.loads = [
-                    RankLoad(
+                    DpLoad(
                         ld.dp_rank,
                         ld.num_running_reqs,
                         ld.num_waiting_reqs,

@@ -24,9 +24,10 @@ import time
 from collections.abc import Callable
 
 from orchestrator.fleet.breaker import COOLDOWN_S, THRESHOLD, Breaker
-from orchestrator.fleet.instance import ROLES, Instance, RankLoad, Role, State
+from orchestrator.fleet.instance import DpLoad, Instance, State
+from services.common.roles import ROLES, Role
 
-__all__ = ["DRAIN_DEADLINE_S", "ROLES", "Instance", "RankLoad", "Registry", "Role", "State"]
+__all__ = ["DRAIN_DEADLINE_S", "DpLoad", "Instance", "Registry", "State"]
 log = logging.getLogger(__name__)
 POLL_S = 0.5
 """How often every instance is health-checked and its load read."""

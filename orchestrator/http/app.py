@@ -42,7 +42,7 @@ SETTLE_S = 0.5
 
 def create_app(
     config: ApiConfig,
-    pool: Registry,
+    registry: Registry,
     membership: Membership,
     policy: PrefillPolicy | None = None,
     autoscaler: Autoscaler | None = None,
@@ -52,8 +52,8 @@ def create_app(
     `policy` picks prefill instances (default: least load); `autoscaler` (off without one) sets
     the pools' sizes."""
     tokenizer = Tokenizer(config.model_dir)
-    router = Router(pool, policy=policy, decode_first=config.dispatch == "auto")
-    feed = KvEventFeed(pool, router.policy)
+    router = Router(registry, policy=policy, decode_first=config.dispatch == "auto")
+    feed = KvEventFeed(registry, router.policy)
     admission = Admission(config.max_concurrency, config.max_queue, config.queue_timeout_s)
     buckets = None
     if config.key_token_rate > 0:
@@ -62,7 +62,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await membership.start()
-        await pool.start()
+        await registry.start()
         await feed.start()
         if autoscaler is not None:
             await autoscaler.start()
@@ -73,11 +73,11 @@ def create_app(
         await settle(SETTLE_S)
         await feed.stop()
         await membership.stop()
-        await pool.stop()
+        await registry.stop()
 
     app = FastAPI(title="moeserve", lifespan=lifespan)
     app.state.router, app.state.admission, app.state.membership = router, admission, membership
-    add_admin_routes(app, pool, membership, autoscaler)
+    add_admin_routes(app, registry, membership, autoscaler)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -109,10 +109,10 @@ def create_app(
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        workers = {i.address: i.healthy for i in pool.all}
+        workers = {i.address: i.healthy for i in registry.all}
         if admission.closing:
             return JSONResponse({"status": "shutting down", "workers": workers}, status_code=503)
-        if pool.ready:
+        if registry.ready:
             return JSONResponse({"status": "ready", "workers": workers})
         return JSONResponse({"status": "not ready", "workers": workers}, status_code=503)
 
@@ -120,7 +120,7 @@ def create_app(
     async def prometheus(request: Request) -> Response:
         if config.admin_token:  # with an admin token configured, metrics need it too
             check_admin(request, config.admin_token, config.api_keys)
-        return Response(metrics.exposition(pool), media_type="text/plain; version=0.0.4")
+        return Response(metrics.exposition(registry), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -129,7 +129,7 @@ def create_app(
             "object": "model",
             "created": int(time.time()),
             "owned_by": "moeserve",
-            "max_model_len": pool.context_limit(),
+            "max_model_len": registry.context_limit(),
         }
         return {"object": "list", "data": [model]}
 
@@ -139,7 +139,7 @@ def create_app(
         try:
             req = parse_request(await read_body(request, config.max_body_bytes), kind, config)
             prompt = prompt_ids(req, tokenizer)
-            sampling = sampling_params(req, len(prompt), pool.context_limit())
+            sampling = sampling_params(req, len(prompt), registry.context_limit())
             key = request.headers.get("authorization", "")
             if buckets is not None:
                 buckets.admit(key, len(prompt))

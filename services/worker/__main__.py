@@ -13,6 +13,7 @@ import typer
 
 from services.common.logs import setup_logging
 from services.common.process import die_with_parent_if_asked
+from services.common.roles import Role
 from services.common.typer_main import (
     LogFormat,
     LogFormatOption,
@@ -24,11 +25,6 @@ from services.common.typer_main import (
 )
 from services.engine.config import EngineConfig, EngineConfigError
 from services.worker.config import WorkerConfig
-
-
-class Role(StrEnum):
-    prefill = "prefill"
-    decode = "decode"
 
 
 class Protocol(StrEnum):

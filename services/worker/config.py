@@ -6,9 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from services.common.roles import Role
 from services.engine import EngineConfig
-
-Role = Literal["prefill", "decode"]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from smg_grpc_proto.generated import common_pb2
 
 from orchestrator.dispatch.policies import create
 from orchestrator.dispatch.router import Router
-from orchestrator.fleet.instance import RankLoad
+from orchestrator.fleet.instance import DpLoad
 from orchestrator.fleet.registry import Registry, State
 from services.common.prefix_hash import block_hashes
 
@@ -20,7 +20,7 @@ def pool(prefill: int, decode: int, ranks: int = 2) -> Registry:
     for i in range(prefill):
         inst = p.add("prefill", f"10.0.0.1:{5000 + i}")
         inst.state = State.READY
-        inst.loads = [RankLoad(r, 0, 0, 0, 1000) for r in range(ranks)]
+        inst.loads = [DpLoad(r, 0, 0, 0, 1000) for r in range(ranks)]
     for i in range(decode):
         p.add("decode", f"10.0.0.2:{6000 + i}").state = State.READY
     return p

@@ -32,8 +32,8 @@ def test_held_leases_spread_over_the_pool():
     router = Router(pool(2, 3))
     leases = [router.lease() for _ in range(6)]
     assert len({lease.decode.port for lease in leases[:3]}) == 3
-    assert [w.inflight for w in router.pool.decode] == [2, 2, 2]
-    assert [w.inflight for w in router.pool.prefill] == [3, 3]
+    assert [w.inflight for w in router.registry.decode] == [2, 2, 2]
+    assert [w.inflight for w in router.registry.prefill] == [3, 3]
 
 
 def test_the_least_loaded_worker_is_picked():

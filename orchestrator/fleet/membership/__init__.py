@@ -15,7 +15,8 @@ import importlib
 from abc import ABC, abstractmethod
 from typing import Any
 
-from orchestrator.fleet.registry import Registry, Role
+from orchestrator.fleet.registry import Registry
+from services.common.roles import Role
 
 BACKENDS = {
     "static": "orchestrator.fleet.membership.static",

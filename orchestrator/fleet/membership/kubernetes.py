@@ -28,7 +28,8 @@ import time
 from typing import Any
 
 from orchestrator.fleet.membership import Membership, ScaleError
-from orchestrator.fleet.registry import ROLES, Instance, Registry, Role, State
+from orchestrator.fleet.registry import Instance, Registry, State
+from services.common.roles import ROLES, Role
 
 log = logging.getLogger(__name__)
 LWS_GROUP, LWS_VERSION, LWS_PLURAL = "leaderworkerset.x-k8s.io", "v1", "leaderworkersets"

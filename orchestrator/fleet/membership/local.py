@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 from orchestrator.fleet.membership import Membership, ScaleError
-from orchestrator.fleet.registry import ROLES, Instance, Registry, Role, State
+from orchestrator.fleet.registry import Instance, Registry, State
 from services.common.process import free_port, spawn_env
+from services.common.roles import ROLES, Role
 
 SUPERVISE_S = 0.5
 READY_TIMEOUT_S = 180.0

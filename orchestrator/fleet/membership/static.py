@@ -5,7 +5,8 @@ bootstrap on a port of their own), as SMG's `--prefill grpc://HOST:PORT BOOTSTRA
 from __future__ import annotations
 
 from orchestrator.fleet.membership import Membership
-from orchestrator.fleet.registry import Registry, Role
+from orchestrator.fleet.registry import Registry
+from services.common.roles import Role
 
 
 def parse_targets(tokens: list[str]) -> list[tuple[str, int | None]]:
