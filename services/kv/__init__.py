@@ -4,14 +4,11 @@ engine, bootstrap rooms, the prefill sender and the decode side's WAITING_FOR_KV
 from services.kv.layout import KVLayout, LayoutMismatch
 from services.kv.pages import KVRegion, copy_descriptors
 from services.kv.rooms import AttachResult, AttachSpec
-from services.kv.status import Caller, HandoffError
 from services.kv.transfer import TransferEngine, TransferError
 
 __all__ = [
     "AttachResult",
     "AttachSpec",
-    "Caller",
-    "HandoffError",
     "KVLayout",
     "KVRegion",
     "LayoutMismatch",

@@ -5,7 +5,7 @@ When the scheduler has reserved its pages (pool room, at most `max_num_seqs` in 
 source attaches them to the room on the prefill instance (decode-first: with the request itself,
 which prefill then needs from no one else); the Attach answers once prefill has
 written the prompt's KV, with the first token, and the request joins the running batch when a
-seat is free. Failures end the request's stream with a `HandoffError`; pages are freed only
+seat is free. Failures end the request's stream with a `CallError`; pages are freed only
 once no write can land any more (prefill answered, or a Release returned).
 """
 
@@ -17,12 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from services.common.calls import CallError
 from services.engine import RequestOutput, SamplingParams
 from services.engine.loop import EngineLoop, RequestStream
 from services.kv.layout import KVLayout
 from services.kv.pages import KVRegion
 from services.kv.rooms import AttachResult, AttachSpec
-from services.kv.status import HandoffError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class AttachClient(Protocol):
         prefill: str,
         spec: AttachSpec,
         timeout: float,
-        on_done: Callable[[AttachResult | HandoffError], None],
+        on_done: Callable[[AttachResult | CallError], None],
     ) -> Callable[[], None]:
         """Start an Attach; `on_done` gets the result or the error. Returns a cancel function."""
 
@@ -80,7 +80,7 @@ class RemotePrefill:
         try:
             self._attach(request_id, pages)
         except Exception as e:  # never into the engine's step: fail this request alone
-            self.side.loop.call(self.side.fail, request_id, HandoffError("INTERNAL", f"cannot attach: {e!r}"))
+            self.side.loop.call(self.side.fail, request_id, CallError("INTERNAL", f"cannot attach: {e!r}"))
 
     def _attach(self, request_id: str, pages: list[int]) -> None:
         side = self.side
@@ -107,7 +107,7 @@ class RemotePrefill:
         self._cancel()
         return True
 
-    def _done(self, outcome: AttachResult | HandoffError) -> None:
+    def _done(self, outcome: AttachResult | CallError) -> None:
         if isinstance(outcome, AttachResult):
             self.result = outcome
             try:
@@ -134,16 +134,16 @@ class RemotePrefill:
         if self.cancelled:  # aborted just as the KV arrived: prefill is done, the pages are free to go
             loop.abort(self.request_id)
 
-    def _failed(self, err: HandoffError) -> None:
+    def _failed(self, err: CallError) -> None:
         side = self.side
         # Whatever ended the Attach, prefill may still be writing into the pages (its rank may not
         # have heard yet): free them only once it confirms no write can land, or is gone.
         reason = "aborted" if self.cancelled else err.code.lower()
         settled = any(side.client.release(self.prefill, self.room, reason) for _ in range(RELEASE_TRIES))
         if self.cancelled:
-            err = HandoffError("ABORTED", f"request {self.request_id} aborted while waiting for KV")
+            err = CallError("ABORTED", f"request {self.request_id} aborted while waiting for KV")
         else:  # the Attach failed: prefill's failure (or the way to it) unless prefill says it was ours
-            err = HandoffError(
+            err = CallError(
                 err.code,
                 f"KV hand-off from prefill {self.prefill} (room {self.room}) failed: {err.message}",
                 peer="" if err.peer == "decode" else "prefill",
@@ -202,7 +202,7 @@ class DecodeHandoff:
         self.attaching.pop(request_id, None)
         return self.loop.abort(request_id)
 
-    def fail(self, request_id: str, error: HandoffError, settled: bool = True) -> None:
+    def fail(self, request_id: str, error: CallError, settled: bool = True) -> None:
         """End a request with `error` (engine thread); its pages are freed only if `settled`."""
         self.attaching.pop(request_id, None)
         if not settled:
@@ -224,7 +224,7 @@ class DecodeHandoff:
         if self.loop.engine.awaiting_pages(request_id):
             self.fail(
                 request_id,
-                HandoffError(
+                CallError(
                     "RESOURCE_EXHAUSTED",
                     f"decode KV pool has no room for a {prompt_len}-token prompt after "
                     f"{self.handoff_timeout_s:.0f}s; retry later or add decode capacity",

@@ -15,13 +15,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from services.common.calls import Caller, CallError
 from services.engine import InvalidRequestError, RequestOutput, SamplingParams
 from services.engine.loop import EngineDead, EngineLoop
 from services.kv.layout import KVLayout, LayoutMismatch
 from services.kv.pages import KVRegion, copy_descriptors
 from services.kv.rooms import AttachResult, AttachSpec, Room, RoomTable
 from services.kv.sender import Finish, KVSender, Write
-from services.kv.status import Caller, HandoffError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class PrefillHandoff:
         try:
             with room.changed:
                 if room.request_id is not None:
-                    raise HandoffError("ALREADY_EXISTS", f"room {room_id} is already in use")
+                    raise CallError("ALREADY_EXISTS", f"room {room_id} is already in use")
                 room.request_id, room.prompt = request_id, prompt
                 room.changed.notify_all()
             if not self._wait(room, lambda: room.attach is not None, self.handoff_timeout_s, caller):
@@ -162,10 +162,10 @@ class PrefillHandoff:
                 self.layout.check_compatible(spec.layout)
             except LayoutMismatch as e:
                 room.fail("FAILED_PRECONDITION", str(e))
-                raise HandoffError("FAILED_PRECONDITION", str(e)) from None
+                raise CallError("FAILED_PRECONDITION", str(e)) from None
             with room.changed:
                 if room.attach is not None or (forwarded is not None and room.request_id is not None):
-                    raise HandoffError("ALREADY_EXISTS", f"room {spec.room} already has a decode")
+                    raise CallError("ALREADY_EXISTS", f"room {spec.room} already has a decode")
                 room.attach = spec
                 if forwarded is not None:
                     room.request_id, room.prompt = forwarded.request_id, forwarded.prompt
@@ -195,7 +195,7 @@ class PrefillHandoff:
         if live:
             self._abort_room(room, f"released by decode ({reason or 'no reason given'})")
         if not self._settle(room):  # an ended room's writes may still be draining too
-            raise HandoffError(
+            raise CallError(
                 "DEADLINE_EXCEEDED", f"room {room_id}: KV writes did not settle in {SETTLE_S:.0f} s"
             )
         return live

@@ -11,9 +11,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from services.common.calls import Caller, CallError
 from services.engine.sampling import TokenLogprob
 from services.kv.layout import KVLayout
-from services.kv.status import Caller, HandoffError
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Room:
     prompt: list[int] | None = None
     attach: AttachSpec | None = None
     result: AttachResult | None = None
-    error: HandoffError | None = None
+    error: CallError | None = None
     in_engine: bool = False
     """The request was handed to the engine (aborting it there frees its pages)."""
     users: int = 0
@@ -75,7 +75,7 @@ class Room:
     def fail(self, code: str, message: str, peer: str = "") -> None:
         with self.changed:
             if not self.done:
-                self.error = HandoffError(code, message, peer)
+                self.error = CallError(code, message, peer)
             self.changed.notify_all()
 
     def succeed(self, result: AttachResult) -> None:

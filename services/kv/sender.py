@@ -133,7 +133,7 @@ class KVSender:
             n = sum(job.descs[2])
             self.stats.bytes += n
             self.sent[room.room_id] = self.sent.get(room.room_id, 0) + n
-        except TransferError as e:  # the decode's side of the transfer: say so (`HandoffError.peer`)
+        except TransferError as e:  # the decode's side of the transfer: say so (`CallError.peer`)
             room.fail("UNAVAILABLE", f"room {room.room_id}: {e}", peer="decode")
         except Exception as e:  # e.g. a bad destination: fail this room, keep the sender going
             room.fail("INTERNAL", f"room {room.room_id}: KV write failed: {e!r}")

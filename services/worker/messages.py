@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from services.common.calls import CallError
 from services.engine import RequestOutput
 from services.engine.stats import StepStats
 from services.kv import AttachSpec
@@ -132,13 +133,10 @@ class End:
 
 @dataclass(frozen=True)
 class Failure:
-    """The call failed: a canonical status name and what to do."""
+    """The call failed."""
 
     call_id: int
-    code: str
-    message: str
-    peer: str = ""
-    """Whose failure it is, when another instance's (`HandoffError.peer`)."""
+    error: CallError
 
 
 Event = Reply | End | Failure

@@ -15,9 +15,10 @@ from collections.abc import Iterator
 import grpc
 from smg_grpc_proto.generated import common_pb2
 
+from services.common.calls import CallError
 from services.worker import messages as msg
 from services.worker import proto_convert
-from services.worker.front.dp_controller import CallFailed, DPController
+from services.worker.front.dp_controller import DPController
 from services.worker.rank.kv_events import KvEvent
 
 POLL_S = 0.05
@@ -39,7 +40,7 @@ class PrefixCacheRpcs:
             for rank in range(self.ctl.size):
                 try:
                     page = self._ask_rank(rank, lambda cid, r=rank: msg.KvEvents(cid, cursors[r]))
-                except CallFailed as e:
+                except CallError as e:
                     context.abort(grpc.StatusCode.UNAVAILABLE, f"EP rank {rank}: {e.message}")
                 events = list(page.events)
                 if page.lost:
@@ -58,7 +59,7 @@ class PrefixCacheRpcs:
     def FlushCache(self, request, context) -> common_pb2.FlushCacheResponse:
         try:
             freed = [self._ask_rank(r, lambda cid: msg.FlushCache(cid)) for r in range(self.ctl.size)]
-        except CallFailed as e:
+        except CallError as e:
             return common_pb2.FlushCacheResponse(success=False, message=e.message)
         return common_pb2.FlushCacheResponse(
             success=True, message=f"dropped {sum(freed)} unused cached pages (pages in use stay)"

@@ -17,17 +17,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from services.common.calls import CallError
 from services.common.picking import LeastLoaded
 from services.worker import messages as msg
 from services.worker.channels import Link
-
-
-class CallFailed(Exception):
-    """A call to a rank failed: canonical status name and message."""
-
-    def __init__(self, code: str, message: str, peer: str = ""):
-        super().__init__(message)
-        self.code, self.message, self.peer = code, message, peer
 
 
 class RankCallHandle:
@@ -47,26 +40,26 @@ class RankCallHandle:
                 elif isinstance(event, msg.End):
                     return
                 else:
-                    raise CallFailed(event.code, event.message, event.peer)
+                    raise event.error
         finally:
             self.done = True
             self.controller._forget(self.call_id)
 
     def result(self, timeout: float | None = None) -> Any:
-        """The single value of a unary call; CallFailed (DEADLINE_EXCEEDED after `timeout`)."""
+        """The single value of a unary call; CallError (DEADLINE_EXCEEDED after `timeout`)."""
         try:
             event = self.events.get(timeout=timeout)
         except queue.Empty:
             self.cancel()
-            raise CallFailed(
+            raise CallError(
                 "DEADLINE_EXCEEDED", f"DP rank {self.rank} did not answer in {timeout}s"
             ) from None
         finally:
             self.controller._forget(self.call_id)
         if isinstance(event, msg.Failure):
-            raise CallFailed(event.code, event.message, event.peer)
+            raise event.error
         if isinstance(event, msg.End):
-            raise CallFailed("INTERNAL", f"DP rank {self.rank} answered nothing")
+            raise CallError("INTERNAL", f"DP rank {self.rank} answered nothing")
         return event.value
 
     def cancel(self) -> None:
@@ -153,24 +146,26 @@ class DPController:
             handle = self._calls[call_id] = RankCallHandle(self, rank, call_id)
             down = self.down
         if down is not None:
-            handle.events.put(msg.Failure(call_id, "UNAVAILABLE", down))
+            handle.events.put(msg.Failure(call_id, CallError("UNAVAILABLE", down)))
             return handle
         try:
             self.links[rank].send(make(call_id))
         except ConnectionError as e:
-            handle.events.put(msg.Failure(call_id, "UNAVAILABLE", f"DP rank {rank} is unreachable: {e}"))
+            handle.events.put(
+                msg.Failure(call_id, CallError("UNAVAILABLE", f"DP rank {rank} is unreachable: {e}"))
+            )
         return handle
 
     def ask_all(self, what: msg.Query, timeout: float) -> list[Any]:
-        """Ask every rank the same question; CallFailed names the first rank that did not answer."""
+        """Ask every rank the same question; CallError names the first rank that did not answer."""
         handles = [self.call(r, lambda cid: msg.Ask(cid, what)) for r in range(self.size)]
         out = []
         try:
             for handle in handles:
                 try:
                     out.append(handle.result(timeout))
-                except CallFailed as e:
-                    raise CallFailed(e.code, f"EP rank {handle.rank}: {e.message}") from None
+                except CallError as e:
+                    raise CallError(e.code, f"EP rank {handle.rank}: {e.message}") from None
         finally:
             for handle in handles:
                 self._forget(handle.call_id)
@@ -189,7 +184,7 @@ class DPController:
             self.down = why
             handles = list(self._calls.values())
         for handle in handles:
-            handle.events.put(msg.Failure(handle.call_id, "UNAVAILABLE", why))
+            handle.events.put(msg.Failure(handle.call_id, CallError("UNAVAILABLE", why)))
 
     def _forget(self, call_id: int) -> None:
         with self._lock:

@@ -8,12 +8,13 @@ from collections.abc import Iterator
 
 import grpc
 
+from services.common.calls import CallError
 from services.proto.moeserve.v1 import kv_handoff_pb2 as kvpb
 from services.proto.moeserve.v1 import kv_handoff_pb2_grpc as kvpb_grpc
 from services.worker import messages as msg
 from services.worker import proto_convert
 from services.worker.faults import Refusals
-from services.worker.front.dp_controller import CallFailed, DPController
+from services.worker.front.dp_controller import DPController
 from services.worker.front.first_token_feeds import FirstTokenFeeds
 from services.worker.front.sglang_rpcs import abort_with
 
@@ -50,7 +51,7 @@ class KVHandoffServicer(kvpb_grpc.KVHandoffServicer):
                         self.feeds.publish(spec.token_feed, value)
                     else:
                         return proto_convert.result_to_proto(value)
-            except CallFailed as e:
+            except CallError as e:
                 abort_with(context, e)
             context.abort(grpc.StatusCode.INTERNAL, f"prefill answered nothing for room {request.room}")
         finally:
@@ -77,5 +78,5 @@ class KVHandoffServicer(kvpb_grpc.KVHandoffServicer):
         call = self.ctl.call(rank, lambda cid: msg.Release(cid, request.room, request.reason))
         try:
             return kvpb.ReleaseResponse(released=bool(call.result(RELEASE_TIMEOUT_S)))
-        except CallFailed as e:
+        except CallError as e:
             context.abort(grpc.StatusCode[e.code], e.message)

@@ -15,11 +15,12 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from services.common.calls import CallError
 from services.engine import Engine
 from services.engine.stats import Histogram
 from services.worker import messages as msg
 from services.worker.config import WorkerConfig
-from services.worker.front.dp_controller import CallFailed, DPController
+from services.worker.front.dp_controller import DPController
 from services.worker.front.rebalancing import summed
 
 SCRAPE_TIMEOUT_S = 5.0
@@ -36,7 +37,7 @@ class WorkerCollector(Collector):
         try:
             ranks: list[msg.RankMetrics] = self.ctl.ask_all("metrics", SCRAPE_TIMEOUT_S)
             expert = self.ctl.ask_all("expert_load", SCRAPE_TIMEOUT_S)
-        except CallFailed:
+        except CallError:
             up.add_metric([], 0.0)
             yield up
             return

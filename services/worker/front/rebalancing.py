@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
+from services.common.calls import CallError
 from services.engine import Engine
 from services.ep import ExpertPlacement, PlacementError
 from services.eplb import balancedness, rebalance_experts
 from services.worker import messages as msg
-from services.worker.front.dp_controller import CallFailed, DPController
+from services.worker.front.dp_controller import DPController
 
 log = logging.getLogger(__name__)
 TIMEOUT_S = 10.0
@@ -67,7 +68,7 @@ class Rebalancer:
         each rank's answer)."""
         try:
             loads = self.ctl.ask_all("expert_load", TIMEOUT_S)
-        except CallFailed as e:
+        except CallError as e:
             raise RebalanceError("UNAVAILABLE", f"EP instance rank unreachable: {e.message}") from None
         return summed(loads).float(), loads
 
@@ -110,7 +111,7 @@ class Rebalancer:
             current, before = par.placement.phys_to_log, par.version
             try:
                 self._hand_over(tuple(map(tuple, new.tolist())), before)
-            except CallFailed as e:
+            except CallError as e:
                 raise RebalanceError("UNAVAILABLE", f"EP instance rank unreachable: {e.message}") from None
         seen = float(weight.sum()) > 0
         return Switched(

@@ -26,13 +26,14 @@ from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 from smg_grpc_proto.generated import common_pb2
 
 from services.common import wire
+from services.common.calls import CallError
 from services.engine import Engine
 from services.kv.sender import TransferStats
 from services.worker import messages as msg
 from services.worker.config import WorkerConfig
 from services.worker.faults import Refusals
 from services.worker.front.cache_rpcs import PrefixCacheRpcs
-from services.worker.front.dp_controller import CallFailed, DPController
+from services.worker.front.dp_controller import DPController
 
 VERSION = "moeserve-0.1.0"
 TOKENIZER_FILES = (
@@ -65,7 +66,7 @@ def unimplemented_rpc(name: str):
     return rpc
 
 
-def abort_with(context: grpc.ServicerContext, e: CallFailed):
+def abort_with(context: grpc.ServicerContext, e: CallError):
     """End the RPC with the rank's status (and whose failure it is, when another instance's)."""
     if e.peer:
         context.set_trailing_metadata(((wire.FAILED_PEER, e.peer),))
@@ -119,7 +120,7 @@ class SchedulerServicer(PrefixCacheRpcs, pb_grpc.SglangSchedulerServicer):
             try:
                 for data in call:
                     yield pb.GenerateResponse.FromString(data)
-            except CallFailed as e:
+            except CallError as e:
                 abort_with(context, e)
         finally:
             ctl.finished(rank)
@@ -131,7 +132,7 @@ class SchedulerServicer(PrefixCacheRpcs, pb_grpc.SglangSchedulerServicer):
         calls = [self.ctl.call(r, lambda cid: msg.Abort(cid, rid)) for r in range(self.ctl.size)]
         found = False
         for call in calls:
-            with contextlib.suppress(CallFailed):  # a rank that is down holds nothing to abort
+            with contextlib.suppress(CallError):  # a rank that is down holds nothing to abort
                 found |= bool(call.result(INFO_TIMEOUT_S))
         return pb.AbortResponse(success=found, message="aborted" if found else f"no live request {rid!r}")
 
@@ -140,7 +141,7 @@ class SchedulerServicer(PrefixCacheRpcs, pb_grpc.SglangSchedulerServicer):
     def HealthCheck(self, request, context) -> pb.HealthCheckResponse:
         try:
             health = self.ctl.ask_all("health", timeout=2.0)
-        except CallFailed as e:
+        except CallError as e:
             return pb.HealthCheckResponse(healthy=False, message=e.message)
         for rank, h in enumerate(health):
             if not h.healthy:
@@ -265,6 +266,6 @@ class SchedulerServicer(PrefixCacheRpcs, pb_grpc.SglangSchedulerServicer):
     def _loads(self, context) -> list[msg.RankLoad]:
         try:
             return self.ctl.ask_all("load", INFO_TIMEOUT_S)
-        except CallFailed as e:
+        except CallError as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"EP instance rank unreachable: {e.message}")
             raise AssertionError("unreachable") from None

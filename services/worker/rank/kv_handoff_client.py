@@ -9,7 +9,8 @@ from collections.abc import Callable
 import grpc
 
 from services.common import wire
-from services.kv import AttachResult, AttachSpec, HandoffError
+from services.common.calls import CallError
+from services.kv import AttachResult, AttachSpec
 from services.proto.moeserve.v1 import kv_handoff_pb2 as kvpb
 from services.proto.moeserve.v1 import kv_handoff_pb2_grpc as kvpb_grpc
 from services.worker import proto_convert
@@ -36,19 +37,19 @@ class GrpcAttachClient:
         prefill: str,
         spec: AttachSpec,
         timeout: float,
-        on_done: Callable[[AttachResult | HandoffError], None],
+        on_done: Callable[[AttachResult | CallError], None],
     ) -> Callable[[], None]:
         future = self._stub(prefill).Attach.future(proto_convert.attach_to_proto(spec), timeout=timeout)
 
         def done(f: grpc.Future) -> None:
             if f.cancelled():
-                on_done(HandoffError("CANCELLED", "the Attach was cancelled"))
+                on_done(CallError("CANCELLED", "the Attach was cancelled"))
                 return
             try:
                 on_done(proto_convert.result_from_proto(f.result()))
             except grpc.RpcError as e:
                 peer = wire.failed_peer(e.trailing_metadata())  # "decode": our side of it failed
-                on_done(HandoffError(e.code().name, e.details() or e.code().name, peer))
+                on_done(CallError(e.code().name, e.details() or e.code().name, peer))
 
         future.add_done_callback(done)
         return future.cancel

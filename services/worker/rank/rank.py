@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
+from services.common.calls import CallError
 from services.engine import Engine, InvalidRequestError, RequestOutput, SamplingParams
 from services.engine.loop import EngineDead, EngineLoop, RequestStream
 from services.ep import ExpertPlacement
-from services.kv import AttachResult, AttachSpec, HandoffError, KVLayout, KVRegion, TransferEngine
+from services.kv import AttachResult, AttachSpec, KVLayout, KVRegion, TransferEngine
 from services.kv.decode import AttachClient, DecodeHandoff, Forward
 from services.kv.prefill import Forwarded, PrefillHandoff
 from services.kv.sender import KVSender, TransferStats
@@ -130,14 +131,14 @@ class Rank:
             for value in self._answer(command, call):
                 self.reply(msg.Reply(cid, value))
             self.reply(msg.End(cid))
-        except HandoffError as e:
-            self.reply(msg.Failure(cid, e.code, e.message, e.peer))
+        except CallError as e:
+            self.reply(msg.Failure(cid, e))
         except InvalidRequestError as e:
-            self.reply(msg.Failure(cid, "INVALID_ARGUMENT", str(e)))
+            self.reply(msg.Failure(cid, CallError("INVALID_ARGUMENT", str(e))))
         except EngineDead as e:
-            self.reply(msg.Failure(cid, "UNAVAILABLE", f"worker engine is down: {e}"))
+            self.reply(msg.Failure(cid, CallError("UNAVAILABLE", f"worker engine is down: {e}")))
         except Exception as e:  # a bug in one call must not take the rank down
-            self.reply(msg.Failure(cid, "INTERNAL", f"{type(e).__name__}: {e}"))
+            self.reply(msg.Failure(cid, CallError("INTERNAL", f"{type(e).__name__}: {e}")))
         finally:
             self._calls.pop(cid, None)
 
@@ -184,7 +185,7 @@ class Rank:
             params = proto_convert.request_params(request, self.engine.max_model_len)
             self.engine.validate(prompt, params)
         except ValueError as e:  # bad prompt or sampling parameters
-            raise HandoffError("INVALID_ARGUMENT", str(e)) from None
+            raise CallError("INVALID_ARGUMENT", str(e)) from None
         return prompt, params
 
     def _forwarded(self, spec: AttachSpec, call: RankCall, call_id: int) -> AttachResult:
@@ -225,7 +226,7 @@ class Rank:
                     decode.start, request_id, prompt, params, dp.bootstrap_room, prefill, stream, forward
                 )
             except InvalidRequestError as e:  # the request id is in use
-                raise HandoffError("ALREADY_EXISTS", str(e)) from None
+                raise CallError("ALREADY_EXISTS", str(e)) from None
             yield from stream_outputs(
                 self.loop,
                 stream,
@@ -247,7 +248,7 @@ class Rank:
         try:
             rid = self.loop.run(start)
         except InvalidRequestError as e:
-            raise HandoffError("ALREADY_EXISTS", str(e)) from None
+            raise CallError("ALREADY_EXISTS", str(e)) from None
         yield from stream_outputs(self.loop, stream, rid, call, request.stream, self.loop.abort)
 
     def _set_placement(self, phy2log) -> bool:

@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterator
 
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
+from services.common.calls import Caller, CallError
 from services.common.logs import REQUEST_ID, requests
 from services.engine.loop import EngineLoop, RequestStream
-from services.kv import Caller, HandoffError
 from services.worker import proto_convert
 
 
@@ -68,7 +68,7 @@ def logged(request_id: str, role: str, responses: Iterator[bytes]) -> Iterator[b
 
 class RequestLog:
     """One request's stay on this worker: `request_id` on every record logged meanwhile, a line on
-    `moeserve.requests` if it fails with a HandoffError, and (`done`) when it ends."""
+    `moeserve.requests` if it fails with a CallError, and (`done`) when it ends."""
 
     def __init__(self, request_id: str, role: str):
         self.request_id, self.role = request_id, role
@@ -81,7 +81,7 @@ class RequestLog:
         return self
 
     def __exit__(self, kind, error, tb) -> None:
-        if isinstance(error, HandoffError):  # logged while the request's id is still in the context
+        if isinstance(error, CallError):  # logged while the request's id is still in the context
             requests.info(
                 "request %s on %s failed: %s %s", self.request_id, self.role, error.code, error.message
             )

@@ -9,9 +9,10 @@ import threading
 
 import pytest
 
+from services.common.calls import CallError
 from services.engine import Engine, SamplingParams
 from services.engine.loop import EngineLoop, RequestStream
-from services.kv import AttachResult, HandoffError, KVLayout, KVRegion
+from services.kv import AttachResult, KVLayout, KVRegion
 from services.kv.decode import DecodeHandoff
 
 PROMPT = list(range(5, 30))
@@ -94,8 +95,8 @@ def test_a_failed_attach_names_the_prefill_unless_prefill_says_the_decode_side_f
     engine, loop, side, client = decode
     stream = start(loop, side, f"failed-{prefill_says}", 4)
     answer = client.pending.get(timeout=10)
-    answer(HandoffError("UNAVAILABLE", "the KV transfer failed", peer=prefill_says))
-    with pytest.raises(HandoffError) as e:
+    answer(CallError("UNAVAILABLE", "the KV transfer failed", peer=prefill_says))
+    with pytest.raises(CallError) as e:
         outputs(stream)
     assert e.value.code == "UNAVAILABLE" and e.value.peer == blamed  # whom the router then avoids
     assert "KV hand-off from prefill" in e.value.message

@@ -1,7 +1,8 @@
-"""How a hand-off call ends badly, and who waits for it; transport-neutral (no gRPC here).
+"""How a call ends badly, and who waits for it; transport-neutral (no gRPC here).
 
-Codes are the canonical status names (`UNAVAILABLE`, `DEADLINE_EXCEEDED`, ...) that the worker's
-gRPC adapters turn into gRPC status codes.
+One error type for every call a worker serves or makes: a KV hand-off step, a call rank 0 hands a
+rank, an Attach to a prefill instance. Codes are the canonical status names (`UNAVAILABLE`,
+`DEADLINE_EXCEEDED`, ...) that rank 0's gRPC services turn into gRPC status codes.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 
-class HandoffError(Exception):
-    """A hand-off step failed: `code` (a canonical status name) and a message saying what to do."""
+class CallError(Exception):
+    """A call failed: `code` (a canonical status name) and a message saying what to do."""
 
     def __init__(self, code: str, message: str, peer: str = ""):
         super().__init__(message)
@@ -19,6 +20,9 @@ class HandoffError(Exception):
         self.peer = peer
         """The role whose failure this is when it is not the reporting side's own ("prefill" for a
         decode whose Attach failed), so a router can tell which instance to avoid."""
+
+    def __reduce__(self) -> tuple[type[CallError], tuple[str, str, str]]:
+        return CallError, (self.code, self.message, self.peer)  # it crosses to rank 0 pickled
 
 
 class Caller(Protocol):
