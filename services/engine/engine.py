@@ -6,7 +6,6 @@ Like `vllm.LLM` / `sglang.Engine`, plus the step-level API a server drives: `add
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,12 +13,13 @@ from pathlib import Path
 import torch
 
 from services.engine.config import EngineConfig
-from services.engine.handoff import KVHandoffHooks
+from services.engine.handoff import KVHandoff
 from services.engine.model_runner import ModelRunner
 from services.engine.page_pool import KVCache, KVStats, PagePool
 from services.engine.prefix_cache import PrefixCache
-from services.engine.request import FinishReason, InvalidRequestError, KVListener, Request, RequestOutput
-from services.engine.sampling import SamplingParams, make_generator
+from services.engine.request import InvalidRequestError, KVListener, RequestOutput
+from services.engine.requests import RequestTable
+from services.engine.sampling import SamplingParams
 from services.engine.scheduler import Scheduler
 from services.engine.stats import StepStats
 from services.ep import ExpertParallel
@@ -29,7 +29,7 @@ from services.models.base import MoECausalLM
 DEFAULT_KV_POOL_TOKENS = 32768
 
 
-class Engine(KVHandoffHooks):
+class Engine:
     """One DP rank's engine: model, paged KV cache, scheduler and sampler behind a request API."""
 
     def __init__(self, model: MoECausalLM, model_config: ModelConfig, config: EngineConfig):
@@ -60,13 +60,11 @@ class Engine(KVHandoffHooks):
         )
         self.runner = ModelRunner(model, self.kv, config.page_size, config.device)
         self.eos_ids = frozenset(model_config.eos_token_ids)
-        self._requests: dict[str, Request] = {}
-        self._held: dict[str, Request] = {}
-        """Finished requests whose pages a KV listener still reads; freed by `release`."""
-        self._stranded: list[int] = []
-        """Pages a remote writer may still reach: never reused (`strand`)."""
-        self._ids = itertools.count()
-        self._rng = torch.Generator().manual_seed(config.seed)
+        self.requests = RequestTable(
+            self.scheduler, model_config.vocab_size, self.max_model_len, self.eos_ids, config.seed
+        )
+        self.handoff = KVHandoff(self.requests, self.scheduler)
+        """What a KV connector drives: remote requests, held pages (`services.engine.handoff`)."""
         self.stats = StepStats()
         """Step time, batch size and tokens per phase (engine thread; copy with `snapshot`)."""
         self.idle = True
@@ -99,20 +97,7 @@ class Engine(KVHandoffHooks):
 
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise `InvalidRequestError` with what to change if the request cannot run."""
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise InvalidRequestError("prompt is empty; send at least one token")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
-        if n >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt has {n} tokens but the context limit is {self.max_model_len} tokens "
-                "(prompt + at least one generated token); shorten the prompt"
-            )
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        self.requests.validate(prompt_token_ids, params)
 
     def add_request(
         self,
@@ -122,18 +107,18 @@ class Engine(KVHandoffHooks):
         listener: KVListener | None = None,
     ) -> str:
         """Queue a request; `listener` watches its KV layer by layer and defers freeing its pages."""
-        req = self._new_request(prompt_token_ids, params or SamplingParams(), request_id)
+        req = self.requests.new(prompt_token_ids, params or SamplingParams(), request_id)
         req.listener = listener
-        self._requests[req.request_id] = req
+        self.requests.live[req.request_id] = req
         self.scheduler.add(req)
         return req.request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its pages; None if it is unknown or already done."""
-        req = self._requests.pop(request_id, None)
+        req = self.requests.live.pop(request_id, None)
         if req is None:
             return None
-        return self._finish(req, "abort", [])
+        return self.requests.finish(req, "abort", [])
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -187,14 +172,7 @@ class Engine(KVHandoffHooks):
             if pick is None:
                 continue  # a prompt chunk that did not reach the end of the prompt
             self.scheduler.to_decode(req)
-            tok = pick.token
-            req.append(tok, pick.logprob)
-            reason = self._stop_reason(req, tok)
-            if reason is not None:
-                del self._requests[req.request_id]
-                outputs.append(self._finish(req, reason, [tok]))
-            else:
-                outputs.append(self._output(req, [tok]))
+            outputs.append(self.requests.took(req, pick.token, pick.logprob))
         return outputs
 
     def generate(
@@ -247,44 +225,3 @@ class Engine(KVHandoffHooks):
     @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
-
-    # -- internals -----------------------------------------------------------------------------
-
-    def _new_request(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None
-    ) -> Request:
-        """A validated request with a fresh id and its own sampler (nothing queued or allocated)."""
-        self.validate(prompt_token_ids, params)
-        request_id = self._new_id(request_id)
-        return Request(request_id, list(prompt_token_ids), params, make_generator(params, self._rng))
-
-    def _new_id(self, request_id: str | None) -> str:
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._requests or request_id in self._held:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        return request_id
-
-    def _finish(self, req: Request, reason: FinishReason, new: list[int]) -> RequestOutput:
-        keep = req.listener is not None and bool(req.pages)
-        self.scheduler.finish(req, reason, keep_pages=keep)
-        out = self._output(req, new)
-        if keep:
-            self._held[req.request_id] = req
-        if req.listener is not None:
-            req.listener.on_finish(out)
-        return out
-
-    def _stop_reason(self, req: Request, tok: int) -> FinishReason | None:
-        p = req.params
-        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_ids):
-            return "stop"
-        if len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
-            return "length"
-        return None
-
-    @staticmethod
-    def _output(req: Request, new: list[int]) -> RequestOutput:
-        return RequestOutput(
-            req.request_id, list(req.prompt_ids), list(req.output_ids), req.finish_reason, new,
-            req.cached_tokens, list(req.output_logprobs),
-        )  # fmt: skip

@@ -126,7 +126,7 @@ class RemotePrefill:
     def _arrived(self, res: AttachResult) -> None:
         loop = self.side.loop
         self.side.attaching.pop(self.request_id, None)
-        out = loop.engine.kv_arrived(self.request_id, res.first_token_id, res.first_logprob)
+        out = loop.engine.handoff.kv_arrived(self.request_id, res.first_token_id, res.first_logprob)
         if out is None:
             return
         if out.finished:  # its token went out when the KV arrived (`_done`)
@@ -188,7 +188,7 @@ class DecodeHandoff:
         """Queue the request WAITING_FOR_KV (engine thread); its outputs go to `stream`. With
         `forward`, the Attach carries the request to prefill (decode-first)."""
         source = RemotePrefill(self, request_id, room, prefill, prompt, stream, forward)
-        rid = self.loop.engine.add_remote_request(prompt, params, request_id, source)
+        rid = self.loop.engine.handoff.add_remote_request(prompt, params, request_id, source)
         self.attaching[rid] = source
         self.loop.attach_stream(rid, stream)
         self.loop.call_later(self.handoff_timeout_s, lambda: self._expire(rid, len(prompt)))
@@ -206,7 +206,7 @@ class DecodeHandoff:
         """End a request with `error` (engine thread); its pages are freed only if `settled`."""
         self.attaching.pop(request_id, None)
         if not settled:
-            self.stranded_pages += self.loop.engine.strand(request_id)
+            self.stranded_pages += self.loop.engine.handoff.strand(request_id)
             log.error(
                 "request %s: prefill did not confirm its KV writes stopped; pages kept out of use", request_id
             )
@@ -221,7 +221,7 @@ class DecodeHandoff:
         }
 
     def _expire(self, request_id: str, prompt_len: int) -> None:
-        if self.loop.engine.awaiting_pages(request_id):
+        if self.loop.engine.handoff.awaiting_pages(request_id):
             self.fail(
                 request_id,
                 CallError(

@@ -96,7 +96,7 @@ class RoomListener:
                 )
             )
         # Every write for this request is done (jobs run in order): its pages may be reused now.
-        self.side.loop.call(self.side.loop.engine.release, output.request_id)
+        self.side.loop.call(self.side.loop.engine.handoff.release, output.request_id)
 
 
 class PrefillHandoff:

@@ -27,12 +27,15 @@ TIMEOUT_S = 5.0
 
 
 class PrefixCacheRpcs:
-    """Mixed into `SchedulerServicer` (which has `ctl` and `engine`)."""
+    """SubscribeKvEvents and FlushCache over every DP rank (`SchedulerServicer` serves them)."""
 
-    ctl: DPController
+    def __init__(self, controller: DPController, page_size: int):
+        self.ctl, self.page_size = controller, page_size
 
-    def SubscribeKvEvents(self, request, context: grpc.ServicerContext) -> Iterator[common_pb2.KvEventBatch]:
-        block = self.engine.config.page_size  # type: ignore[attr-defined]
+    def subscribe(
+        self, request: common_pb2.SubscribeKvEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.KvEventBatch]:
+        block = self.page_size
         cursors = [0] * self.ctl.size
         number = request.start_sequence_number
         while context.is_active():
@@ -56,7 +59,7 @@ class PrefixCacheRpcs:
             if not sent:
                 time.sleep(POLL_S)
 
-    def FlushCache(self, request, context) -> common_pb2.FlushCacheResponse:
+    def flush(self) -> common_pb2.FlushCacheResponse:
         try:
             freed = [self._ask_rank(r, lambda cid: msg.FlushCache(cid)) for r in range(self.ctl.size)]
         except CallError as e:

@@ -1,11 +1,40 @@
 """The engine hooks a KV hand-off uses, exercised in one process: a prefill engine's listener
 copies each layer's KV into pages reserved on a decode engine, which then continues alone."""
 
+from collections.abc import Sequence
+
 import pytest
 
-from services.engine import Engine, InvalidRequestError, SamplingParams
+from services.engine import Engine, InvalidRequestError, RequestOutput, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def reserve_pages(engine: Engine, num_tokens: int) -> list[int] | None:
+    """Pages for `num_tokens` of KV written from elsewhere, outside the scheduler; None if full."""
+    need = engine.pool.pages_for(num_tokens)
+    return engine.pool.allocate(need) if need <= engine.pool.num_available else None
+
+
+def add_prefilled_request(
+    engine: Engine, prompt: Sequence[int], first_token: int, pages: list[int], params: SamplingParams
+) -> RequestOutput:
+    """Admit a request whose prompt KV is already in `pages` (from `reserve_pages`) and whose first
+    token was sampled elsewhere, as a KV hand-off does; the pages are the request's (freed when it
+    ends, also on error)."""
+    try:
+        req = engine.requests.new(prompt, params, None)
+        if len(pages) < engine.pool.pages_for(len(prompt)):
+            raise InvalidRequestError(f"{len(pages)} pages cannot hold a {len(prompt)}-token prompt")
+    except InvalidRequestError:
+        engine.pool.free(pages)
+        raise
+    req.pages, req.num_computed = pages, len(prompt)
+    engine.requests.live[req.request_id] = req
+    out = engine.requests.took(req, first_token, None)
+    if not out.finished:
+        engine.scheduler.add_ready(req)
+    return out
 
 
 class CopyListener:
@@ -34,7 +63,7 @@ def test_prefill_listener_then_prefilled_decode_matches_one_engine(model_dir):
 
     prefill = Engine.from_pretrained(model_dir, page_size=4, max_prefill_tokens=16)
     decode = Engine.from_pretrained(model_dir, page_size=4, kv_pool_tokens=256)
-    pages = decode.reserve_pages(len(prompt))
+    pages = reserve_pages(decode, len(prompt))
     assert pages is not None and decode.kv_stats().used_pages == len(pages)
 
     listener = CopyListener(prefill, decode, pages)
@@ -47,11 +76,11 @@ def test_prefill_listener_then_prefilled_decode_matches_one_engine(model_dir):
     assert listener.output.finish_reason == "length"
     first = listener.output.output_token_ids[0]
     # The listener holds the prefill pages until released.
-    assert prefill.num_held == 1 and prefill.kv_stats().used_pages > 0
-    assert prefill.release(rid) and prefill.kv_stats().used_pages == 0
-    assert not prefill.release(rid)
+    assert len(prefill.requests.held) == 1 and prefill.kv_stats().used_pages > 0
+    assert prefill.handoff.release(rid) and prefill.kv_stats().used_pages == 0
+    assert not prefill.handoff.release(rid)
 
-    out = decode.add_prefilled_request(prompt, first, pages, GREEDY)
+    out = add_prefilled_request(decode, prompt, first, pages, GREEDY)
     tokens = [first]
     while decode.has_unfinished():
         for o in decode.step():
@@ -70,20 +99,20 @@ def test_abort_with_listener_holds_pages_until_release(ds_dir):
     engine.abort(rid)
     assert listener.output.finish_reason == "abort"
     assert engine.kv_stats().used_pages > 0
-    engine.release(rid)
+    engine.handoff.release(rid)
     assert engine.kv_stats().used_pages == 0
 
 
 def test_reservation_fails_cleanly_when_full_and_prefilled_stop_frees(ds_dir):
     engine = Engine.from_pretrained(ds_dir, page_size=4, kv_pool_tokens=32)
-    assert engine.reserve_pages(33) is None
-    pages = engine.reserve_pages(10)
+    assert reserve_pages(engine, 33) is None
+    pages = reserve_pages(engine, 10)
     eos = engine.model_config.eos_token_ids[0]
-    out = engine.add_prefilled_request(list(range(10)), eos, pages, SamplingParams(max_tokens=5))
+    out = add_prefilled_request(engine, list(range(10)), eos, pages, SamplingParams(max_tokens=5))
     assert out.finish_reason == "stop" and engine.kv_stats().used_pages == 0
-    pages = engine.reserve_pages(10)
+    pages = reserve_pages(engine, 10)
     with pytest.raises(InvalidRequestError, match="prompt is empty"):
-        engine.add_prefilled_request([], 1, pages, SamplingParams())
+        add_prefilled_request(engine, [], 1, pages, SamplingParams())
     assert engine.kv_stats().used_pages == 0  # the reserved pages went back with the error
 
 
@@ -104,7 +133,7 @@ def test_hand_off_requests_wait_for_seats_under_max_num_seqs(ds_dir):
     prefill = Engine.from_pretrained(ds_dir, page_size=4)
     decode = Engine.from_pretrained(ds_dir, page_size=4, max_num_seqs=2)
     source = ReservedPages()
-    ids = [decode.add_remote_request(p, GREEDY, f"r{i}", source) for i, p in enumerate(prompts)]
+    ids = [decode.handoff.add_remote_request(p, GREEDY, f"r{i}", source) for i, p in enumerate(prompts)]
     tokens: dict[str, list[int]] = {rid: [] for rid in ids}
     running, in_transfer, queued = [], [], []
     while decode.has_unfinished() or source.pages:
@@ -122,11 +151,11 @@ def test_hand_off_requests_wait_for_seats_under_max_num_seqs(ds_dir):
             )
             while prefill.has_unfinished():
                 prefill.step()
-            prefill.release(pid)
-            out = decode.kv_arrived(rid, listener.output.output_token_ids[0])
+            prefill.handoff.release(pid)
+            out = decode.handoff.kv_arrived(rid, listener.output.output_token_ids[0])
             tokens[rid] += out.new_token_ids
     assert max(running) == 2 and max(in_transfer) == 2  # never more than max_num_seqs
     assert queued[0] == 3  # the extra requests waited without pages
     assert [tokens[rid] for rid in ids] == [e.output_token_ids for e in expected]
     assert decode.kv_stats().used_pages == 0 and not decode.has_unfinished()
-    assert not decode.kv_arrived("r0", 1)  # a finished request takes no KV
+    assert not decode.handoff.kv_arrived("r0", 1)  # a finished request takes no KV

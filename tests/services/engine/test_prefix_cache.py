@@ -30,8 +30,8 @@ def check_pool(engine: Engine) -> None:
     pool, cache = engine.pool, engine.prefix_cache
     free = set(pool._free)
     cached = {n.page for n in cache._nodes()} if cache else set()
-    held = {p for r in engine._requests.values() for p in r.pages} | {
-        p for r in engine._held.values() for p in r.pages
+    held = {p for r in engine.requests.live.values() for p in r.pages} | {
+        p for r in engine.requests.held.values() for p in r.pages
     }
     assert len(free) == pool.num_free and not free & cached and not free & held
     assert free | cached | held == set(range(pool.num_pages))
