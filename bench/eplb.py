@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from services.ep.placement import ExpertPlacement
 from services.eplb import balancedness, rebalance_experts
-from services.eplb.planner import hierarchical, replicate
+from services.eplb.greedy import hierarchical, replicate
 
 LAYERS, EXPERTS, GROUPS, TOPK, TOPK_GROUPS = 58, 256, 8, 8, 4
 DEPLOYMENTS = {"prefill": (288, 4, 32), "decode": (288, 18, 144)}  # slots, nodes, GPUs

@@ -4,7 +4,7 @@ Every MoE layer has its own physical->logical map. Rank r holds slots
 [r * slots_per_rank, (r + 1) * slots_per_rank), and node n ranks [n * ep_size / num_nodes, ...).
 A logical expert may have several replicas (hot experts get redundant slots); each token picks
 one, spreading the load. Where an expert has replicas on several nodes, tokens pick those on nodes
-they visit anyway (`services.eplb.locality.route`), so fewer tokens cross nodes.
+they visit anyway (`replica_choice`), so fewer tokens cross nodes.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.eplb import locality
-from services.eplb.measure import balancedness
+from services.ep import replica_choice
+from services.ep.measure import balancedness
 
 
 class PlacementError(ValueError):
@@ -107,7 +107,7 @@ class ExpertPlacement:
         if self._identity[layer]:
             return ids  # slot e holds expert e, no replicas
         if self._spread[layer]:
-            return locality.route(ids, self.log_to_phys[layer], self.replicas[layer], self._slot_node)
+            return replica_choice.route(ids, self.log_to_phys[layer], self.replicas[layer], self._slot_node)
         t, k = ids.shape
         count = self.replicas[layer][ids]  # [T, K]
         pick = (torch.arange(t)[:, None] + torch.arange(k)[None, :]) % count  # [T, K]

@@ -1,6 +1,7 @@
-"""Expert-parallel load balancing: the placement planner (`planner`), DeepSeek EPLB's interface."""
+"""Expert-parallel load balancing: the placement planner (`rebalance`: DeepSeek EPLB's interface),
+its policies (`greedy`, `locality`, `incremental`), placement files and the `moeserve eplb` command."""
 
-from services.eplb.measure import balancedness, gpu_loads
-from services.eplb.planner import rebalance_experts
+from services.ep.measure import balancedness, gpu_loads
+from services.eplb.rebalance import rebalance_experts
 
 __all__ = ["balancedness", "gpu_loads", "rebalance_experts"]

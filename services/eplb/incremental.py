@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from services.eplb.measure import gpu_loads
+from services.ep.measure import gpu_loads
 
 
 def incremental(

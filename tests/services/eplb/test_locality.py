@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from services.ep.placement import ExpertPlacement, PlacementError
+from services.ep.replica_choice import route
 from services.eplb import balancedness, rebalance_experts
-from services.eplb.locality import route
 
 CASES = [  # (layers, experts, groups, slots, nodes, gpus)
     (3, 32, 8, 40, 2, 4),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from services.eplb import balancedness, rebalance_experts
-from services.eplb.planner import pack, replicate
+from services.eplb.greedy import pack, replicate
 
 CASES = [  # (layers, experts, groups, slots, nodes, gpus)
     (3, 16, 4, 20, 2, 4),
