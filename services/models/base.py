@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -13,10 +12,8 @@ from services.ep.slot_moves import switch
 from services.models.attention import AttnBatch
 from services.models.config import ModelConfig
 from services.models.layers import DenseMLP, RMSNorm, RotaryEmbedding
+from services.models.load_report import LoadReport
 from services.models.moe import MoEBlock
-
-if TYPE_CHECKING:
-    from services.models.loader import LoadReport
 
 AttentionFactory = Callable[[ModelConfig, int], nn.Module]
 
