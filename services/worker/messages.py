@@ -143,6 +143,26 @@ Event = Reply | End | Failure
 
 
 @dataclass(frozen=True)
+class KvEvent:
+    """One change of a rank's prefix cache, numbered in the rank's event log."""
+
+    seq: int
+    kind: str
+    """stored | removed | cleared"""
+    hashes: tuple[int, ...]
+    parent: int = 0
+
+
+@dataclass(frozen=True)
+class KvEventPage:
+    """Events after a cursor: the events, the next cursor, and whether some were lost before them."""
+
+    events: tuple[KvEvent, ...]
+    next_seq: int
+    lost: bool
+
+
+@dataclass(frozen=True)
 class RankLoad:
     """One DP rank's load, as GetLoads reports it."""
 

@@ -9,7 +9,6 @@ from services.engine import InvalidRequestError, RequestOutput, SamplingParams, 
 from services.kv import AttachResult, AttachSpec, KVLayout
 from services.proto.moeserve.v1 import kv_handoff_pb2 as kvpb
 from services.worker import messages as msg
-from services.worker.rank.kv_events import KvEvent
 
 
 def request_params(request: pb.GenerateRequest, max_model_len: int) -> SamplingParams:
@@ -186,7 +185,7 @@ def result_from_proto(msg: kvpb.AttachResponse) -> AttachResult:
     )
 
 
-def kv_event(event: KvEvent, block_size: int) -> common_pb2.KvCacheEvent:
+def kv_event(event: msg.KvEvent, block_size: int) -> common_pb2.KvCacheEvent:
     """A prefix-cache event as SGLang's KvCacheEvent (block hashes: `services.common.prefix_hash`)."""
     out = common_pb2.KvCacheEvent(event_id=event.seq)
     if event.kind == "stored":

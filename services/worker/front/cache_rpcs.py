@@ -19,7 +19,6 @@ from services.common.calls import CallError
 from services.worker import messages as msg
 from services.worker import proto_convert
 from services.worker.front.dp_controller import DPController
-from services.worker.rank.kv_events import KvEvent
 
 POLL_S = 0.05
 """How often a subscription asks the ranks for new events."""
@@ -47,7 +46,7 @@ class PrefixCacheRpcs:
                     context.abort(grpc.StatusCode.UNAVAILABLE, f"EP rank {rank}: {e.message}")
                 events = list(page.events)
                 if page.lost:
-                    events.insert(0, KvEvent(0, "cleared", ()))
+                    events.insert(0, msg.KvEvent(0, "cleared", ()))
                 cursors[rank] = page.next_seq
                 if events:
                     number += 1

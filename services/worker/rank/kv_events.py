@@ -12,27 +12,10 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
-from dataclasses import dataclass
+
+from services.worker.messages import KvEvent, KvEventPage
 
 CAPACITY = 65536
-
-
-@dataclass(frozen=True)
-class KvEvent:
-    seq: int
-    kind: str
-    """stored | removed | cleared"""
-    hashes: tuple[int, ...]
-    parent: int = 0
-
-
-@dataclass(frozen=True)
-class KvEventPage:
-    """Events after a cursor: the events, the next cursor, and whether some were lost before them."""
-
-    events: tuple[KvEvent, ...]
-    next_seq: int
-    lost: bool
 
 
 class KvEventLog:
