@@ -36,6 +36,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/python scripts/gen_proto.py --check
 	$(BIN)/python scripts/helm_docs.py --check
 

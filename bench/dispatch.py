@@ -11,7 +11,7 @@ that cross ranks / time. The baseline sends exactly those rows with the same spl
 each way, on the same group.
 
 Part 2: host synchronisations in the decode steps of an EP2 engine (tiny DeepSeek-V3 at hidden
-256, bf16), per MoE layer and per step, counted by `services.ep.syncs.HostSyncCounter` (the
+256, bf16), per MoE layer and per step, counted by `tests.host_syncs.HostSyncCounter` (the
 calls that would stall a GPU's host), for the `torch` backend and for `deepep` (its expanded
 layout, run here against the contract double in tests/doubles).
 

@@ -29,7 +29,7 @@ from orchestrator.fleet.membership import Membership, ScaleError
 from orchestrator.fleet.registry import DRAIN_DEADLINE_S, Registry, State
 from services.common.roles import ROLES
 
-_tasks: set[asyncio.Task] = set()
+_tasks: set[asyncio.Task[None]] = set()
 
 
 class ScaleBody(BaseModel):
@@ -37,7 +37,7 @@ class ScaleBody(BaseModel):
 
 
 class DrainBody(BaseModel):
-    deadline_s: float = Field(DRAIN_DEADLINE_S, gt=0, le=86400)
+    deadline_s: float = Field(default=DRAIN_DEADLINE_S, gt=0, le=86400)
 
 
 def check_admin(request: Request, token: str | None, api_keys: frozenset[str]) -> None:
@@ -108,10 +108,10 @@ def add_admin_routes(
         if role not in ROLES:
             raise ApiError(404, f"no pool {role!r}; pools: {', '.join(ROLES)}", code="unknown_pool")
         try:
-            membership.check_scale(role, body.count)  # type: ignore[arg-type]
+            membership.check_scale(role, body.count)
         except ScaleError as e:
             raise ApiError(409, str(e), code="cannot_scale") from None
-        task = asyncio.create_task(membership.scale(role, body.count))  # type: ignore[arg-type]
+        task = asyncio.create_task(membership.scale(role, body.count))
         _tasks.add(task)
         task.add_done_callback(_tasks.discard)
         return {"role": role, "desired": body.count}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
@@ -27,7 +29,7 @@ app.command(
     "plan", help="capacity plan: EP width and groups per role, latency and cost, for a traffic profile"
 )(plan_command)
 
-PASS_THROUGH = {
+PASS_THROUGH: dict[str, Any] = {
     "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},
     "add_help_option": False,  # --help reaches the command's own parser
 }
@@ -43,7 +45,7 @@ WORKER_COMMANDS = {
 }
 
 
-def _exec_worker_command(command: str, module: str):
+def _exec_worker_command(command: str, module: str) -> Callable[[typer.Context], None]:
     def run(ctx: typer.Context) -> None:
         argv = [command, *ctx.args] if module == "services.tools.cli" else list(ctx.args)
         # exec, not import: the engine's dependencies stay out of the orchestrator's process.

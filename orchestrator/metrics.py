@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -66,7 +66,7 @@ FIRST_TOKENS = Counter(
 
 async def timed(
     events: AsyncIterator[TokenEvent], model: str, start: float, request_id: str
-) -> AsyncIterator[TokenEvent]:
+) -> AsyncGenerator[TokenEvent, None]:
     """`events` unchanged; records TTFT, ITL (per token), end-to-end latency and the outcome, and
     logs the finished request (`--log-requests`)."""
     last: float | None = None
@@ -102,7 +102,7 @@ async def timed(
 
 
 @functools.cache
-def _series(model: str) -> tuple:
+def _series(model: str) -> tuple[Histogram, Histogram, Histogram]:
     """A model's TTFT, ITL and end-to-end series (looked up once, not per token)."""
     return TTFT.labels(model), ITL.labels(model), E2E.labels(model)
 

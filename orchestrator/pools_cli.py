@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn, cast
 
 import httpx
 import typer
@@ -59,17 +59,17 @@ class Admin:
             fail(EXIT_UNAUTHORISED, f"not allowed ({r.status_code}): {_message(r)}")
         if r.status_code >= 400:
             fail(EXIT_REFUSED, f"refused ({r.status_code}): {_message(r)}")
-        return r.json()
+        return cast("dict[str, Any]", r.json())  # the admin API answers with a JSON object
 
 
 def _message(r: httpx.Response) -> str:
     try:
-        return r.json()["error"]["message"]
+        return cast(str, r.json()["error"]["message"])  # the API's error envelope: a string
     except (ValueError, KeyError, TypeError):
         return r.text[:200]
 
 
-def fail(code: int, message: str) -> None:
+def fail(code: int, message: str) -> NoReturn:
     errors.print(f"moeserve pools: {message}", highlight=False)
     raise typer.Exit(code)
 

@@ -54,11 +54,11 @@ class Cluster:
     """Child processes started in order and stopped in reverse order."""
 
     def __init__(self) -> None:
-        self.children: list[tuple[str, subprocess.Popen]] = []
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def spawn(
         self, name: str, args: list[str], env: dict[str, str] | None = None, output: Path | None = None
-    ) -> subprocess.Popen:
+    ) -> subprocess.Popen[bytes]:
         """Start a child; `env` adds variables (secrets go there, never on a command line); `output`
         takes its stdout and stderr (default: this process's)."""
         env = spawn_env({**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})})

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, Protocol, cast
 
 import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
@@ -23,7 +23,7 @@ from orchestrator.dispatch.dual import Dual
 from orchestrator.dispatch.failures import RETRYABLE, BeforeFirstToken, MidStream
 from orchestrator.dispatch.router import Lease
 from orchestrator.errors import ApiError, upstream_error
-from orchestrator.events import TokenEvent, logprobs_from_proto
+from orchestrator.events import TokenEvent, TokenLogprob, logprobs_from_proto
 from orchestrator.fleet.registry import Instance, State
 from services.common import wire
 
@@ -33,7 +33,7 @@ REQUEST_TIMEOUT_S = 600.0
 class Mode(Protocol):
     """How an attempt's calls are made (`DecodeFirst`, `Dual`)."""
 
-    rival: asyncio.Future | None
+    rival: asyncio.Future[Any] | None
     """What may end before decode's first message (`first_token_race`)."""
     skips_ahead: bool
     """Decode's stream may repeat tokens that went out ahead (drop them by position)."""
@@ -43,7 +43,7 @@ class Mode(Protocol):
     def open(self, timeout: float) -> AsyncIterator[pb.GenerateResponse]:
         """Make the calls; decode's stream."""
 
-    def rival_first(self, result: object) -> TokenEvent | None:
+    def rival_first(self, result: Any) -> TokenEvent | None:
         """The rival ended first with `result`: an event for the client, or None (it may raise)."""
 
     def decode_answered(self) -> None:
@@ -129,7 +129,9 @@ class _Reading:
                         yield self._complete(message.complete)
         except grpc.aio.AioRpcError as e:
             # Decode-first: a failure of the prefill (or of the way to it) comes back through decode.
-            blame = prefill if wire.failed_peer(e.trailing_metadata()) == "prefill" else decode
+            # the failed-peer value is text: only "-bin" keys carry bytes
+            trailing = cast("Iterable[tuple[str, str]] | None", e.trailing_metadata())
+            blame = prefill if wire.failed_peer(trailing) == "prefill" else decode
             error = upstream_error(blame.role, blame.address, e.code(), e.details())
             if e.code() in RETRYABLE:
                 raise (MidStream if self.started else BeforeFirstToken)(blame, error) from None
@@ -155,7 +157,7 @@ class _Reading:
         if c.finish_reason == "abort":
             _raise_if_drained(self.lease.prefill, self.lease.decode)
         tail: list[int] = []
-        lps: tuple = ()
+        lps: tuple[TokenLogprob, ...] = ()
         if self.mode.tail_in_complete:  # the last step's tokens come in the complete alone
             tail = list(c.output_ids[self.streamed :])
             if c.HasField("output_logprobs"):

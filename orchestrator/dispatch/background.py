@@ -4,11 +4,14 @@ prefill calls read to their end. Kept referenced until done, and waited for at s
 from __future__ import annotations
 
 import asyncio
+from typing import Any, TypeVar
 
-_tasks: set[asyncio.Future] = set()
+T = TypeVar("T")
+
+_tasks: set[asyncio.Future[Any]] = set()
 
 
-def keep(task: asyncio.Future) -> asyncio.Future:
+def keep(task: asyncio.Future[T]) -> asyncio.Future[T]:
     """`task`, referenced until it has run (a task nobody references may be collected mid-way)."""
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)

@@ -39,7 +39,7 @@ class DecodeFirst:
         self.skips_ahead = self.rival is not None
         """Decode's stream may repeat a token that went out ahead: drop it by position."""
         self._won = False
-        self._call: grpc.aio.UnaryStreamCall | None = None
+        self._call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse] | None = None
 
     def open(self, timeout: float) -> AsyncIterator[pb.GenerateResponse]:
         feed = first_token_stream.FEED_ID if self.rival is not None else ""

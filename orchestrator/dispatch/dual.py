@@ -27,9 +27,9 @@ class Dual:
 
     def __init__(self, lease: Lease, request: pb.GenerateRequest):
         self.lease, self.request = lease, request
-        self._prefill_call: grpc.aio.UnaryStreamCall | None = None
-        self._decode_call: grpc.aio.UnaryStreamCall | None = None
-        self.rival: asyncio.Future | None = None
+        self._prefill_call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse] | None = None
+        self._decode_call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse] | None = None
+        self.rival: asyncio.Future[grpc.aio.AioRpcError | None] | None = None
         """The prefill call read to its end: its error, or None."""
 
     def open(self, timeout: float) -> AsyncIterator[pb.GenerateResponse]:
@@ -75,7 +75,9 @@ def _pinned(request: pb.GenerateRequest, rank: int | None) -> pb.GenerateRequest
     return pinned
 
 
-async def _drain(call: grpc.aio.UnaryStreamCall) -> grpc.aio.AioRpcError | None:
+async def _drain(
+    call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse],
+) -> grpc.aio.AioRpcError | None:
     """Read the prefill call to its end; its error, if it failed (cancellation is no failure)."""
     try:
         async for _ in call:

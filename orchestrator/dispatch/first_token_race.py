@@ -10,7 +10,7 @@ decode's messages in order. After decode's first message the rival is no longer 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +25,8 @@ class RivalFirst:
 
 
 async def responses(
-    decode: AsyncIterator[pb.GenerateResponse], rival: asyncio.Future | None
-) -> AsyncIterator[pb.GenerateResponse | RivalFirst]:
+    decode: AsyncIterator[pb.GenerateResponse], rival: asyncio.Future[Any] | None
+) -> AsyncGenerator[pb.GenerateResponse | RivalFirst, None]:
     """Decode's messages, preceded by `RivalFirst` if `rival` is done before the first of them."""
     if rival is not None:
         first = asyncio.ensure_future(anext(decode))
@@ -44,7 +44,7 @@ async def responses(
         yield message
 
 
-def _settle(read: asyncio.Future) -> None:
+def _settle(read: asyncio.Future[Any]) -> None:
     """A read of decode's stream the caller no longer waits for: stop it, or take its error."""
     if not read.done():
         read.cancel()

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from orchestrator.fleet.membership import Membership, ScaleError
-from orchestrator.fleet.registry import Registry, State
+from orchestrator.fleet.registry import Instance, Registry, State
 from services.common.roles import ROLES, Role
 
 log = logging.getLogger("orchestrator.fleet.autoscaler")
@@ -95,7 +95,7 @@ class Signals:
     def inter_token(self, seconds: float) -> None:
         self._add(self.itl, (time.monotonic(), seconds))
 
-    def _add(self, series: deque, item) -> None:
+    def _add(self, series: deque[Any], item: float | tuple[float, float]) -> None:
         series.append(item)
         horizon = time.monotonic() - self.keep_s
         while series and (series[0] if isinstance(series[0], float) else series[0][0]) < horizon:
@@ -110,7 +110,7 @@ class Signals:
         trend = newer / older if older else (2.0 if newer else 1.0)
         return len(recent) / window, trend
 
-    def p90(self, series: deque, window: float) -> float | None:
+    def p90(self, series: deque[tuple[float, float]], window: float) -> float | None:
         now = time.monotonic()
         values = sorted(v for t, v in series if t >= now - window)
         return values[int(0.9 * (len(values) - 1))] if values else None
@@ -128,8 +128,8 @@ class Autoscaler:
         self._calm_since: dict[Role, float | None] = {role: None for role in ROLES}
         self._raised_at: dict[Role, float] = {}
         self._planned = _planned_capacity(config)
-        self._task: asyncio.Task | None = None
-        self._scaling: dict[Role, asyncio.Task] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._scaling: dict[Role, asyncio.Task[None]] = {}
         """A scale the backend is still carrying out (a scale-down drains first), per role."""
 
     async def start(self) -> None:
@@ -249,12 +249,12 @@ class Autoscaler:
         }
 
 
-def _report_failure(task: asyncio.Task) -> None:
+def _report_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("autoscaler: the backend could not scale: %s", task.exception())
 
 
-def _reported_capacity(instances) -> int:
+def _reported_capacity(instances: list[Instance]) -> int:
     known = [i.slots for i in instances if i.slots]
     return max(known) if known else 0
 

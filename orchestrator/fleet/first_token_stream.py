@@ -37,7 +37,7 @@ class FirstTokenFeed:
     def __init__(self, channel: Callable[[], grpc.aio.Channel]):
         self._channel = channel
         self._waiting: dict[int, asyncio.Future[kvpb.FirstToken]] = {}
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._reopen_at = 0.0
         self.live = False
         """The prefill has confirmed the subscription (its first, empty batch came)."""
@@ -69,7 +69,8 @@ class FirstTokenFeed:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _read(self) -> None:
-        stub = kvpb_grpc.KVHandoffStub(self._channel())
+        # the stub class grpc_tools generates is unannotated
+        stub = kvpb_grpc.KVHandoffStub(self._channel())  # type: ignore[no-untyped-call]
         try:
             async for batch in stub.FirstTokens(kvpb.FirstTokensRequest(feed=FEED_ID)):
                 self.live = True  # the first batch, empty, says the prefill has subscribed us

@@ -193,8 +193,8 @@ class Instance:
     async def _balancedness(self) -> float | None:
         """From moeserve's WorkerControl.GetExpertLoad (other workers lack it: None): mean ÷ max
         tokens per EP rank under the placement in use (an expert's tokens split over its replicas)."""
-        try:
-            res = await ctl_grpc.WorkerControlStub(self._channel).GetExpertLoad(
+        try:  # the stub class grpc_tools generates is unannotated
+            res = await ctl_grpc.WorkerControlStub(self._channel).GetExpertLoad(  # type: ignore[no-untyped-call]
                 ctl.GetExpertLoadRequest(), timeout=RPC_TIMEOUT_S
             )
         except grpc.aio.AioRpcError:
@@ -268,5 +268,5 @@ def _server_int(server: pb.GetServerInfoResponse, *keys: str) -> int:
     return 0
 
 
-def _server_args(server: pb.GetServerInfoResponse) -> dict:
+def _server_args(server: pb.GetServerInfoResponse) -> dict[str, Any]:
     return dict(server.server_args.items()) if server.HasField("server_args") else {}

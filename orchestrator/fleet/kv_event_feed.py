@@ -16,7 +16,7 @@ import logging
 import grpc
 from smg_grpc_proto.generated import common_pb2
 
-from orchestrator.fleet.registry import Registry, State
+from orchestrator.fleet.registry import Instance, Registry, State
 
 log = logging.getLogger(__name__)
 CHECK_S = 1.0
@@ -25,9 +25,9 @@ CHECK_S = 1.0
 class KvEventFeed:
     def __init__(self, registry: Registry, policy: object):
         self.registry, self.policy = registry, policy
-        self._streams: dict[str, asyncio.Task] = {}
+        self._streams: dict[str, asyncio.Task[None]] = {}
         self._unsupported: set[str] = set()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def wanted(self) -> bool:
@@ -63,7 +63,7 @@ class KvEventFeed:
             if inst_id not in self._streams and inst_id not in self._unsupported:
                 self._streams[inst_id] = asyncio.get_running_loop().create_task(self._follow(inst))
 
-    async def _follow(self, inst) -> None:
+    async def _follow(self, inst: Instance) -> None:
         try:
             async for batch in inst.stub.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest()):
                 rank = batch.dp_rank if batch.HasField("dp_rank") else None

@@ -42,8 +42,8 @@ class Registry:
         self.breaker_threshold, self.breaker_cooldown_s = breaker_threshold, breaker_cooldown_s
         self.instances: dict[str, Instance] = {}
         self._ids = itertools.count(1)
-        self._task: asyncio.Task | None = None
-        self._drains: dict[str, asyncio.Task] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._drains: dict[str, asyncio.Task[None]] = {}
         self.on_gone: list[Callable[[Instance], None]] = []
         """Called once an instance has drained (or failed), e.g. for a backend to stop it."""
 
@@ -87,7 +87,7 @@ class Registry:
 
     # -- drain ---------------------------------------------------------------------------------
 
-    def drain(self, inst: Instance, deadline_s: float = DRAIN_DEADLINE_S) -> asyncio.Task:
+    def drain(self, inst: Instance, deadline_s: float = DRAIN_DEADLINE_S) -> asyncio.Task[None]:
         """Stop giving `inst` requests and let it finish; the task ends when it is gone."""
         if inst.id not in self._drains:
             inst.drain_deadline = time.monotonic() + deadline_s

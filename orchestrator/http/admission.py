@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 from orchestrator.errors import ApiError
 
@@ -43,9 +43,9 @@ class Admission:
         self.limit, self.queue_limit, self.queue_timeout_s = limit, queue, queue_timeout_s
         self.in_flight = 0
         self.closing = False
-        self._readers: set[asyncio.Task] = set()
+        self._readers: set[asyncio.Task[Any]] = set()
         """Tasks awaiting an event in `next`."""
-        self._stopped: set[asyncio.Task] = set()
+        self._stopped: set[asyncio.Task[Any]] = set()
         """Readers that `close` cancelled (their `next` answers 503)."""
         self._queue: deque[asyncio.Future[None]] = deque()
 
@@ -120,7 +120,7 @@ class Admission:
         """The next item of `events` (None at its end), or ApiError 503 once the server is stopping."""
         if self.closing:
             raise shutting_down()
-        task = asyncio.current_task()
+        task = cast("asyncio.Task[Any]", asyncio.current_task())  # awaited in a task: never None
         self._readers.add(task)
         try:
             return await anext(events)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -60,7 +61,7 @@ def create_app(
         buckets = TokenBuckets(config.key_token_rate, config.key_token_burst or 60 * config.key_token_rate)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await membership.start()
         await registry.start()
         await feed.start()

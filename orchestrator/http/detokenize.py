@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from orchestrator.events import TokenEvent
@@ -24,11 +24,11 @@ class TextEvent:
 
 
 async def text_events(
-    tokens: AsyncIterator[TokenEvent],
+    tokens: AsyncGenerator[TokenEvent, None],
     tokenizer: Tokenizer,
     stop: list[str],
     skip_special_tokens: bool = True,
-) -> AsyncIterator[TextEvent]:
+) -> AsyncGenerator[TextEvent, None]:
     """The text of `tokens`, cut before the first stop string (which ends the request with "stop").
 
     Closing this stream closes `tokens`, which cancels the request on the workers.

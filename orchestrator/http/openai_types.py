@@ -16,7 +16,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-UNSUPPORTED: dict[str, tuple] = {
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "tools": ([],),
     "tool_choice": ("none",),
     "functions": ([],),

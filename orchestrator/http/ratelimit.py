@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 from orchestrator.errors import ApiError
@@ -57,8 +57,8 @@ class TokenBuckets:
 
 
 async def charged(
-    events: AsyncIterator[TokenEvent], buckets: TokenBuckets, key: str
-) -> AsyncIterator[TokenEvent]:
+    events: AsyncGenerator[TokenEvent, None], buckets: TokenBuckets, key: str
+) -> AsyncGenerator[TokenEvent, None]:
     """`events` unchanged; when they end (however), the generated tokens are taken from `key`.
     Closing this stream closes `events` (which cancels the request on the workers)."""
     last = None
@@ -66,6 +66,6 @@ async def charged(
         async for last in events:
             yield last
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
+        await events.aclose()
         if last is not None:
             buckets.charge(key, last.completion_tokens)

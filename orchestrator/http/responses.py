@@ -38,7 +38,7 @@ class Watch:
 
     def __init__(self, receive: Receive | None):
         self.gone = False
-        self._running: asyncio.Task | None = None
+        self._running: asyncio.Task[Any] | None = None
         """The task awaiting work in `run` (the one to cancel), if any."""
         self._watcher = asyncio.ensure_future(self._watch(receive)) if receive is not None else None
 
@@ -79,7 +79,12 @@ class Watch:
 class EventStream(StreamingResponse):
     """Server-sent events under the request's `Watch` (Starlette's own runs a task group per request)."""
 
-    def __init__(self, content: AsyncIterator[str], watch: Watch, finish: Callable[[], Awaitable[None]]):
+    body_iterator: AsyncGenerator[str, None]
+    """`content`: `sse_stream`'s generator (Starlette keeps an async iterable as it is)."""
+
+    def __init__(
+        self, content: AsyncGenerator[str, None], watch: Watch, finish: Callable[[], Awaitable[None]]
+    ):
         super().__init__(content, media_type="text/event-stream", background=BackgroundTask(finish))
         self.watch = watch
 
@@ -170,7 +175,7 @@ async def sse_stream(
     events: AsyncIterator[TextEvent],
     admission: Admission,
     finish: Callable[[], Awaitable[None]],
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """The response as server-sent events; `finish` runs when the stream ends, however it ends.
 
     Events that are ready together go out as one piece (one write): the opening with the first

@@ -26,7 +26,7 @@ class ChatTemplateError(ValueError):
     """The messages cannot be rendered with the model's chat template."""
 
 
-def _token_text(value: Any) -> str | None:
+def _token_text(value: str | dict[str, Any] | None) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
@@ -129,8 +129,12 @@ def _compile(source: str) -> jinja2.Template:
         raise jinja2.TemplateError(message)
 
     def tojson(
-        x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False
-    ):
+        x: Any,
+        ensure_ascii: bool = False,
+        indent: int | None = None,
+        separators: tuple[str, str] | None = None,
+        sort_keys: bool = False,
+    ) -> str:
         return json.dumps(
             x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
         )

@@ -18,9 +18,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from orchestrator.planner.plan import Traffic
 
 Opt = typer.Option
 
@@ -80,7 +83,7 @@ def plan_command(
         print(f"wrote {plot}")
 
 
-def _table(result: dict, model: str, gpu: str, traffic) -> None:
+def _table(result: dict[str, Any], model: str, gpu: str, traffic: Traffic) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -113,6 +116,6 @@ def _table(result: dict, model: str, gpu: str, traffic) -> None:
         console.print(f"[dim]skipped: {line}[/dim]")
 
 
-def _fail(message: str):
+def _fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise typer.Exit(2)

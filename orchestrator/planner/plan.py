@@ -21,7 +21,9 @@ rates a wide group is mostly idle) or, without a rate, at that full load.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from orchestrator.planner.cost import FITTED, GB, Efficiency, Group
 from orchestrator.planner.specs import GpuSpec, ModelSpec
@@ -64,7 +66,7 @@ class Layout:
     usd_per_million_output_tokens: float
     notes: list[str] = field(default_factory=list)
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("notes")
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
@@ -165,8 +167,8 @@ def _ratio(prefill_rate: float, decode_rate: float) -> tuple[int, int]:
     return max(1, round(decode_rate / prefill_rate)), 1
 
 
-def plan(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_eps=PREFILL_WIDTHS,
-         decode_eps=DECODE_WIDTHS, eff: Efficiency = FITTED) -> dict:  # fmt: skip
+def plan(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_eps: Sequence[int] = PREFILL_WIDTHS,
+         decode_eps: Sequence[int] = DECODE_WIDTHS, eff: Efficiency = FITTED) -> dict[str, Any]:  # fmt: skip
     """{"layouts", "recommendation", "why", "crossover_request_rate", "skipped"}: every feasible
     layout of the given widths at `traffic`, the cheapest per output token that meets the
     targets, and the request rate above which a wider layout becomes the cheapest."""
@@ -188,8 +190,10 @@ def plan(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_eps=PREFILL_W
             "skipped": skipped}  # fmt: skip
 
 
-def _feasible(model, gpu, traffic, prefill_eps, decode_eps, eff) -> tuple[list[Layout], list[str]]:
-    layouts, skipped = [], []
+def _feasible(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_eps: Sequence[int],
+              decode_eps: Sequence[int], eff: Efficiency) -> tuple[list[Layout], list[str]]:  # fmt: skip
+    layouts: list[Layout] = []
+    skipped: list[str] = []
     for p in prefill_eps:
         for d in decode_eps:
             try:
@@ -204,7 +208,8 @@ def _cheapest(layouts: list[Layout]) -> Layout:
     return min(layouts, key=lambda x: (x.usd_per_million_output_tokens, x.gpus, x.decode_ep, x.prefill_ep))
 
 
-def crossover_rate(model, gpu, traffic, prefill_eps, decode_eps, eff=FITTED) -> float | None:
+def crossover_rate(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_eps: Sequence[int],
+                   decode_eps: Sequence[int], eff: Efficiency = FITTED) -> float | None:  # fmt: skip
     """The lowest request rate at which the cheapest layout is wider (in GPUs per decode or
     prefill group) than the cheapest at a trickle of traffic; None if it never is up to 10^5/s."""
 

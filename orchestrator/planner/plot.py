@@ -4,17 +4,20 @@ curve per decode EP width (each with its cheapest prefill width), on log-log axe
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from xml.sax.saxutils import escape
 
-from orchestrator.planner.plan import Infeasible, evaluate
+from orchestrator.planner.plan import Infeasible, Traffic, evaluate
 from orchestrator.planner.specs import GpuSpec, ModelSpec
 
 W, H, PAD = 720, 440, 60
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
 
 
-def cost_curves(model: ModelSpec, gpu: GpuSpec, traffic, prefill_eps, decode_eps) -> str:
+def cost_curves(
+    model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_eps: Sequence[int], decode_eps: Sequence[int]
+) -> str:
     rates = [10 ** (k / 8) for k in range(-8, 33)]  # 0.1 .. 10,000 requests/s
     series: dict[int, list[tuple[float, float]]] = {}
     for d in decode_eps:

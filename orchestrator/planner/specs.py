@@ -188,7 +188,7 @@ def from_config(raw: dict[str, Any], name: str) -> ModelSpec:
 
     layers = int(get("num_hidden_layers"))
     experts = int(get("n_routed_experts", "num_experts", "num_local_experts"))
-    common = dict(
+    common: dict[str, Any] = dict(
         name=name, layers=layers, hidden=int(get("hidden_size")), vocab=int(get("vocab_size")),
         heads=int(get("num_attention_heads")), experts=experts, top_k=int(get("num_experts_per_tok")),
         moe_intermediate=int(get("moe_intermediate_size")),

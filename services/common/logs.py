@@ -47,8 +47,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "pid": record.process,
         }
-        if getattr(record, "request_id", None):
-            line["request_id"] = record.request_id
+        request_id = getattr(record, "request_id", None)  # set by `_WithRequestId`
+        if request_id:
+            line["request_id"] = request_id
         fields = getattr(record, "fields", None)  # structured extras: log.info(..., extra={"fields": {...}})
         if isinstance(fields, dict):
             line.update(fields)

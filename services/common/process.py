@@ -16,7 +16,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]  # getsockname() is Any in typeshed; (host, port) for AF_INET
+        return port
 
 
 def port_in_use(host: str, port: int) -> bool:

@@ -1,9 +1,9 @@
 """The reference MoE engine: paged KV cache, continuous batching, chunked prefill, sampling."""
 
 from services.engine.config import EngineConfig, EngineConfigError
-from services.engine.engine import Engine, InvalidRequestError
+from services.engine.engine import Engine
 from services.engine.page_pool import KVStats
-from services.engine.request import RequestOutput
+from services.engine.request import InvalidRequestError, RequestOutput
 from services.engine.sampling import SamplingParams, SamplingParamsError, TokenLogprob
 
 __all__ = [

@@ -52,7 +52,7 @@ class EngineLoop:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._timers: list[tuple[float, int, Callable[[], Any]]] = []
         self._timer_ids = itertools.count()
         self._streams: dict[str, RequestStream] = {}
@@ -77,9 +77,9 @@ class EngineLoop:
     def healthy(self) -> bool:
         return self.error is None and self._thread.is_alive()
 
-    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
         """Run `fn(*args, **kwargs)` on the loop thread between steps; the future has its result."""
-        fut: Future = Future()
+        fut: Future[Any] = Future()
         if not self.healthy:
             fut.set_exception(EngineDead(f"engine loop is down: {self.error!r}"))
             return fut

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from services.engine.page_pool import KVCache
@@ -37,7 +39,7 @@ class ModelRunner:
         self.model.idle_forward()
 
     @staticmethod
-    def _layer_hook(reqs: list[Request], num_new: list[int]):
+    def _layer_hook(reqs: list[Request], num_new: list[int]) -> Callable[[int], None] | None:
         watched = [(r, n) for r, n in zip(reqs, num_new, strict=True) if r.listener is not None]
         if not watched:
             return None

@@ -70,7 +70,8 @@ class PrefixCache:
         usable = (len(tokens) - 1) // self.page_size
         path, node = [], self.root
         for i in range(usable):
-            node = node.children.get(tuple(tokens[i * self.page_size : (i + 1) * self.page_size]))
+            # None leaves the loop at once: `node` is a Node wherever it is used
+            node = node.children.get(tuple(tokens[i * self.page_size : (i + 1) * self.page_size]))  # type: ignore[assignment]
             if node is None:
                 break
             path.append(node)
@@ -141,7 +142,8 @@ class PrefixCache:
 
     def evict(self, num_pages: int) -> int:
         """Free up to `num_pages` unused pages, least recently used leaves first; returns how many."""
-        freed, hashes = [], []
+        freed: list[int] = []
+        hashes: list[int] = []
         while self._leaves and len(freed) < num_pages:
             used, _, node = heapq.heappop(self._leaves)
             parent = node.parent

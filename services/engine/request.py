@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 
 from services.engine.sampling import SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from services.engine.prefix_cache import Node
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -76,7 +79,7 @@ class Request:
     """When set, pages outlive the request until released (they are being read remotely)."""
     kv_source: KVSource | None = None
     """When set, the prompt's KV is written into this request's pages by another worker."""
-    cached: list = field(default_factory=list)
+    cached: list[Node] = field(default_factory=list)
     """The prefix-cache path (`prefix_cache.Node`s) this request uses: its leading pages' nodes."""
     cached_tokens: int = 0
     """Prompt tokens found in the prefix cache at admission (not computed here)."""

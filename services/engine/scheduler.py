@@ -98,7 +98,8 @@ class Scheduler:
         """(cached path, new pages) to admit `req` now, or None if the pool cannot hold it."""
         path = self.cache.match(req.tokens(0, req.num_tokens)) if self.cache is not None else []
         need = self.pool.pages_for(req.num_tokens) - len(path)
-        available = self.pool.num_available - (self.cache.evictable_among(path) if path else 0)
+        # a non-empty path came from the cache, so the cache is set there
+        available = self.pool.num_available - (self.cache.evictable_among(path) if path else 0)  # type: ignore[union-attr]
         return (path, need) if need <= available else None
 
     def _admit(self, req: Request, path: list[Node], need: int) -> None:

@@ -152,6 +152,7 @@ class DeepEPDispatcher(Dispatcher):
     def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
         handle, num_tokens = handle
         # Weighted expert outputs may have been promoted to fp32; DeepEP's combine takes bf16 rows.
+        out: torch.Tensor
         out, _, _ = self._buffer.combine(y.to(torch.bfloat16).contiguous(), handle)  # V1 and V2 alike
         return out[:num_tokens]  # drop the padded token of an empty rank
 

@@ -15,9 +15,12 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Dispatcher(ABC):
 
     rank: int
     size: int
+    group: dist.ProcessGroup | None
     expanded: bool = False
     """Offers `dispatch_expanded` / `combine_expanded` (used for decode steps)."""
 
@@ -95,7 +99,7 @@ MODULES = {"torch": "services.ep.torch_a2a", "deepep": "services.ep.deepep"}
 """Where each backend lives; imported only when chosen (DeepEP needs CUDA)."""
 
 
-def register(name: str):
+def register(name: str) -> Callable[[Callable[..., Dispatcher]], Callable[..., Dispatcher]]:
     """Class decorator: make a backend available to `create` under `name`."""
 
     def deco(factory: Callable[..., Dispatcher]) -> Callable[..., Dispatcher]:

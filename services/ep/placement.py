@@ -10,6 +10,7 @@ they visit anyway (`replica_choice`), so fewer tokens cross nodes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,6 +36,10 @@ class ExpertPlacement:
     """[layers, experts] number of replicas of each expert."""
     num_nodes: int = 1
     """Nodes the ranks span (evenly, in rank order)."""
+    if TYPE_CHECKING:  # set in __post_init__; not dataclass fields at run time
+        _identity: list[bool] = field(init=False, repr=False, compare=False)
+        _slot_node: torch.Tensor = field(init=False, repr=False, compare=False)
+        _spread: list[bool] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         layers, slots = self.phys_to_log.shape

@@ -11,6 +11,9 @@ with the new map and finds the weights in place.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import cast
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -43,7 +46,13 @@ def plan_moves(old: torch.Tensor, new: torch.Tensor, ep_size: int) -> list[list[
     return moves
 
 
-def switch(blocks: list[nn.Module], current: ExpertPlacement, new: ExpertPlacement, rank: int, group) -> int:
+def switch(
+    blocks: Sequence[nn.Module],
+    current: ExpertPlacement,
+    new: ExpertPlacement,
+    rank: int,
+    group: dist.ProcessGroup | None,
+) -> int:
     """Move the changed slots' weights into this rank's `blocks` (MoE blocks in layer order) and
     return how many of this rank's slots changed. A collective: every rank of the group calls it."""
     per_rank = current.slots_per_rank
@@ -54,7 +63,7 @@ def switch(blocks: list[nn.Module], current: ExpertPlacement, new: ExpertPlaceme
     ):
         if not moves:
             continue
-        for weight in _slot_tensors(block.experts):
+        for weight in _slot_tensors(cast(nn.Module, block.experts)):  # a MoE block's experts module
             _move(weight, moves, rank, per_rank, current.ep_size, group)
         changed += sum(1 for dst, _ in moves if dst in mine)
     return changed
@@ -66,10 +75,17 @@ def _slot_tensors(experts: nn.Module) -> list[torch.Tensor]:
     return [getattr(experts, n).data for n in names if hasattr(experts, n)]
 
 
-def _move(weight: torch.Tensor, moves: list[Move], rank: int, per_rank: int, ranks: int, group) -> None:
+def _move(
+    weight: torch.Tensor,
+    moves: list[Move],
+    rank: int,
+    per_rank: int,
+    ranks: int,
+    group: dist.ProcessGroup | None,
+) -> None:
     """Apply `moves` to one per-slot tensor [local slots, ...] of this rank."""
-    owner = lambda slot: slot // per_rank  # noqa: E731
-    local = lambda slot: slot % per_rank  # noqa: E731
+    owner: Callable[[int], int] = lambda slot: slot // per_rank  # noqa: E731
+    local: Callable[[int], int] = lambda slot: slot % per_rank  # noqa: E731
     # Everything is read before anything is written: a slot may be a source and a destination.
     sends = [[src for dst, src in moves if owner(src) == rank and owner(dst) == r] for r in range(ranks)]
     recvs = [[dst for dst, src in moves if owner(dst) == rank and owner(src) == r] for r in range(ranks)]

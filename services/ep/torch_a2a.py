@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -45,7 +46,7 @@ class TorchAllToAll(Dispatcher):
         recv_meta = self._exchange(meta, sc, rc)
         return Dispatched(recv_x, recv_meta[:, :k].long(), recv_meta[:, k:], (send_tok, sc, rc, t))
 
-    def combine(self, y: torch.Tensor, handle) -> torch.Tensor:
+    def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
         send_tok, sc, rc, t = handle
         back = self._exchange(y, rc, sc)  # rows return to where they came from
         out = y.new_zeros(t, y.shape[1])

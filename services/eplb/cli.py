@@ -39,7 +39,8 @@ def dump(
 
     try:
         with grpc.insecure_channel(instance) as channel:
-            res = ctl_grpc.WorkerControlStub(channel).GetExpertLoad(ctl.GetExpertLoadRequest(), timeout=30)
+            # grpc_tools generates the stub class without annotations
+            res = ctl_grpc.WorkerControlStub(channel).GetExpertLoad(ctl.GetExpertLoadRequest(), timeout=30)  # type: ignore[no-untyped-call]
     except grpc.RpcError as e:
         print(f"error: {instance} answered {e.code().name}: {e.details()}", file=sys.stderr)
         raise typer.Exit(1) from None
@@ -114,7 +115,7 @@ def rebalance(
 
     try:
         with grpc.insecure_channel(instance) as channel:
-            stub = ctl_grpc.WorkerControlStub(channel)
+            stub = ctl_grpc.WorkerControlStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
             request = ctl.RebalanceRequest(tolerance=tolerance)
             if placement is not None:
                 now = stub.GetExpertLoad(ctl.GetExpertLoadRequest(), timeout=30)

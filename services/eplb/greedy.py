@@ -9,6 +9,8 @@ planning 58 layers costs a few hundred small tensor ops.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -54,7 +56,7 @@ def pack(
         item = order[:, i]
         room = used < per
         if copies is not None:  # among packs with room, those holding the fewest items of this kind
-            kind = kinds[ar, item]
+            kind = kinds[ar, item]  # type: ignore[index]  # copies is only made when kinds is given
             held = torch.where(room, copies[ar, :, kind], n)
             room &= held == held.min(dim=1, keepdim=True).values
         target = torch.where(room, load, full).argmin(dim=1)
@@ -74,7 +76,12 @@ def _inverse(perm: torch.Tensor) -> torch.Tensor:
 
 
 def hierarchical(
-    weight: torch.Tensor, num_slots: int, num_groups: int, num_nodes: int, num_gpus: int, pack_fn=pack
+    weight: torch.Tensor,
+    num_slots: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    pack_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] = pack,
 ) -> torch.Tensor:
     """phy2log [layers, num_slots] with groups kept on nodes (`pack_fn`: the packing rule, for
     comparisons; the global policy is this with one group on one node)."""

@@ -1,3 +1,5 @@
+# mypy: allow-redefinition
+# (`_fill` rebinds its tensor arguments to the lists of their values)
 """Locality-aware placement: balance like the global policy, touch as few nodes as hierarchical.
 
 The hierarchical policy keeps each expert group on one node, so a token (routed to a few

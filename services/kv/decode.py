@@ -50,7 +50,7 @@ class AttachClient(Protocol):
         spec: AttachSpec,
         timeout: float,
         on_done: Callable[[AttachResult | CallError], None],
-    ) -> Callable[[], None]:
+    ) -> Callable[[], object]:
         """Start an Attach; `on_done` gets the result or the error. Returns a cancel function."""
 
     def release(self, prefill: str, room: int, reason: str) -> bool:
@@ -73,7 +73,7 @@ class RemotePrefill:
         self.side, self.request_id, self.room, self.prefill = side, request_id, room, prefill
         self.prompt, self.stream, self.forward = prompt, stream, forward
         self.result: AttachResult | None = None
-        self._cancel: Callable[[], None] | None = None
+        self._cancel: Callable[[], object] | None = None  # what it returns is not used
         self.cancelled = False
 
     def on_pages(self, request_id: str, pages: list[int]) -> None:

@@ -252,7 +252,7 @@ class PrefillHandoff:
         except Exception as e:
             room.fail("INVALID_ARGUMENT", f"room {room.room_id}: {e}")
 
-    def _wait(self, room: Room, predicate, timeout: float | None, caller: Caller) -> bool:
+    def _wait(self, room: Room, predicate: Callable[[], bool], timeout: float | None, caller: Caller) -> bool:
         """Wait for `predicate` (or the room's end); the caller going away aborts the room."""
         if room.wait_for(predicate, timeout, caller):
             return True

@@ -10,6 +10,7 @@ by every layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +101,7 @@ class AttnBatch:
         flat_pos = (torch.arange(b)[:, None] * qmax + ar_q[None, :])[q_valid]  # [T]
         slot_mapping = kv_slots.gather(1, (q_pos.clamp(max=kmax - 1)))[q_valid]  # [T]
         last_index = starts + q_lens_t - 1
-        to = dict(device=device)
+        to: dict[str, Any] = dict(device=device)
         return cls(
             slot_mapping=slot_mapping.to(**to),
             q_index=q_index.to(**to),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ class DecoderLayer(nn.Module):
         cache: torch.Tensor,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, batch, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return cast(torch.Tensor, x + self.mlp(self.post_attention_layernorm(x)))
 
 
 class _Backbone(nn.Module):
@@ -89,7 +90,7 @@ class MoECausalLM(nn.Module):
             x = layer(x, rope, batch, cache)
             if after_layer is not None:
                 after_layer(i)
-        return self.model.norm(x)
+        return cast(torch.Tensor, self.model.norm(x))
 
     def switch_placement(self) -> int:
         """Take the group's pending expert placement now (every rank at the same step): the changed
@@ -112,4 +113,4 @@ class MoECausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, D] -> fp32 logits [N, V]."""
-        return self.lm_head(hidden).float()
+        return cast(torch.Tensor, self.lm_head(hidden).float())

@@ -191,7 +191,7 @@ class _Parser:
             raise self.fail(f"unsupported rope type {kind!r} in 'rope_scaling'; supported: default, yarn")
         if kind == "default":
             return RopeConfig(theta=theta, dim=dim, interleave=interleave)
-        orig = params.get("original_max_position_embeddings") or self.raw.get("max_position_embeddings")
+        orig: Any = params.get("original_max_position_embeddings") or self.raw.get("max_position_embeddings")
         factor = params.get("factor")
         if factor is None:
             factor = float(self.get("max_position_embeddings")) / float(orig)

@@ -7,6 +7,8 @@ expanded from the latent with `kv_b_proj` when attention runs.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -64,13 +66,13 @@ class MLAttention(nn.Module):
         ctx = gather_context(cache, batch, x.dtype)  # [B, K, lora+rope]
         attend = self._absorbed if batch.decode else self._expanded
         out = attend(q_nope, q_pe, ctx, batch)  # [T, H, v]
-        return self.o_proj(out.reshape(t, self.h * self.v_dim))
+        return cast(torch.Tensor, self.o_proj(out.reshape(t, self.h * self.v_dim)))
 
     def _expanded(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor, batch: AttnBatch
     ) -> torch.Tensor:
         """Prefill: expand the context latents into per-head keys and values, then attend."""
-        ctx_latent, ctx_pe = ctx.split([self.lora, self.rope_dim], dim=-1)
+        ctx_latent, ctx_pe = ctx.split([self.lora, self.rope_dim], dim=-1)  # type: ignore[no-untyped-call]  # torch's Tensor.split is unannotated
         b, k_len = ctx.shape[:2]
         kv = self.kv_b_proj(ctx_latent).view(b, k_len, self.h, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [B, K, H, nope], [B, K, H, v]

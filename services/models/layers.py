@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ class DenseMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return cast(torch.Tensor, self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -74,7 +75,7 @@ def rope_inv_freq(rope: RopeConfig) -> tuple[torch.Tensor, float]:
 
 def yarn_softmax_scale(rope: RopeConfig, head_dim: int) -> float:
     """DeepSeek's attention softmax scale: head_dim^-0.5, times mscale^2 under yarn with mscale_all_dim."""
-    scale = head_dim**-0.5
+    scale: float = head_dim**-0.5
     if rope.kind == "yarn" and rope.mscale_all_dim:
         m = _yarn_mscale(rope.factor, rope.mscale_all_dim)
         scale *= m * m
@@ -83,6 +84,8 @@ def yarn_softmax_scale(rope: RopeConfig, head_dim: int) -> float:
 
 class RotaryEmbedding(nn.Module):
     """Computes cos/sin for a step's positions once; every layer then applies them with `apply_rotary`."""
+
+    inv_freq: torch.Tensor
 
     def __init__(self, rope: RopeConfig):
         super().__init__()

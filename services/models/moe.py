@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.ep import ExpertParallel
+from services.ep import Dispatched, Expanded, ExpertParallel
 from services.models import fp8
 from services.models.config import ModelConfig
 from services.models.layers import DenseMLP
@@ -207,6 +207,8 @@ class MoEBlock(nn.Module):
         if par.recorder is not None:
             par.recorder.record(self.moe_index, ids)
         slots = par.placement.route(self.moe_index, ids)  # [T, K] physical slots
+        got: Expanded | Dispatched
+        out: torch.Tensor
         if par.dispatcher is None:
             out = self.experts(x, slots, weights, all_local=True)  # one rank: every slot is local
         elif par.expanded:  # decode: rows already grouped by slot, sizes stay on the device

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -38,7 +40,7 @@ class GQAttention(nn.Module):
         write_cache(cache, batch, torch.stack((k, v), dim=1))
         ctx = gather_context(cache, batch, x.dtype)  # [B, K, 2, Hkv, d]
         out = padded_sdpa(q, ctx[:, :, 0], ctx[:, :, 1], batch, self.scale)  # [T, H, d]
-        return self.o_proj(out.reshape(t, self.h * self.d))
+        return cast(torch.Tensor, self.o_proj(out.reshape(t, self.h * self.d)))
 
 
 class Qwen3MoeForCausalLM(MoECausalLM):

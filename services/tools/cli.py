@@ -11,9 +11,10 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -69,7 +70,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
         raise ValueError(f"model directory {model_dir} has no tokenizer files (tokenizer.json)")
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    prompt = tok.apply_chat_template(
+    prompt: Any = tok.apply_chat_template(  # token ids, or a BatchEncoding holding them
         [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
     )
     prompt_ids = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
@@ -97,7 +98,7 @@ def _count(n: int) -> str:
 def cmd_inspect_model(args: argparse.Namespace) -> int:
     import json
 
-    from services.models.inspect import parse_bytes, report
+    from services.models.loading.inspect import parse_bytes, report
 
     memory = parse_bytes(args.device_memory) if args.device_memory else None
     r = report(Path(args.dir), args.ep, args.dtype, args.kv_tokens, memory, args.ep_slots)
@@ -135,7 +136,7 @@ Arch = Annotated[ModelArch, typer.Option(help="which tiny model")]
 app = typer.Typer(name="moeserve", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
-def _run(cmd, **params) -> None:
+def _run(cmd: Callable[[argparse.Namespace], int], **params: Any) -> None:
     """Run a command; our errors (ValueError: they say what to change) exit 2 without a traceback."""
     try:
         code = cmd(namespace(params))

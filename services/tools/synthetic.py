@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from services.models.checkpoint import INDEX_FILE
+from services.models.loading.checkpoint import INDEX_FILE
 
 FP8_MAX = 448.0
 """Largest finite float8_e4m3fn."""
@@ -187,7 +187,7 @@ def checkpoint_names(config: dict[str, Any]) -> Iterator[tuple[str, tuple[int, .
     """(name, shape) of every tensor of a checkpoint for `config`, experts one by one as released."""
     from services.ep import ExpertParallel
     from services.models.config import ModelConfig
-    from services.models.loader import build_on_meta
+    from services.models.loading.loader import build_on_meta
 
     cfg = ModelConfig.from_dict(config)
     model = build_on_meta(cfg, ExpertParallel.single(len(cfg.moe_layers), cfg.num_experts))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 Arch = Literal["deepseek_v3", "qwen3_moe"]
 ARCHS: tuple[Arch, ...] = ("deepseek_v3", "qwen3_moe")
@@ -111,7 +111,8 @@ def build_tokenizer(out_dir: Path) -> dict[str, int]:
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer)
     tok.save(str(out_dir / "tokenizer.json"))
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    # Trained in as special tokens, so each has an id (token_to_id says int | None).
+    ids = {t: cast(int, tok.token_to_id(t)) for t in SPECIAL_TOKENS}
     added = {
         str(i): {
             "content": t,
@@ -164,6 +165,8 @@ def make_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
     special = build_tokenizer(out)
     ids = dict(bos_token_id=special[BOS], eos_token_id=special[EOS], pad_token_id=special[PAD])
+    cfg: Any  # the arch's own config class: the one model_cls takes
+    model_cls: type[transformers.PreTrainedModel]
     if arch == "deepseek_v3":
         cfg = transformers.DeepseekV3Config(**{**_deepseek_config(q_lora_rank), **ids, **(overrides or {})})
         model_cls = transformers.DeepseekV3ForCausalLM
@@ -171,7 +174,7 @@ def make_tiny_model(
         cfg = transformers.Qwen3MoeConfig(**{**_qwen3_config(), **ids, **(overrides or {})})
         model_cls = transformers.Qwen3MoeForCausalLM
     torch.manual_seed(seed)
-    model = model_cls(cfg).eval()
+    model = model_cls(cfg).eval()  # type: ignore[no-untyped-call]  # transformers' eval() is unannotated
     with torch.no_grad():
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):

@@ -39,7 +39,7 @@ class LocalLink:
 class ZmqSender:
     """A PUSH socket connected to a peer's PULL; any thread may send."""
 
-    def __init__(self, context: zmq.Context, address: str):
+    def __init__(self, context: zmq.SyncContext, address: str):
         self._socket = context.socket(zmq.PUSH)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
@@ -65,7 +65,7 @@ class ZmqReceiver:
     message to `handle`."""
 
     def __init__(
-        self, context: zmq.Context, host: str, advertise: str, handle: Callable[[Any], None], name: str
+        self, context: zmq.SyncContext, host: str, advertise: str, handle: Callable[[Any], None], name: str
     ):
         self._socket = context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.LINGER, 0)

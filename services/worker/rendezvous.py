@@ -9,6 +9,7 @@ torch's TCP store listens on every interface of node 0 (the library offers no bi
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,7 @@ def join_group(config: WorkerConfig, rank: int, file_store: str | None) -> dist.
     world = config.ep_size
     timeout = timedelta(seconds=config.dist_timeout_s)
     device = rank_device(config, rank)
+    eager: dict[str, Any]  # extra init_process_group keywords
     backend, eager = ("nccl", {"device_id": device}) if device.type == "cuda" else ("gloo", {})
     if config.nnodes == 1:
         dist.init_process_group(
@@ -47,7 +49,8 @@ def join_group(config: WorkerConfig, rank: int, file_store: str | None) -> dist.
     addr = config.dist_init_addr
     host, port = addr.rsplit(":", 1)
     try:
-        store = dist.TCPStore(
+        # torch.distributed re-exports TCPStore/PrefixStore from torch._C without marking them public.
+        store = dist.TCPStore(  # type: ignore[attr-defined]
             host, int(port), world, is_master=rank == 0, timeout=timeout, wait_for_workers=False
         )
     except Exception as e:  # torch raises several kinds here (DistNetworkError, RuntimeError)
@@ -67,8 +70,9 @@ def join_group(config: WorkerConfig, rank: int, file_store: str | None) -> dist.
                 f"node(s) {', '.join(map(str, nodes))} of {config.nnodes} did not join the EP{world} "
                 f"group at {addr} within {config.dist_timeout_s:.0f}s; start them with --node-rank"
             ) from None
+    prefix_store = dist.PrefixStore("group", store)  # type: ignore[attr-defined]  # as TCPStore above
     dist.init_process_group(
-        backend, store=dist.PrefixStore("group", store), rank=rank, world_size=world, timeout=timeout, **eager
+        backend, store=prefix_store, rank=rank, world_size=world, timeout=timeout, **eager
     )
     return dist.new_group(backend="gloo") if backend == "nccl" else None
 

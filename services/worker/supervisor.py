@@ -19,12 +19,20 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from services.common.logs import setup_logging
 from services.common.process import die_with_parent, stop_on_signals
 from services.worker.config import WorkerConfig
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+    from services.ep import ExpertParallel, ExpertPlacement
+    from services.models import ModelConfig
 
 READY_TIMEOUT_S = 300.0
 FAILURE_GRACE_S = 2.0
@@ -33,7 +41,7 @@ STOP_TIMEOUT_S = 3.0
 SERVER_GRACE_S = 0.5
 
 
-def dispatcher_options(config: WorkerConfig) -> dict:
+def dispatcher_options(config: WorkerConfig) -> dict[str, Any]:
     """Backend arguments from the worker's config (DeepEP's per-rank caps, the same on every rank)."""
     if config.dispatcher != "deepep":
         return {}
@@ -53,7 +61,7 @@ def serve(config: WorkerConfig) -> int:
     return supervise(config)
 
 
-def initial_placement(config: WorkerConfig, cfg, world: int):
+def initial_placement(config: WorkerConfig, cfg: ModelConfig, world: int) -> ExpertPlacement:
     """The group's placement: from `--ep-placement FILE`, or slot s holding expert s mod experts."""
     from services.ep import ExpertPlacement
 
@@ -80,7 +88,7 @@ def run_rank(
 
     from services.engine import Engine
     from services.ep import ExpertLoadRecorder, ExpertParallel, create
-    from services.worker.channels import LocalLink, ZmqReceiver, ZmqSender
+    from services.worker.channels import Link, LocalLink, ZmqReceiver, ZmqSender
     from services.worker.front.dp_controller import DPController
     from services.worker.front.metrics import serve_metrics
     from services.worker.front.server import add_services, bind_server
@@ -102,7 +110,7 @@ def run_rank(
         control = join_group(config, rank, dist_init)
         dispatcher = create(config.dispatcher, **dispatcher_options(config))
 
-        def parallel(cfg):
+        def parallel(cfg: ModelConfig) -> ExpertParallel:
             placement = initial_placement(config, cfg, world)
             dispatcher.validate(cfg.hidden_size, config.engine.dtype, placement.num_slots)
             recorder = ExpertLoadRecorder(len(cfg.moe_layers), cfg.num_experts)
@@ -119,15 +127,16 @@ def run_rank(
     zctx = zmq.Context()
     controller: DPController | None = None
     receiver = None
-    peers = [{"pid": os.getpid()}]
+    peers: list[dict[str, Any]] = [{"pid": os.getpid()}]
     if world > 1:
-        # Rank 0 receives events for its controller (made below); the others receive calls.
-        handle = (lambda e: controller.on_event(e)) if rank == 0 else me.handle
+        # Rank 0 receives events for its controller (made below, before any event can come); the
+        # others receive calls.
+        handle = (lambda e: controller.on_event(e)) if rank == 0 else me.handle  # type: ignore[union-attr]
         receiver = ZmqReceiver(zctx, config.host, config.advertised, handle, f"rank{rank}")
         peers = [{} for _ in range(world)]
         dist.all_gather_object(peers, {"address": receiver.address, "pid": os.getpid()}, group=control)
     if server is not None:
-        links = [LocalLink(me.handle)] + [ZmqSender(zctx, p["address"]) for p in peers[1:]]
+        links: list[Link] = [LocalLink(me.handle)] + [ZmqSender(zctx, p["address"]) for p in peers[1:]]
         controller = DPController(links, [p["pid"] for p in peers])
         me.reply = controller.on_event
         me.loop.add_stop_callback(lambda e: controller.fail_all(f"the instance's engine stopped: {e}"))
@@ -145,7 +154,7 @@ def run_rank(
     detail = (
         (f"metrics={config.host}:{config.metrics_port} " if metrics is not None else "")
         + f"kv={me.layout.describe()} transfer={me.transfer.session_id}/{config.transfer_protocol} "
-        f"weights: {engine.model.load_report.summary()}"
+        f"weights: {engine.model.load_report.summary()}"  # type: ignore[union-attr]  # set by from_pretrained
     )
     if report is not None:
         report.send(("ready", rank, detail))
@@ -237,7 +246,9 @@ def supervise(config: WorkerConfig) -> int:
         shutil.rmtree(rendezvous, ignore_errors=True)
 
 
-def wait_ready(config: WorkerConfig, procs, readers: list[Connection], stop: threading.Event) -> str | None:
+def wait_ready(
+    config: WorkerConfig, procs: Sequence[BaseProcess], readers: list[Connection], stop: threading.Event
+) -> str | None:
     """This node's first rank's description once all its ranks are ready; None (after saying why)."""
     ready: dict[int, str] = {}
     deadline = time.monotonic() + READY_TIMEOUT_S
@@ -245,7 +256,9 @@ def wait_ready(config: WorkerConfig, procs, readers: list[Connection], stop: thr
         if time.monotonic() > deadline or stop.is_set():
             print("moeserve worker: EP ranks did not come up in time", file=sys.stderr)
             return None
-        for reader in wait([r for r in readers if not r.closed], timeout=0.5):
+        # wait() returns those of the objects given that are ready: here, readers.
+        ready_readers = cast(list[Connection], wait([r for r in readers if not r.closed], timeout=0.5))
+        for reader in ready_readers:
             try:
                 kind, rank, detail = reader.recv()
             except EOFError:

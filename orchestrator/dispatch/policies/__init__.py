@@ -49,4 +49,4 @@ def create(name: str, options: dict[str, str] | None = None) -> PrefillPolicy:
             raise ValueError(
                 f"prefill policy option {key}={raw!r}: expected {params[key].__name__}"
             ) from None
-    return cls(**kwargs)
+    return typing.cast(PrefillPolicy, cls(**kwargs))  # POLICIES' classes are PrefillPolicy dataclasses

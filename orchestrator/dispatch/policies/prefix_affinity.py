@@ -42,9 +42,7 @@ class PrefixAffinity:
     """...or at most this many times its count (beyond both, the least loaded one is taken)."""
     index_size: int = 200_000
     """Blocks remembered in all (about 40 bytes each plus the key)."""
-    _index: OrderedDict[int, tuple[str, int | None]] = field(
-        default_factory=OrderedDict, init=False, repr=False
-    )
+    _index: OrderedDict[int, dict[Target, None]] = field(default_factory=OrderedDict, init=False, repr=False)
     _picker: LeastLoaded = field(default_factory=LeastLoaded, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -55,7 +53,7 @@ class PrefixAffinity:
     def pick(self, ready: Sequence[Instance], prompt_ids: Sequence[int]) -> tuple[Instance, int | None]:
         hashes = self._hashes(prompt_ids)
         by_id = {inst.id: inst for inst in ready}
-        target = None
+        target: tuple[Instance, int | None] | None = None
         for h in reversed(hashes):  # the longest indexed prefix held on a ready instance
             holders = [(by_id[i], rank) for i, rank in self._index.get(h, ()) if i in by_id]
             if holders:

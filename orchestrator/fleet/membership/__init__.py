@@ -61,4 +61,5 @@ def create(name: str, registry: Registry, **options: Any) -> Membership:
     if name not in BACKENDS:
         raise ValueError(f"unknown membership backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
     module = importlib.import_module(BACKENDS[name])
-    return module.Backend(registry, **options)
+    backend: type[Membership] = module.Backend  # each backend module's Backend is a Membership
+    return backend(registry, **options)

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from orchestrator.fleet.membership import Membership, ScaleError
 from orchestrator.fleet.registry import Instance, Registry, State
@@ -62,9 +62,9 @@ class Backend(Membership):
 
         if api_client is None:
             try:
-                config.load_incluster_config()
+                config.load_incluster_config()  # type: ignore[no-untyped-call]  # unannotated upstream
             except config.ConfigException:
-                config.load_kube_config()
+                config.load_kube_config()  # type: ignore[no-untyped-call]  # unannotated upstream
             api_client = client.ApiClient()
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
@@ -85,8 +85,8 @@ class Backend(Membership):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._task: asyncio.Task | None = None
-        self._forgetting: set[asyncio.Future] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._forgetting: set[asyncio.Future[None]] = set()
         self.watches_started = 0
         """How many watches were opened (the first, plus one per resume)."""
 
@@ -104,7 +104,7 @@ class Backend(Membership):
         self._loop = asyncio.get_running_loop()
         for role in ROLES:
             self.replicas[role] = await asyncio.to_thread(self._get_replicas, role)
-        pods = await asyncio.to_thread(
+        pods: Any = await asyncio.to_thread(  # read as Any, like the pods in `_on_pod`
             self.core.list_namespaced_pod, self.namespace, label_selector=self.selector
         )
         for pod in pods.items:
@@ -123,8 +123,11 @@ class Backend(Membership):
     # -- scaling -----------------------------------------------------------------------------------
 
     def _get_replicas(self, role: Role) -> int:
-        scale = self.custom.get_namespaced_custom_object_scale(
-            LWS_GROUP, LWS_VERSION, self.namespace, LWS_PLURAL, self.lws(role)
+        scale = cast(  # the custom objects API returns the JSON object, typed `object`
+            "dict[str, Any]",
+            self.custom.get_namespaced_custom_object_scale(
+                LWS_GROUP, LWS_VERSION, self.namespace, LWS_PLURAL, self.lws(role)
+            ),
         )
         return int(scale["spec"]["replicas"])
 
@@ -155,7 +158,7 @@ class Backend(Membership):
         while not self._stop.is_set():
             self.watches_started += 1
             try:
-                stream = watch.Watch().stream(
+                stream = watch.Watch().stream(  # type: ignore[no-untyped-call]  # unannotated upstream
                     self.core.list_namespaced_pod,
                     self.namespace,
                     label_selector=self.selector,
@@ -172,7 +175,7 @@ class Backend(Membership):
             if self._stop.wait(RESUME_AFTER_S):
                 return
             try:
-                pods = self.core.list_namespaced_pod(self.namespace, label_selector=self.selector)
+                pods: Any = self.core.list_namespaced_pod(self.namespace, label_selector=self.selector)
             except Exception as e:
                 log.warning("pod list failed (%s); retrying", e)
                 continue

@@ -47,9 +47,9 @@ class Backend(Membership):
         self.model, self.host, self.worker_args = Path(model), host, tuple(worker_args)
         self.want: dict[Role, int] = {"prefill": prefill, "decode": decode}
         self.ep: dict[Role, int] = {"prefill": prefill_ep, "decode": decode_ep}
-        self.procs: dict[str, subprocess.Popen] = {}
-        self._task: asyncio.Task | None = None
-        self._stopping: set[asyncio.Task] = set()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()
         self._backoff: dict[Role, tuple[int, float]] = {}
         """Per role: instances in a row that died before serving, and no new spawn before this time."""
 
@@ -128,7 +128,7 @@ class Backend(Membership):
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 
-    async def _stop(self, inst: Instance, proc: subprocess.Popen) -> None:
+    async def _stop(self, inst: Instance, proc: subprocess.Popen[bytes]) -> None:
         await asyncio.to_thread(_terminate, proc)
         await self.registry.forget(inst)
 
@@ -140,7 +140,7 @@ class Backend(Membership):
         await asyncio.gather(*(asyncio.to_thread(_terminate, p) for p in procs), *self._stopping)
 
 
-def _terminate(proc: subprocess.Popen) -> None:
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM (the worker's EP group stops together), SIGKILL after STOP_GRACE_S."""
     if proc.poll() is None:
         proc.terminate()

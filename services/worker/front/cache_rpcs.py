@@ -10,7 +10,8 @@ every rank's unused cached pages (pages in use stay; it never waits).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 from smg_grpc_proto.generated import common_pb2
@@ -67,5 +68,5 @@ class PrefixCacheRpcs:
             success=True, message=f"dropped {sum(freed)} unused cached pages (pages in use stay)"
         )
 
-    def _ask_rank(self, rank: int, command):
+    def _ask_rank(self, rank: int, command: Callable[..., msg.Command]) -> Any:
         return self.ctl.call(rank, command).result(TIMEOUT_S)

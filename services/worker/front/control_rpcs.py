@@ -27,7 +27,9 @@ class ControlServicer(ctl_grpc.WorkerControlServicer):
         if eplb_interval_s > 0:
             self.rebalancer.every(eplb_interval_s, eplb_tolerance)
 
-    def GetExpertLoad(self, request, context: grpc.ServicerContext) -> ctl.GetExpertLoadResponse:
+    def GetExpertLoad(
+        self, request: ctl.GetExpertLoadRequest, context: grpc.ServicerContext
+    ) -> ctl.GetExpertLoadResponse:
         try:
             weight, loads = self.rebalancer.window()
         except RebalanceError as e:
@@ -51,7 +53,9 @@ class ControlServicer(ctl_grpc.WorkerControlServicer):
             placement_version=parallel.version,
         )
 
-    def Rebalance(self, request, context: grpc.ServicerContext) -> ctl.RebalanceResponse:
+    def Rebalance(
+        self, request: ctl.RebalanceRequest, context: grpc.ServicerContext
+    ) -> ctl.RebalanceResponse:
         try:
             weight, _ = self.rebalancer.window()
             if request.phy2log:

@@ -3,6 +3,7 @@ and GetTokenizer, for the whole instance (every DP rank's load, summed or listed
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import hashlib
 import io
@@ -12,6 +13,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import astuple
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from google.protobuf import struct_pb2
@@ -39,10 +41,18 @@ CHUNK_BYTES = 1 << 20
 INFO_TIMEOUT_S = 5.0
 
 
+class CallCounts(Protocol):
+    """gRPC calls served, per method (`server.CallCounter`)."""
+
+    counts: collections.Counter[str]
+
+
 class InstanceInfo:
     """Answers the information RPCs from the config, the engine and every rank's load."""
 
-    def __init__(self, config: WorkerConfig, engine: Engine, controller: DPController, calls) -> None:
+    def __init__(
+        self, config: WorkerConfig, engine: Engine, controller: DPController, calls: CallCounts
+    ) -> None:
         self.config, self.engine, self.ctl = config, engine, controller
         self.calls = calls
         """gRPC calls served, per method (`server.CallCounter`)."""

@@ -9,10 +9,11 @@ tokens per EP rank over the recent window, 1.0 = even) and gRPC calls by method.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from services.common.calls import CallError
@@ -21,6 +22,7 @@ from services.engine.stats import Histogram
 from services.worker import messages as msg
 from services.worker.config import WorkerConfig
 from services.worker.front.dp_controller import DPController
+from services.worker.front.info_rpcs import CallCounts
 from services.worker.front.rebalancing import summed
 
 SCRAPE_TIMEOUT_S = 5.0
@@ -29,10 +31,10 @@ SCRAPE_TIMEOUT_S = 5.0
 class WorkerCollector(Collector):
     """The instance's ranks as metric families, asked at every scrape."""
 
-    def __init__(self, config: WorkerConfig, engine: Engine, controller: DPController, calls):
+    def __init__(self, config: WorkerConfig, engine: Engine, controller: DPController, calls: CallCounts):
         self.role, self.engine, self.ctl, self.calls = config.role, engine, controller, calls
 
-    def collect(self) -> Iterable:
+    def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("moeserve_worker_up", "1 when every rank of the instance answered.")
         try:
             ranks: list[msg.RankMetrics] = self.ctl.ask_all("metrics", SCRAPE_TIMEOUT_S)
@@ -51,7 +53,7 @@ class WorkerCollector(Collector):
             calls.add_metric([method], n)
         yield calls
 
-    def _steps(self, ranks: list[msg.RankMetrics]) -> Iterable:
+    def _steps(self, ranks: list[msg.RankMetrics]) -> Iterable[Metric]:
         labels = ["role", "dp_rank", "phase"]
         seconds = HistogramMetricFamily(
             "moeserve_worker_step_seconds", "Engine step time (one forward and sampling).", labels=labels
@@ -68,7 +70,7 @@ class WorkerCollector(Collector):
                 tokens.add_metric(ids, m.steps.tokens[phase])
         yield from (seconds, batch, tokens)
 
-    def _loads(self, ranks: list[msg.RankMetrics]) -> Iterable:
+    def _loads(self, ranks: list[msg.RankMetrics]) -> Iterable[Metric]:
         labels = ["role", "dp_rank"]
         g = {
             name: GaugeMetricFamily(f"moeserve_worker_{name}", text, labels=labels)
@@ -130,7 +132,9 @@ def _histogram(h: Histogram) -> tuple[list[tuple[str, float]], float]:
     return [(le, float(n)) for le, n in h.cumulative()], h.total
 
 
-def serve_metrics(config: WorkerConfig, engine: Engine, controller: DPController, calls):
+def serve_metrics(
+    config: WorkerConfig, engine: Engine, controller: DPController, calls: CallCounts
+) -> WSGIServer:
     """Start `/metrics` on config.host:config.metrics_port (a thread); returns the HTTP server."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(WorkerCollector(config, engine, controller, calls))

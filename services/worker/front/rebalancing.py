@@ -19,7 +19,7 @@ import torch
 
 from services.common.calls import CallError
 from services.engine import Engine
-from services.ep import ExpertPlacement, PlacementError
+from services.ep import ExpertParallel, ExpertPlacement, PlacementError
 from services.eplb import balancedness, rebalance_experts
 from services.worker import messages as msg
 from services.worker.front.dp_controller import DPController
@@ -60,7 +60,7 @@ class Rebalancer:
         self._lock = threading.Lock()
 
     @property
-    def parallel(self):
+    def parallel(self) -> ExpertParallel:
         return self.engine.model.parallel
 
     def window(self) -> tuple[torch.Tensor, list[msg.ExpertLoad]]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Callable
 from concurrent import futures
+from typing import Any
 
 import grpc
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
@@ -32,7 +34,11 @@ class CallCounter(grpc.ServerInterceptor):
         self.counts: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         with self._lock:
             self.counts[handler_call_details.method.rsplit("/", 1)[-1]] += 1
         return continuation(handler_call_details)
@@ -58,7 +64,8 @@ def add_services(
         SchedulerServicer(config, engine, controller, counter, refusals), server
     )
     control = ControlServicer(engine, controller, config.eplb_interval_s, config.eplb_tolerance)
-    ctl_grpc.add_WorkerControlServicer_to_server(control, server)
+    # grpc_tools generates these registration functions without annotations.
+    ctl_grpc.add_WorkerControlServicer_to_server(control, server)  # type: ignore[no-untyped-call]
     if config.role == "prefill":
         handoff = KVHandoffServicer(controller, refusals, FirstTokenFeeds())
-        kvpb_grpc.add_KVHandoffServicer_to_server(handoff, server)
+        kvpb_grpc.add_KVHandoffServicer_to_server(handoff, server)  # type: ignore[no-untyped-call]

@@ -9,8 +9,8 @@ handed to it through the DP controller; the rank's answer (or failure status) co
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import NoReturn
+from collections.abc import Iterable, Iterator
+from typing import NoReturn, cast
 
 import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
@@ -25,22 +25,27 @@ from services.worker.config import WorkerConfig
 from services.worker.faults import Refusals
 from services.worker.front.cache_rpcs import PrefixCacheRpcs
 from services.worker.front.dp_controller import DPController
-from services.worker.front.info_rpcs import INFO_TIMEOUT_S, InstanceInfo
+from services.worker.front.info_rpcs import INFO_TIMEOUT_S, CallCounts, InstanceInfo
 
 
-def abort_with(context: grpc.ServicerContext, e: CallError):
+def abort_with(context: grpc.ServicerContext, e: CallError) -> NoReturn:
     """End the RPC with the rank's status (and whose failure it is, when another instance's)."""
     if e.peer:
         context.set_trailing_metadata(((wire.FAILED_PEER, e.peer),))
     context.abort(grpc.StatusCode[e.code], e.message)
 
 
-class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
+class SchedulerServicer(pb_grpc.SglangSchedulerServicer):  # type: ignore[misc]  # smg_grpc_proto is untyped
     """SGLang's scheduler service for the whole instance."""
 
     def __init__(
-        self, config: WorkerConfig, engine: Engine, controller: DPController, calls, refusals: Refusals
-    ):
+        self,
+        config: WorkerConfig,
+        engine: Engine,
+        controller: DPController,
+        calls: CallCounts,
+        refusals: Refusals,
+    ) -> None:
         self.config, self.ctl, self.refusals = config, controller, refusals
         self.info = InstanceInfo(config, engine, controller, calls)
         self.cache = PrefixCacheRpcs(controller, engine.config.page_size)
@@ -55,7 +60,9 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
         ctl = self.ctl
         forward, prefill_rank, feed = False, None, ""
         if self.config.role == "decode":
-            forward, prefill_rank, feed = wire.requested(context.invocation_metadata())
+            # str values: our keys are not binary ("-bin") ones, whose values alone come as bytes.
+            metadata = cast(Iterable[tuple[str, str]], context.invocation_metadata())
+            forward, prefill_rank, feed = wire.requested(metadata)
         pinned = request.data_parallel_rank if request.HasField("data_parallel_rank") else None
         dp = request.disaggregated_params if request.HasField("disaggregated_params") else None
         room = (
@@ -84,7 +91,7 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
             if room is not None:
                 ctl.leave_room(room)
 
-    def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+    def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortResponse:
         rid = request.request_id
         calls = [self.ctl.call(r, lambda cid: msg.Abort(cid, rid)) for r in range(self.ctl.size)]
         found = False
@@ -95,7 +102,9 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
 
     # -- information ---------------------------------------------------------------------------
 
-    def HealthCheck(self, request, context) -> pb.HealthCheckResponse:
+    def HealthCheck(
+        self, request: pb.HealthCheckRequest, context: grpc.ServicerContext
+    ) -> pb.HealthCheckResponse:
         try:
             health = self.ctl.ask_all("health", timeout=2.0)
         except CallError as e:
@@ -105,44 +114,60 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
                 return pb.HealthCheckResponse(healthy=False, message=f"EP rank {rank}: {h.message}")
         return pb.HealthCheckResponse(healthy=True, message=f"ok ({self.ctl.size} ranks)")
 
-    def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.GetModelInfoResponse:
+    def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
+    ) -> pb.GetModelInfoResponse:
         return self.info.model_info()
 
-    def GetServerInfo(self, request: pb.GetServerInfoRequest, context) -> pb.GetServerInfoResponse:
+    def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
+    ) -> pb.GetServerInfoResponse:
         return self.info.server_info(context)
 
-    def GetLoads(self, request: pb.GetLoadsRequest, context) -> pb.GetLoadsResponse:
+    def GetLoads(self, request: pb.GetLoadsRequest, context: grpc.ServicerContext) -> pb.GetLoadsResponse:
         return self.info.loads(request, context)
 
-    def GetTokenizer(self, request, context) -> Iterator[common_pb2.GetTokenizerChunk]:
+    def GetTokenizer(
+        self, request: common_pb2.GetTokenizerRequest, context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.GetTokenizerChunk]:
         return self.info.tokenizer()
 
     # -- prefix cache --------------------------------------------------------------------------
 
-    def SubscribeKvEvents(self, request, context) -> Iterator[common_pb2.KvEventBatch]:
+    def SubscribeKvEvents(
+        self, request: common_pb2.SubscribeKvEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.KvEventBatch]:
         return self.cache.subscribe(request, context)
 
-    def FlushCache(self, request, context) -> common_pb2.FlushCacheResponse:
+    def FlushCache(
+        self, request: common_pb2.FlushCacheRequest, context: grpc.ServicerContext
+    ) -> common_pb2.FlushCacheResponse:
         return self.cache.flush()
 
     # -- not served (the generated defaults would also log a traceback per call) ----------------
 
-    def Embed(self, request, context) -> NoReturn:
+    def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> NoReturn:
         unimplemented(context, "Embed")
 
-    def StartProfile(self, request, context) -> NoReturn:
+    def StartProfile(
+        self, request: common_pb2.StartProfileRequest, context: grpc.ServicerContext
+    ) -> NoReturn:
         unimplemented(context, "StartProfile")
 
-    def StopProfile(self, request, context) -> NoReturn:
+    def StopProfile(self, request: common_pb2.StopProfileRequest, context: grpc.ServicerContext) -> NoReturn:
         unimplemented(context, "StopProfile")
 
-    def LoadLoRAAdapter(self, request, context) -> NoReturn:
+    def LoadLoRAAdapter(self, request: pb.LoadLoRAAdapterRequest, context: grpc.ServicerContext) -> NoReturn:
         unimplemented(context, "LoadLoRAAdapter")
 
-    def UnloadLoRAAdapter(self, request, context) -> NoReturn:
+    def UnloadLoRAAdapter(
+        self, request: pb.UnloadLoRAAdapterRequest, context: grpc.ServicerContext
+    ) -> NoReturn:
         unimplemented(context, "UnloadLoRAAdapter")
 
-    def ListLoadedLoRAAdapters(self, request, context) -> NoReturn:
+    def ListLoadedLoRAAdapters(
+        self, request: pb.ListLoadedLoRAAdaptersRequest, context: grpc.ServicerContext
+    ) -> NoReturn:
         unimplemented(context, "ListLoadedLoRAAdapters")
 
 

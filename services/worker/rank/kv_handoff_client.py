@@ -4,7 +4,8 @@ the transport `services.kv.decode` attaches pages and releases rooms through."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import cast
 
 import grpc
 
@@ -29,7 +30,9 @@ class GrpcAttachClient:
     def _stub(self, address: str) -> kvpb_grpc.KVHandoffStub:
         with self._lock:
             if address not in self._stubs:
-                self._stubs[address] = kvpb_grpc.KVHandoffStub(grpc.insecure_channel(address))
+                channel = grpc.insecure_channel(address)
+                # grpc_tools generates the stub classes without annotations.
+                self._stubs[address] = kvpb_grpc.KVHandoffStub(channel)  # type: ignore[no-untyped-call]
             return self._stubs[address]
 
     def attach(
@@ -38,17 +41,22 @@ class GrpcAttachClient:
         spec: AttachSpec,
         timeout: float,
         on_done: Callable[[AttachResult | CallError], None],
-    ) -> Callable[[], None]:
-        future = self._stub(prefill).Attach.future(proto_convert.attach_to_proto(spec), timeout=timeout)
+    ) -> Callable[[], bool]:
+        future: grpc.Future[kvpb.AttachResponse] = self._stub(prefill).Attach.future(
+            proto_convert.attach_to_proto(spec), timeout=timeout
+        )
 
-        def done(f: grpc.Future) -> None:
+        def done(f: grpc.Future[kvpb.AttachResponse]) -> None:
             if f.cancelled():
                 on_done(CallError("CANCELLED", "the Attach was cancelled"))
                 return
             try:
                 on_done(proto_convert.result_from_proto(f.result()))
             except grpc.RpcError as e:
-                peer = wire.failed_peer(e.trailing_metadata())  # "decode": our side of it failed
+                # grpc's stubs type these as _Metadatum objects; they are (key, value) pairs, str for
+                # keys like ours (no "-bin" suffix).
+                metadata = cast(Iterable[tuple[str, str]], e.trailing_metadata())
+                peer = wire.failed_peer(metadata)  # "decode": our side of it failed
                 on_done(CallError(e.code().name, e.details() or e.code().name, peer))
 
         future.add_done_callback(done)

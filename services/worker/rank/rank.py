@@ -8,7 +8,6 @@ Each call runs on a thread of the rank's pool, like a gRPC handler: it replies v
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -29,38 +28,13 @@ from services.worker import proto_convert
 from services.worker.config import WorkerConfig
 from services.worker.faults import FailedWrites
 from services.worker.rank.kv_events import KvEventLog
+from services.worker.rank.rank_call import RankCall
 from services.worker.rank.streams import RequestLog, logged, stream_outputs
 
 MAX_CALLS = 1024
 """Generate and Attach calls one rank serves at once (each holds a thread while it runs)."""
 QUICK_CALLS = 16
 """Threads for short calls (Release, Abort, questions), apart, so long calls cannot starve them."""
-
-
-class RankCall:
-    """A call handed to this rank, as the KV package sees its caller: it may be cancelled."""
-
-    def __init__(self) -> None:
-        self._cancelled = False
-        self._callbacks: list[Callable[[], None]] = []
-        self._lock = threading.Lock()
-
-    def is_active(self) -> bool:
-        return not self._cancelled
-
-    def add_callback(self, callback: Callable[[], None]) -> bool:
-        with self._lock:
-            if not self._cancelled:
-                self._callbacks.append(callback)
-                return True
-        callback()  # already cancelled: run it now
-        return True
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._cancelled, callbacks, self._callbacks = True, self._callbacks, []
-        for callback in callbacks:
-            callback()
 
 
 class Rank:
@@ -251,7 +225,7 @@ class Rank:
             raise CallError("ALREADY_EXISTS", str(e)) from None
         yield from stream_outputs(self.loop, stream, rid, call, request.stream, self.loop.abort)
 
-    def _set_placement(self, phy2log) -> bool:
+    def _set_placement(self, phy2log: tuple[tuple[int, ...], ...]) -> bool:
         """Engine thread: make the placement pending (the group switches when all ranks have it)."""
         par = self.engine.model.parallel
         if par.pending is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from types import TracebackType
 
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 
@@ -80,7 +81,9 @@ class RequestLog:
         self._start = time.monotonic()
         return self
 
-    def __exit__(self, kind, error, tb) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if isinstance(error, CallError):  # logged while the request's id is still in the context
             requests.info(
                 "request %s on %s failed: %s %s", self.request_id, self.role, error.code, error.message

@@ -11,8 +11,8 @@ import sys
 
 from services.engine import Engine, SamplingParams
 from services.ep import ExpertParallel, ExpertPlacement, create
-from services.ep.syncs import HostSyncCounter
 from services.tools.tiny import make_tiny_model
+from tests.host_syncs import HostSyncCounter
 from tests.ranks import run_ranks
 from tests.services.ep.test_dispatcher import DOUBLES
 from tests.services.ep.test_ep_engine import make_prompts

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from services.ep.syncs import HostSyncCounter
+from tests.host_syncs import HostSyncCounter
 
 HERE = (__name__,)
 

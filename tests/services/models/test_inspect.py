@@ -13,7 +13,7 @@ import transformers
 
 from services.ep import ExpertParallel, ExpertPlacement, create
 from services.models import ModelConfig, load_model
-from services.models.inspect import ModelSize, footprint, parse_bytes, smallest_ep
+from services.models.loading.inspect import ModelSize, footprint, parse_bytes, smallest_ep
 from tests.ranks import run_ranks
 
 DEEPSEEK_V3 = {

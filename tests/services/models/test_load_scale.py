@@ -12,7 +12,7 @@ import torch
 
 from services.ep import ExpertParallel, ExpertPlacement, create
 from services.models import load_model
-from services.models.checkpoint import Checkpoint
+from services.models.loading.checkpoint import Checkpoint
 from services.tools.synthetic import random_config, write_random_checkpoint
 from tests.ranks import run_ranks
 
@@ -60,10 +60,14 @@ def test_each_ep4_rank_reads_its_share_and_peaks_near_its_weights(big_dir):
 
 
 def test_a_long_load_reports_its_progress_in_a_few_lines(big_dir, monkeypatch):
-    import services.models.reading as reading
+    import services.models.loading.reading as reading
 
     monkeypatch.setattr(reading, "PROGRESS_AFTER_S", 0.0)
     monkeypatch.setattr(reading, "PROGRESS_EVERY_S", 0.02)
+    # A long load whatever the disk: from the page cache this checkpoint can load within one period.
+    for method in ("read", "read_into"):
+        fast = getattr(Checkpoint, method)
+        monkeypatch.setattr(Checkpoint, method, lambda *a, _f=fast, **k: (time.sleep(0.002), _f(*a, **k))[1])
     lines: list[str] = []
     start = time.monotonic()
     load_model(big_dir, dtype=torch.bfloat16, report=lines.append)

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from services.models.checkpoint import Checkpoint
 from services.models.config import ModelConfig, ModelConfigError
+from services.models.loading.checkpoint import Checkpoint
+from services.models.loading.weights import Copy, Piece, Route, View, WeightMap
 from services.models.quant import QuantConfigError
-from services.models.weights import Copy, Route, WeightMap
 
 READERS = min(8, max(2, len(os.sched_getaffinity(0))))
 """Threads reading shards at once, one per CPU this process may use (2 to 8): reads and copies
@@ -42,7 +42,7 @@ def read_into_model(
     cfg: ModelConfig,
     report: Callable[[str], None],
     start: float,
-) -> dict[str, set]:
+) -> dict[str, set[Piece]]:
     """Read the planned tensors into the parameters on READERS threads (a shard per thread at a
     time, in file order); returns the pieces of each parameter filled."""
     by_file: dict[Path, list[str]] = defaultdict(list)
@@ -51,7 +51,7 @@ def read_into_model(
     total = sum(ckpt.entries[n].nbytes for n in plan) or 1
     cost = {n: _host_bytes(ckpt, n, plan[n][1]) for n in plan}
     budget = _Budget(max(max(cost.values(), default=0), int(IN_FLIGHT_SHARE * sum(cost.values()))))
-    filled: dict[str, set] = defaultdict(set)
+    filled: dict[str, set[Piece]] = defaultdict(set)
     lock = threading.Lock()
     stop = threading.Event()
 
@@ -142,7 +142,12 @@ class _Budget:
 
 
 def _copy(
-    param: nn.Parameter, view, tensor: torch.Tensor, scale: torch.Tensor | None, cfg: ModelConfig, source: str
+    param: nn.Parameter,
+    view: View | None,
+    tensor: torch.Tensor,
+    scale: torch.Tensor | None,
+    cfg: ModelConfig,
+    source: str,
 ) -> None:
     dst = view(param.data) if view is not None else param.data
     if tuple(dst.shape) != tuple(tensor.shape):

@@ -26,17 +26,17 @@ from torch import nn
 from services.ep import ExpertParallel
 from services.models import fp8 as fp8_gemm
 from services.models.base import MoECausalLM
-from services.models.checkpoint import Checkpoint
 from services.models.config import ModelConfig, ModelConfigError
 from services.models.deepseek_v3 import DeepseekV3ForCausalLM
 from services.models.load_report import LoadReport
+from services.models.loading.checkpoint import Checkpoint
+from services.models.loading.reading import read_into_model
+from services.models.loading.weights import Route, WeightMap
 from services.models.moe import RoutedExperts
 from services.models.quant import SCALE_SUFFIX
 from services.models.qwen3_moe import Qwen3MoeForCausalLM
-from services.models.reading import read_into_model
-from services.models.weights import Route, WeightMap
 
-MODEL_CLASSES: dict[str, type[MoECausalLM]] = {
+MODEL_CLASSES: dict[str, Callable[[ModelConfig, ExpertParallel | None], MoECausalLM]] = {
     "deepseek_v3": DeepseekV3ForCausalLM,
     "qwen3_moe": Qwen3MoeForCausalLM,
 }

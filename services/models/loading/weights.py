@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_pr
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 View = Callable[[torch.Tensor], torch.Tensor]
+Piece = tuple[int, int] | None
+"""A part of a parameter that loading fills: (slot, half) of stacked experts (w13: 0 gate, 1 up;
+w2: 0), None for a whole parameter."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class Copy:
     param: str
     dst: View | None = None
     src: View | None = None
-    pieces: tuple = (None,)
+    pieces: tuple[Piece, ...] = (None,)
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class WeightMap:
             return Route((Copy(name),))
         return None
 
-    def expected_pieces(self, param: str) -> set:
+    def expected_pieces(self, param: str) -> set[Piece]:
         """The pieces that must be filled for `param` to count as loaded."""
         if param.endswith((".experts.w13", ".experts.w13_scale_inv")):
             return {(s, half) for s in range(self.params[param].shape[0]) for half in (0, 1)}
@@ -107,14 +111,20 @@ class WeightMap:
         else:
             half = 0 if proj == "gate_proj" else 1
             target, rows = f"{prefix}.w13{suffix}", slice(half * inter, (half + 1) * inter)
-        return Route(tuple(Copy(target, dst=lambda p, s=s: p[s, rows], pieces=((s, half),)) for s in slots))
+        # cast: mypy infers no type for a lambda with a default argument (the loop variable's binding)
+        return Route(
+            tuple(Copy(target, dst=cast(View, lambda p, s=s: p[s, rows]), pieces=((s, half),)) for s in slots)
+        )
 
     def _fused(self, prefix: str, kind: str) -> Route:
         target = f"{prefix}.w13" if kind == "gate_up_proj" else f"{prefix}.w2"
         halves = (0, 1) if kind == "gate_up_proj" else (0,)
         copies = tuple(
             Copy(
-                target, dst=lambda p, s=s: p[s], src=lambda t, e=e: t[e], pieces=tuple((s, h) for h in halves)
+                target,
+                dst=cast(View, lambda p, s=s: p[s]),  # cast: as in `_expert`
+                src=cast(View, lambda t, e=e: t[e]),
+                pieces=tuple((s, h) for h in halves),
             )
             for e in range(self.cfg.num_experts)
             for s in self._slots(prefix, e)

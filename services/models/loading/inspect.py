@@ -14,6 +14,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from services.models.config import ModelConfig
 
@@ -55,7 +56,7 @@ class ModelSize:
     @classmethod
     def of(cls, cfg: ModelConfig) -> ModelSize:
         from services.ep import ExpertParallel
-        from services.models.loader import build_on_meta
+        from services.models.loading.loader import build_on_meta
 
         model = build_on_meta(cfg, ExpertParallel.single(len(cfg.moe_layers), cfg.num_experts))
         routed = dense = 0
@@ -118,8 +119,8 @@ def smallest_ep(size: ModelSize, dtype: str, kv_tokens: int, memory: int, slots:
 
 def checkpoint_bytes(model_dir: Path) -> int | None:
     """Bytes of the checkpoint's tensors (from the safetensors headers), None without weights."""
-    from services.models.checkpoint import Checkpoint
     from services.models.config import ModelConfigError
+    from services.models.loading.checkpoint import Checkpoint
 
     try:
         with Checkpoint(model_dir) as ckpt:
@@ -128,7 +129,9 @@ def checkpoint_bytes(model_dir: Path) -> int | None:
         return None
 
 
-def report(model_dir: Path, ep: int, dtype: str, kv_tokens: int, memory: int | None, slots: int = 0) -> dict:
+def report(
+    model_dir: Path, ep: int, dtype: str, kv_tokens: int, memory: int | None, slots: int = 0
+) -> dict[str, Any]:
     """Everything `moeserve inspect-model` prints, as a JSON-able dict."""
     cfg = ModelConfig.from_dir(model_dir)
     size = ModelSize.of(cfg)

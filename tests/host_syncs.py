@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -42,7 +45,7 @@ OUTPUT_SIZE_OPTIONAL = {torch.Tensor.repeat_interleave, torch.repeat_interleave}
 INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.index_put_}
 
 
-def _bool_index(args: tuple) -> bool:
+def _bool_index(args: tuple[Any, ...]) -> bool:
     """A boolean tensor among the indices: its True count decides the result's size."""
     index = args[1] if len(args) > 1 else None
     parts = index if isinstance(index, tuple | list) else (index,)
@@ -54,7 +57,7 @@ def _function(site: str) -> str:
     return site.split(":")[0].rsplit(".", 1)[1]
 
 
-def _in_torch(frame) -> bool:
+def _in_torch(frame: FrameType) -> bool:
     """torch's own Python wrappers, or another counter's handler (counters nest)."""
     name = frame.f_globals.get("__name__", "")
     return name in ("torch", __name__) or name.startswith("torch.")
@@ -76,7 +79,13 @@ class HostSyncCounter(TorchFunctionMode):
         """The count without the calls made in functions of these names (e.g. the step agreement)."""
         return sum(n for site, n in self.by_site.items() if _function(site) not in functions)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: tuple[type, ...],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         if self._syncs(func, args, kwargs):
             frame = sys._getframe(1)
@@ -88,7 +97,7 @@ class HostSyncCounter(TorchFunctionMode):
         return func(*args, **kwargs)
 
     @staticmethod
-    def _syncs(func, args: tuple, kwargs: dict) -> bool:
+    def _syncs(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         if func in SYNCING:
             return True
         if func in OUTPUT_SIZE_OPTIONAL:  # tensor repeats: the output size is their sum
