@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import get_args
 
 import torch
+
+from services.models.quant import Fp8Mode
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,14 +42,14 @@ class EngineConfig:
     """torch intra-op threads for this process; None leaves torch's setting alone."""
     prefix_cache: bool = True
     """Reuse the KV of cached page-aligned prompt prefixes (`prefix_cache.py`)."""
-    fp8: str = "auto"
+    fp8: Fp8Mode = "auto"
     """FP8 block-quantized checkpoints: keep (weights stay FP8, block-scaled GEMMs), dequantize
     (to `dtype` at load), auto (keep where the device has a native FP8 GEMM: CUDA, compute 9.0+)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise EngineConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.fp8 not in ("auto", "keep", "dequantize"):
+        if self.fp8 not in get_args(Fp8Mode):
             raise EngineConfigError(f"fp8 must be auto, keep or dequantize, got {self.fp8!r}")
         for name in ("page_size", "max_num_seqs", "max_prefill_tokens"):
             if getattr(self, name) < 1:

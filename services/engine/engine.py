@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from services.engine.config import EngineConfig
-from services.engine.handoff import KVHandoff
+from services.engine.handoff import EngineHandoff
 from services.engine.model_runner import ModelRunner
 from services.engine.page_pool import KVCache, KVStats, PagePool
 from services.engine.prefix_cache import PrefixCache
@@ -63,7 +63,7 @@ class Engine:
         self.requests = RequestTable(
             self.scheduler, model_config.vocab_size, self.max_model_len, self.eos_ids, config.seed
         )
-        self.handoff = KVHandoff(self.requests, self.scheduler)
+        self.handoff = EngineHandoff(self.requests, self.scheduler)
         """What a KV connector drives: remote requests, held pages (`services.engine.handoff`)."""
         self.stats = StepStats()
         """Step time, batch size and tokens per phase (engine thread; copy with `snapshot`)."""

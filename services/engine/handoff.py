@@ -18,7 +18,7 @@ from services.engine.sampling import SamplingParams, TokenLogprob
 from services.engine.scheduler import Scheduler
 
 
-class KVHandoff:
+class EngineHandoff:
     """The request API a KV connector drives, over the engine's requests and scheduler."""
 
     def __init__(self, requests: RequestTable, scheduler: Scheduler):

@@ -12,10 +12,13 @@ Activations are quantized at run time ("dynamic"); a static activation scheme ha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+Fp8Mode = Literal["auto", "keep", "dequantize"]
+"""What a load does with FP8 block-quantized weights: keep them in FP8, dequantize them, or keep
+them where the device has a native FP8 GEMM."""
 SCALE_SUFFIX = "_scale_inv"
 """`X.weight_scale_inv` is the block scale of `X.weight`."""
 

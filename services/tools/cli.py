@@ -147,7 +147,7 @@ def _run(cmd: Callable[[argparse.Namespace], int], **params: Any) -> None:
 
 
 @app.command("make-tiny-model", help="write a tiny random-weight checkpoint with a tokenizer")
-def make_tiny_model(dir: str, arch: Arch = ModelArch.deepseek_v3, seed: int = 0) -> None:
+def make_tiny_model_command(dir: str, arch: Arch = ModelArch.deepseek_v3, seed: int = 0) -> None:
     _run(cmd_make_tiny_model, dir=dir, arch=arch, seed=seed)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -24,34 +23,8 @@ from services.common.typer_main import (
     run_app,
 )
 from services.engine.config import EngineConfig, EngineConfigError
-from services.worker.config import WorkerConfig
-
-
-class Protocol(StrEnum):
-    tcp = "tcp"
-    rdma = "rdma"
-
-
-class KVPush(StrEnum):
-    layerwise = "layerwise"
-    complete = "complete"
-
-
-class Dispatcher(StrEnum):
-    torch = "torch"
-    deepep = "deepep"
-
-
-class DeepEPMode(StrEnum):
-    auto = "auto"
-    normal = "normal"
-
-
-class Fp8(StrEnum):
-    auto = "auto"
-    keep = "keep"
-    dequantize = "dequantize"
-
+from services.models.quant import Fp8Mode
+from services.worker.config import DeepEPMode, DispatcherBackend, KVPush, TransferProtocol, WorkerConfig
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 Opt = typer.Option
@@ -65,11 +38,11 @@ def worker(
     advertise_host: Annotated[str, Opt(help="address peers reach this node at (default: --host)")] = "",
     port: int = 30001,
     served_model_name: str = "",
-    transfer_protocol: Protocol = Protocol.tcp,
+    transfer_protocol: TransferProtocol = "tcp",
     transfer_device: Annotated[str, Opt(help="RDMA device(s) for Mooncake, e.g. mlx5_0")] = "",
     kv_push: Annotated[
         KVPush, Opt(help="prefill: write KV per layer during compute, or all after")
-    ] = KVPush.layerwise,
+    ] = "layerwise",
     ep: Annotated[int, Opt(help="expert-parallel ranks in this instance (processes)")] = 1,
     ep_slots: Annotated[int, Opt(help="physical expert slots over the group (default: one per expert)")] = 0,
     eplb_interval: Annotated[
@@ -81,10 +54,8 @@ def worker(
     ep_placement: Annotated[
         str, Opt(help="placement file from `moeserve eplb plan` (which expert each slot holds)")
     ] = "",
-    dispatcher: Annotated[Dispatcher, Opt(help="EP token exchange backend")] = Dispatcher.torch,
-    deepep_mode: Annotated[
-        DeepEPMode, Opt(help="deepep: auto = decode expanded, no host syncs")
-    ] = DeepEPMode.auto,
+    dispatcher: Annotated[DispatcherBackend, Opt(help="EP token exchange backend")] = "torch",
+    deepep_mode: Annotated[DeepEPMode, Opt(help="deepep: auto = decode expanded, no host syncs")] = "auto",
     nnodes: Annotated[int, Opt(help="nodes the instance spans (--ep ranks split evenly)")] = 1,
     node_rank: Annotated[int, Opt(help="this node's index; node 0 serves --port")] = 0,
     dist_init_addr: Annotated[str, Opt(help="HOST:PORT of node 0 where the group meets")] = "",
@@ -95,7 +66,7 @@ def worker(
         str | None, Opt(help="float32|bfloat16|float16 (default: bfloat16 on CUDA, else float32)")
     ] = None,
     device: str = "cpu",
-    fp8: Annotated[Fp8, Opt(help="FP8 checkpoints: keep in FP8, dequantize at load, or auto")] = Fp8.auto,
+    fp8: Annotated[Fp8Mode, Opt(help="FP8 checkpoints: keep in FP8, dequantize at load, or auto")] = "auto",
     page_size: int = 16,
     kv_pool_tokens: int | None = None,
     max_num_seqs: int = 64,

@@ -9,6 +9,12 @@ from typing import Any, Literal
 from services.common.roles import Role
 from services.engine import EngineConfig
 
+TransferProtocol = Literal["tcp", "rdma"]
+"""Mooncake transports: RDMA on clusters, TCP on one machine."""
+KVPush = Literal["layerwise", "complete"]
+DispatcherBackend = Literal["torch", "deepep"]
+DeepEPMode = Literal["auto", "normal"]
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -24,18 +30,18 @@ class WorkerConfig:
     """gRPC port (SglangScheduler and, on prefill, KVHandoff: it doubles as the bootstrap port)."""
     served_model_name: str = ""
     """Model name reported to routers; default: the model directory's name."""
-    transfer_protocol: Literal["tcp", "rdma"] = "tcp"
+    transfer_protocol: TransferProtocol = "tcp"
     """Mooncake transport for KV pages."""
     transfer_device: str = ""
     """RDMA device(s) for Mooncake, e.g. mlx5_0; empty for tcp."""
-    kv_push: Literal["layerwise", "complete"] = "layerwise"
+    kv_push: KVPush = "layerwise"
     """Prefill: write KV layer by layer during compute, or all at once after the prompt."""
     handoff_timeout_s: float = 30.0
     """Longest wait for the other side of a room (Generate or Attach) to show up."""
     prefill_timeout_s: float = 300.0
+    """Longest a decode rank waits for a prefill to deliver a prompt's KV."""
     metrics_port: int = 0
     """Rank 0 serves Prometheus `/metrics` on host:metrics_port (0: off)."""
-    """Longest a decode rank waits for a prefill to deliver a prompt's KV."""
     ep_size: int = 1
     """Ranks in this instance's expert-parallel group (one process each)."""
     ep_slots: int = 0
@@ -56,9 +62,9 @@ class WorkerConfig:
     """Longest wait for every node to join the group at start-up."""
     advertise_host: str = ""
     """Address peers reach this node at, where it differs from `host` (e.g. a pod binding 0.0.0.0)."""
-    dispatcher: Literal["torch", "deepep"] = "torch"
+    dispatcher: DispatcherBackend = "torch"
     """Token exchange backend for expert parallelism."""
-    deepep_mode: Literal["auto", "normal"] = "auto"
+    deepep_mode: DeepEPMode = "auto"
     """deepep only: auto = decode steps through DeepEP's expanded layout (no host sync per MoE
     layer), prefill in normal mode; normal = normal mode for every step."""
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -22,10 +22,12 @@ def request_params(request: pb.GenerateRequest, max_model_len: int) -> SamplingP
     if request.return_logprob and request.logprob_start_len not in (0, -1):
         raise InvalidRequestError("prompt log-probabilities are not supported; send logprob_start_len=-1")
     logprobs = int(request.top_logprobs_num) if request.return_logprob else None
-    return sampling_params(request.sampling_params, len(request.tokenized.input_ids), max_model_len, logprobs)
+    return sampling_from_proto(
+        request.sampling_params, len(request.tokenized.input_ids), max_model_len, logprobs
+    )
 
 
-def sampling_params(
+def sampling_from_proto(
     sp: pb.SamplingParams, prompt_len: int, max_model_len: int, logprobs: int | None = None
 ) -> SamplingParams:
     """Proto3 zeros mean 'unset' here (the protocol's own note): top_p 0 -> 1, top_k <= 0 -> off.

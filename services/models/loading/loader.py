@@ -19,6 +19,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import get_args
 
 import torch
 from torch import nn
@@ -33,14 +34,13 @@ from services.models.loading.checkpoint import Checkpoint
 from services.models.loading.reading import read_into_model
 from services.models.loading.weights import Route, WeightMap
 from services.models.moe import RoutedExperts
-from services.models.quant import SCALE_SUFFIX
+from services.models.quant import SCALE_SUFFIX, Fp8Mode
 from services.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_CLASSES: dict[str, Callable[[ModelConfig, ExpertParallel | None], MoECausalLM]] = {
     "deepseek_v3": DeepseekV3ForCausalLM,
     "qwen3_moe": Qwen3MoeForCausalLM,
 }
-FP8_MODES = ("auto", "keep", "dequantize")
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 log = logging.getLogger("moeserve.loader")
@@ -63,8 +63,8 @@ def load_model(
     converts them to `dtype` at load, "auto" keeps them where the GEMM is native.
     The model's `load_report` says what was read, kept and skipped.
     """
-    if fp8 not in FP8_MODES:
-        raise ValueError(f"fp8 must be one of {', '.join(FP8_MODES)}, got {fp8!r}")
+    if fp8 not in get_args(Fp8Mode):
+        raise ValueError(f"fp8 must be one of {', '.join(get_args(Fp8Mode))}, got {fp8!r}")
     start = time.monotonic()
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
