@@ -20,6 +20,9 @@ from services.models.layers import DenseMLP
 class SigmoidGroupLimitedRouter(nn.Module):
     """DeepSeek-V3 `noaux_tc` routing: sigmoid scores, bias-corrected choice within the top groups."""
 
+    keeps_fp32 = True
+    """Its parameters stay fp32 whatever the model's dtype (the loader keeps them so)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
@@ -49,7 +52,8 @@ class SigmoidGroupLimitedRouter(nn.Module):
 
 
 class SoftmaxTopKRouter(nn.Module):
-    """Qwen3-MoE routing: softmax over all experts, top-k, optional renormalisation."""
+    """Qwen3-MoE routing: softmax over all experts, top-k, optional renormalisation. Its gate is a
+    linear layer in the model's dtype (as in transformers); the softmax runs in fp32."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

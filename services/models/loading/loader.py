@@ -155,17 +155,20 @@ def _no_init() -> Iterator[None]:
 def _materialize(model: MoECausalLM, dtype: torch.dtype, device: torch.device) -> None:
     """Allocate every parameter once, on `device` in its final dtype; move buffers (made on the CPU).
 
-    Routers stay fp32 (declared so; DeepSeek routes in fp32), weights kept in FP8 and their block
-    scales keep their dtypes; everything else takes `dtype`.
+    Modules that say they keep fp32 (DeepSeek's router) stay fp32, weights kept in FP8 and their
+    block scales keep their dtypes; everything else takes `dtype`.
     """
     made: dict[int, nn.Parameter] = {}
-    for module_name, module in model.named_modules():
+    for module in model.modules():
         for pname, p in list(module._parameters.items()):
             if p is None:
                 continue
             if id(p) not in made:  # tied parameters are allocated once
-                full = f"{module_name}.{pname}"
-                keep = ".gate." in full or p.dtype in FP8_DTYPES or pname.endswith(SCALE_SUFFIX)
+                keep = (
+                    getattr(module, "keeps_fp32", False)
+                    or p.dtype in FP8_DTYPES
+                    or pname.endswith(SCALE_SUFFIX)
+                )
                 final = p.dtype if keep else dtype
                 made[id(p)] = nn.Parameter(
                     torch.empty(p.shape, dtype=final, device=device), requires_grad=False
