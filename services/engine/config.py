@@ -37,7 +37,7 @@ class EngineConfig:
     max_prefill_tokens: int = 512
     """Chunked-prefill budget: most prompt tokens computed in one step."""
     seed: int = 0
-    """Seeds the generators of sampling requests that bring no seed of their own."""
+    """Draws the seeds of sampling requests that bring no seed of their own."""
     num_threads: int | None = None
     """torch intra-op threads for this process; None leaves torch's setting alone."""
     prefix_cache: bool = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -53,28 +54,28 @@ class ModelRunner:
         return after_layer
 
     def _step(self, reqs: list[Request], num_new: list[int], decode: bool) -> list[Sampled | None]:
-        ids: list[int] = []
-        positions: list[int] = []
+        tokens: list[int] = []
         ctx_lens: list[int] = []
         for req, n in zip(reqs, num_new, strict=True):
-            start = req.num_computed
-            ids += req.tokens(start, start + n)
-            positions += range(start, start + n)
-            ctx_lens.append(start + n)
+            tokens += req.tokens(req.num_computed, req.num_computed + n)
+            ctx_lens.append(req.num_computed + n)
         tables = [r.pages for r in reqs]
-        if decode:
-            batch = AttnBatch.build_decode(ctx_lens, tables, self.page_size, self.device)
-        else:
-            batch = AttnBatch.build(num_new, ctx_lens, tables, self.page_size, self.device)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, pos, batch, self.kv.layers, self._layer_hook(reqs, num_new))  # [T, D]
+        build = AttnBatch.build_decode if decode else partial(AttnBatch.build, num_new)
+        batch = build(ctx_lens, tables, self.page_size, self.device, tokens)  # one copy to the device
+        assert batch.tokens is not None
+        hidden = self.model(
+            batch.tokens, batch.positions, batch, self.kv.layers, self._layer_hook(reqs, num_new)
+        )
 
         done = [i for i, (r, c) in enumerate(zip(reqs, ctx_lens, strict=True)) if c == r.num_tokens]
         picks: list[Sampled | None] = [None] * len(reqs)
         if done:
-            logits = self.model.logits(hidden[batch.last_index[done]])  # [N, V]
-            picked = sample(logits.cpu(), [reqs[i].params for i in done], [reqs[i].generator for i in done])
+            last = batch.last_index if len(done) == len(reqs) else batch.last_index[done]
+            logits = self.model.logits(hidden[last])  # [N, V] on the model's device
+            rows = [reqs[i] for i in done]
+            picked = sample(
+                logits, [r.params for r in rows], [r.seed for r in rows], [len(r.output_ids) for r in rows]
+            )
             for i, pick in zip(done, picked, strict=True):
                 picks[i] = pick
         return picks

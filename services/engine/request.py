@@ -6,8 +6,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
-import torch
-
 from services.engine.sampling import SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
@@ -66,7 +64,8 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator | None
+    seed: int | None
+    """The seed of its sampling noise (`sampling.sample`); None when greedy."""
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     """One per output token when the request asks for log-probabilities (`params.logprobs`)."""

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from services.engine.request import FinishReason, InvalidRequestError, Request, RequestOutput
-from services.engine.sampling import SamplingParams, TokenLogprob, make_generator
+from services.engine.sampling import SamplingParams, TokenLogprob, draw_seed
 from services.engine.scheduler import Scheduler
 
 
@@ -57,7 +57,7 @@ class RequestTable:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.live or request_id in self.held:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        return Request(request_id, list(prompt_token_ids), params, make_generator(params, self._rng))
+        return Request(request_id, list(prompt_token_ids), params, draw_seed(params, self._rng))
 
     def took(self, req: Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         """`req` has a new `token`: its output, and its end if that token ends it."""

@@ -1,8 +1,14 @@
-"""Sampling parameters and the per-request sampler.
+"""Sampling parameters and the batched sampler, on the logits' device.
 
-Every non-greedy request owns a `torch.Generator` (seeded from `seed` when given), and draws the
-same amount of randomness per step whatever else is in the batch, so a seeded request gives the
-same tokens alone or batched.
+A step's picks are computed where the logits are (greedy rows by argmax, the others by an
+exponential race over their filtered distribution), and the host gets only what it needs: the
+token ids and, for rows that ask, their log-probabilities, in one copy (`to_host`, the one place a
+step waits for the device).
+
+Randomness is counter-based: a sampled request's noise at its n-th token is a hash of (its seed,
+n, the token id), the same on any device and whatever else is in the batch, so a seeded request
+gives the same tokens alone or batched, and no generator object lives on the device. Requests
+without a seed draw one from the engine's generator when they arrive.
 
 Log-probabilities, when a request asks for them, are those of the model's own distribution
 (log-softmax of the raw logits, before temperature and filters), as OpenAI and vLLM report them.
@@ -89,52 +95,104 @@ class Sampled(NamedTuple):
     logprob: TokenLogprob | None = None
 
 
-def make_generator(params: SamplingParams, fallback: torch.Generator) -> torch.Generator | None:
-    """A private generator for a sampling request; None for greedy ones."""
+MASK32 = 0xFFFFFFFF
+SEED_MASK = (1 << 63) - 1
+"""Seeds are taken modulo 2^63 (any integer is a seed)."""
+
+
+def draw_seed(params: SamplingParams, fallback: torch.Generator) -> int | None:
+    """A sampled request's seed (its own, or one drawn from `fallback`); None for greedy ones."""
     if params.greedy:
         return None
-    seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=fallback))
-    return torch.Generator().manual_seed(seed)
+    if params.seed is not None:
+        return params.seed
+    return int(torch.randint(0, 2**62, (1,), generator=fallback))
+
+
+def to_host(*tensors: torch.Tensor) -> list[list]:  # type: ignore[type-arg]
+    """The step's results as host lists: the one place a step waits for the device."""
+    return [t.tolist() for t in tensors]
 
 
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None], positions: list[int]
 ) -> list[Sampled]:
-    """logits: [B, V] fp32 -> one pick per row (with its log-probability where the row asks)."""
-    out = logits.argmax(dim=-1).tolist()  # greedy rows are done here
-    for i, (p, gen) in enumerate(zip(params, generators, strict=True)):
-        if p.greedy:
-            continue
-        probs = _filtered_probs(logits[i] / p.temperature, p)  # [V]
-        # Exponential race: argmax(p / q), q ~ Exp(1), is a draw from `probs`.
-        q = torch.empty_like(probs).exponential_(generator=gen)
-        out[i] = int((probs / q).argmax())
-    picks = zip(out, params, strict=True)
-    return [Sampled(tok, _logprob(logits[i], tok, p.logprobs)) for i, (tok, p) in enumerate(picks)]
+    """logits: [B, V] fp32 on any device -> one pick per row (with its log-probability where the row
+    asks). `seeds[i]`: row i's seed (None: greedy); `positions[i]`: how many tokens it has made."""
+    tokens = logits.argmax(dim=-1)  # [B] greedy rows are done here
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        index = torch.tensor(rows, device=logits.device)
+        probs = _filtered(logits.index_select(0, index), [params[i] for i in rows])  # [N, V]
+        state = torch.tensor(
+            [[(seeds[i] or 0) & SEED_MASK, positions[i]] for i in rows], device=logits.device
+        )
+        noise = _exponential(state[:, 0], state[:, 1], logits.shape[-1])  # [N, V] ~ Exp(1)
+        tokens = tokens.index_copy(0, index, (probs / noise).argmax(dim=-1))  # the exponential race
+    asks = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not asks:
+        (picked,) = to_host(tokens)
+        return [Sampled(t) for t in picked]
+    index = torch.tensor(asks, device=logits.device)
+    lp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)  # [A, V]
+    chosen = lp.gather(1, tokens.index_select(0, index)[:, None]).squeeze(1)  # [A]
+    top = lp.topk(max(params[i].logprobs or 0 for i in asks), dim=-1)  # [A, k]
+    picked, chosen_lp, top_ids, top_lp = to_host(tokens, chosen, top.indices, top.values)
+    out = [Sampled(t) for t in picked]
+    for row, i in enumerate(asks):
+        k = params[i].logprobs or 0
+        pairs = tuple(zip(top_ids[row][:k], top_lp[row][:k], strict=True))
+        out[i] = Sampled(picked[i], TokenLogprob(chosen_lp[row], pairs))
+    return out
 
 
-def _logprob(logits: torch.Tensor, token: int, k: int | None) -> TokenLogprob | None:
-    """logits: [V] -> `token`'s log-probability and the k most likely tokens' (None if k is None)."""
-    if k is None:
-        return None
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    if not k:
-        return TokenLogprob(float(lp[token]))
-    top = lp.topk(k)
-    return TokenLogprob(float(lp[token]), tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
+def _filtered(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits: [N, V] -> probabilities after temperature, top-k, top-p and min-p, row by row's own."""
+    vocab = logits.shape[1]
+    device = logits.device
+    table = torch.tensor(
+        [[p.temperature, p.top_k if 0 < p.top_k < vocab else vocab, p.top_p, p.min_p] for p in params],
+        dtype=torch.float32,
+        device=device,
+    )
+    temperature, top_k, top_p, min_p = table.unbind(1)
+    ordered, order = (logits / temperature[:, None]).sort(dim=-1, descending=True)  # [N, V]
+    kth = ordered.gather(1, top_k.long()[:, None] - 1)  # [N, 1]
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))  # ties with the k-th stay
+    probs = torch.softmax(ordered, dim=-1)
+    before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
+    drop = (before >= top_p[:, None]) & (top_p < 1.0)[:, None]  # the top token always survives
+    probs = probs.masked_fill(drop, 0.0)
+    probs = probs.masked_fill(probs < min_p[:, None] * probs[:, :1], 0.0)
+    probs = torch.zeros_like(probs).scatter_(1, order, probs)
+    return probs / probs.sum(-1, keepdim=True)
 
 
 def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """logits: [V] -> probabilities after top-k, top-p and min-p."""
-    if p.top_k > 0 and p.top_k < logits.shape[-1]:
-        kth = logits.topk(p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.top_p < 1.0:
-        sorted_p, idx = probs.sort(descending=True)
-        before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely tokens
-        drop = before >= p.top_p  # the top token always survives
-        probs = probs.scatter(0, idx, sorted_p.masked_fill(drop, 0.0))
-    if p.min_p > 0.0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    return probs / probs.sum()
+    """One row: logits [V] -> probabilities after temperature 1, top-k, top-p and min-p."""
+    unit = SamplingParams(top_k=p.top_k, top_p=p.top_p, min_p=p.min_p)
+    return _filtered(logits[None].float(), [unit])[0]
+
+
+def _exponential(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[N] seeds and token positions -> [N, V] Exp(1) noise, a hash of (seed, position, token id)."""
+    row = _mix(_mix((seeds & MASK32) ^ _mix(seeds >> 32 & MASK32)) ^ positions)  # [N]
+    token = _mul32(torch.arange(vocab, device=seeds.device), 0x9E3779B9)  # [V]
+    bits = _mix(row[:, None] ^ token[None, :]) >> 8  # [N, V] 24 random bits
+    uniform = (bits.float() + 0.5) / float(1 << 24)  # in (0, 1), exactly
+    return -torch.log(uniform)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x < 2^32 in int64, without overflowing: c in 16-bit halves."""
+    return (x * (c & 0xFFFF) + ((x * (c >> 16) & 0xFFFF) << 16)) & MASK32
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32) on int64 tensors holding values < 2^32."""
+    x = x & MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)

@@ -1,7 +1,8 @@
 """Expert load statistics: tokens per logical expert per MoE layer, over a window of recent steps.
 
-Counts stay tensors on the model's device and are only added to on the hot path; the window is
-read (and synchronised) only when somebody asks.
+Counts stay tensors on the model's device and are only added to on the hot path (a scatter-add:
+`bincount` would have to read its output size back to the host); the window is read (and
+synchronised) only when somebody asks.
 """
 
 from __future__ import annotations
@@ -22,10 +23,17 @@ class ExpertLoadRecorder:
         self.window: deque[tuple[torch.Tensor, int]] = deque(maxlen=window_steps)
         self._tokens = 0
 
+    def to(self, device: torch.device | str) -> None:
+        """Keep the counts on `device` from now on (the model's: `record` takes its router's ids)."""
+        self.current = self.current.to(device)
+        self.window = deque(((counts.to(device), n) for counts, n in self.window), maxlen=self.window.maxlen)
+
     def record(self, layer: int, ids: torch.Tensor) -> None:
-        """ids: [T, K] logical experts chosen by this rank's tokens in MoE layer `layer`."""
+        """ids: [T, K] logical experts chosen by this rank's tokens in MoE layer `layer` (on the
+        counts' device)."""
         if ids.numel():
-            self.current[layer] += torch.bincount(ids.reshape(-1), minlength=self.num_experts)
+            flat = ids.reshape(-1)
+            self.current[layer].index_add_(0, flat, torch.ones_like(flat))
 
     def end_step(self, num_tokens: int) -> None:
         """Close a step that computed `num_tokens` tokens on this rank."""

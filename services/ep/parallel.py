@@ -36,6 +36,8 @@ class ExpertParallel:
     group_prefill: bool = field(default=False, init=False)
     """Some rank of the group runs a prefill in this step (set by `group_has_work`, the same on
     every rank)."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"), init=False)
+    """The model's device: where routing tables and load counts live (`to`)."""
 
     def __post_init__(self) -> None:
         if self.dispatcher is not None and self.dispatcher.size != self.placement.ep_size:
@@ -50,6 +52,20 @@ class ExpertParallel:
     def single(cls, num_moe_layers: int, num_experts: int, num_slots: int | None = None) -> ExpertParallel:
         placement = ExpertPlacement.default(num_moe_layers, num_experts, num_slots or num_experts, 1)
         return cls(placement, recorder=ExpertLoadRecorder(num_moe_layers, num_experts))
+
+    def to(self, device: torch.device | str) -> None:
+        """Route and count on `device` (the model's) from now on; a pending placement follows when
+        it is switched to (`take_pending`)."""
+        self.device = torch.device(device)
+        self.placement = self.placement.to(self.device)
+        if self.recorder is not None:
+            self.recorder.to(self.device)
+
+    def take_pending(self) -> None:
+        """Switch to the pending placement (every rank at the same step)."""
+        assert self.pending is not None
+        self.placement, self.pending, self.switch_now = self.pending.to(self.device), None, False
+        self.version += 1
 
     @property
     def expanded(self) -> bool:

@@ -5,10 +5,15 @@ Every MoE layer has its own physical->logical map. Rank r holds slots
 A logical expert may have several replicas (hot experts get redundant slots); each token picks
 one, spreading the load. Where an expert has replicas on several nodes, tokens pick those on nodes
 they visit anyway (`replica_choice`), so fewer tokens cross nodes.
+
+The tables are built on the CPU at start-up (and for a new placement, when it is planned); `to`
+gives the placement whose routing tables live on the model's device, so `route` runs where the
+router's ids are, without reading anything back to the host.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -40,6 +45,7 @@ class ExpertPlacement:
         _identity: list[bool] = field(init=False, repr=False, compare=False)
         _slot_node: torch.Tensor = field(init=False, repr=False, compare=False)
         _spread: list[bool] = field(init=False, repr=False, compare=False)
+        _route: RouteTables = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         layers, slots = self.phys_to_log.shape
@@ -74,6 +80,22 @@ class ExpertPlacement:
         # layers where some expert has replicas on two nodes: routed with locality in mind
         spread = [self.num_nodes > 1 and _spans_nodes(table[i], slot_node) for i in range(layers)]
         object.__setattr__(self, "_spread", spread)
+        object.__setattr__(self, "_route", RouteTables(table, replicas, slot_node))
+
+    def to(self, device: torch.device | str) -> ExpertPlacement:
+        """This placement with its routing tables on `device` (the CPU tables stay as they are)."""
+        placed = copy.copy(self)
+        route = self._route
+        tables = RouteTables(
+            route.log_to_phys.to(device), route.replicas.to(device), route.slot_node.to(device)
+        )
+        object.__setattr__(placed, "_route", tables)
+        return placed
+
+    @property
+    def device(self) -> torch.device:
+        """Where `route` runs."""
+        return self._route.replicas.device
 
     @classmethod
     def default(
@@ -108,15 +130,31 @@ class ExpertPlacement:
         return range(rank * self.slots_per_rank, (rank + 1) * self.slots_per_rank)
 
     def route(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
-        """Logical expert ids [T, K] -> physical slots [T, K], spreading tokens over replicas."""
+        """Logical expert ids [T, K] -> physical slots [T, K], spreading tokens over replicas.
+
+        `ids` must be on the placement's `device`; nothing is read back to the host."""
         if self._identity[layer]:
             return ids  # slot e holds expert e, no replicas
+        tables = self._route
+        log_to_phys, replicas = tables.log_to_phys[layer], tables.replicas[layer]
         if self._spread[layer]:
-            return replica_choice.route(ids, self.log_to_phys[layer], self.replicas[layer], self._slot_node)
+            return replica_choice.route(ids, log_to_phys, replicas, tables.slot_node, self.num_nodes)
         t, k = ids.shape
-        count = self.replicas[layer][ids]  # [T, K]
-        pick = (torch.arange(t)[:, None] + torch.arange(k)[None, :]) % count  # [T, K]
-        return self.log_to_phys[layer][ids, pick]
+        count = replicas[ids]  # [T, K]
+        rows = torch.arange(t, device=ids.device)[:, None] + torch.arange(k, device=ids.device)[None, :]
+        return log_to_phys[ids, rows % count]  # [T, K]: the replicas in turn
+
+
+@dataclass(frozen=True)
+class RouteTables:
+    """What `route` reads each step, on the device it runs on."""
+
+    log_to_phys: torch.Tensor
+    """[layers, experts, max_replicas] slots holding each expert, padded with -1."""
+    replicas: torch.Tensor
+    """[layers, experts] number of replicas of each expert."""
+    slot_node: torch.Tensor
+    """[slots] the node each slot is on."""
 
 
 def _spans_nodes(table: torch.Tensor, slot_node: torch.Tensor) -> bool:

@@ -9,16 +9,19 @@ by every layer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from services.models import staging
 
 
 @dataclass(frozen=True)
 class AttnBatch:
-    """Per-step attention indices, shared by all layers."""
+    """Per-step attention indices, shared by all layers (and the step's token ids and positions)."""
 
     slot_mapping: torch.Tensor
     """[T] cache slot of every new token."""
@@ -32,84 +35,103 @@ class AttnBatch:
     """[T] index into the flattened [B*Qmax] padded queries, in flat-token order."""
     last_index: torch.Tensor
     """[B] flat index of each sequence's last new token (where logits are taken)."""
+    positions: torch.Tensor
+    """[T] absolute position of every new token."""
+    tokens: torch.Tensor | None = None
+    """[T] the new tokens' ids, when the builder was given them (copied with the indices)."""
     decode: bool = False
     """A decode step: one new token per sequence, flat token i belongs to sequence i."""
 
     @classmethod
     def build_decode(
-        cls, ctx_lens: list[int], block_tables: list[list[int]], page_size: int, device: torch.device | str
+        cls,
+        ctx_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        page_size: int,
+        device: torch.device | str,
+        tokens: Sequence[int] | None = None,
     ) -> AttnBatch:
-        """A decode step: one new token per sequence, at position ctx_len - 1 (fewer ops than `build`)."""
+        """A decode step: one new token per sequence, at position ctx_len - 1 (fewer ops than `build`).
+
+        Planned on the host, copied to `device` in one copy, expanded there."""
         b, kmax = len(ctx_lens), max(ctx_lens)
-        max_pages = -(-kmax // page_size)
-        table = torch.tensor([t[:max_pages] + [0] * (max_pages - len(t[:max_pages])) for t in block_tables])
-        ar_k = torch.arange(kmax)
-        ctx_t = torch.tensor(ctx_lens)
-        k_valid = ar_k[None, :] < ctx_t[:, None]  # [B, Kmax]
+        table = _page_table(block_tables, -(-kmax // page_size))
+        host = [np.asarray(ctx_lens), table]
+        host += [np.asarray(tokens)] if tokens is not None else []
+        ctx, pages, *ids = staging.to_device(host, device)
+        ar_k = torch.arange(kmax, device=ctx.device)
+        k_valid = ar_k[None, :] < ctx[:, None]  # [B, Kmax]
         kv_slots = (
-            table.repeat_interleave(page_size, dim=1)[:, :kmax] * page_size + ar_k % page_size
+            pages.gather(1, (ar_k // page_size).expand(b, kmax)) * page_size + ar_k % page_size
         ) * k_valid
-        last = [n - 1 for n in ctx_lens]
-        slot_mapping = [
-            t[p // page_size] * page_size + p % page_size for t, p in zip(block_tables, last, strict=True)
-        ]
-        rows = torch.arange(b, device=device)
+        last = ctx - 1  # [B] each new token's position
+        rows = torch.arange(b, device=ctx.device)
         return cls(
-            slot_mapping=torch.tensor(slot_mapping, device=device),
+            slot_mapping=kv_slots.gather(1, last[:, None]).squeeze(1),
             q_index=rows[:, None],
-            kv_slots=kv_slots.to(device),
-            mask=k_valid[:, None, None, :].to(device),
+            kv_slots=kv_slots,
+            mask=k_valid[:, None, None, :],
             unpad_index=rows,
             last_index=rows,
+            positions=last,
+            tokens=ids[0] if ids else None,
             decode=True,
         )
 
     @classmethod
     def build(
         cls,
-        q_lens: list[int],
-        ctx_lens: list[int],
-        block_tables: list[list[int]],
+        q_lens: Sequence[int],
+        ctx_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
         page_size: int,
         device: torch.device | str = "cpu",
+        tokens: Sequence[int] | None = None,
     ) -> AttnBatch:
-        """q_lens: new tokens per sequence; ctx_lens: total tokens (cached + new) per sequence."""
-        b = len(q_lens)
-        qmax, kmax = max(q_lens), max(ctx_lens)
-        q_lens_t = torch.tensor(q_lens, dtype=torch.long)
-        ctx_t = torch.tensor(ctx_lens, dtype=torch.long)
-        starts = torch.cumsum(q_lens_t, 0) - q_lens_t  # [B]
+        """q_lens: new tokens per sequence; ctx_lens: total tokens (cached + new) per sequence.
 
-        ar_q = torch.arange(qmax)
-        q_valid = ar_q[None, :] < q_lens_t[:, None]  # [B, Qmax]
-        q_index = torch.where(q_valid, starts[:, None] + ar_q[None, :], torch.zeros(()).long())
-
-        max_pages = max(len(t) for t in block_tables)
-        table = torch.zeros(b, max_pages, dtype=torch.long)
-        for i, pages in enumerate(block_tables):
-            table[i, : len(pages)] = torch.tensor(pages, dtype=torch.long)
-        ar_k = torch.arange(kmax)
-        k_valid = ar_k[None, :] < ctx_t[:, None]  # [B, Kmax]
-        page_of = torch.where(k_valid, ar_k[None, :] // page_size, torch.zeros(()).long())
-        kv_slots = table.gather(1, page_of) * page_size + ar_k[None, :] % page_size
-        kv_slots = torch.where(k_valid, kv_slots, torch.zeros(()).long())
-
-        # Absolute position of each query: ctx_len - q_len + i. Padded queries see the whole context.
-        q_pos = (ctx_t - q_lens_t)[:, None] + ar_q[None, :]  # [B, Qmax]
-        mask = (ar_k[None, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # [B, Qmax, Kmax]
-
-        flat_pos = (torch.arange(b)[:, None] * qmax + ar_q[None, :])[q_valid]  # [T]
-        slot_mapping = kv_slots.gather(1, (q_pos.clamp(max=kmax - 1)))[q_valid]  # [T]
-        last_index = starts + q_lens_t - 1
-        to: dict[str, Any] = dict(device=device)
-        return cls(
-            slot_mapping=slot_mapping.to(**to),
-            q_index=q_index.to(**to),
-            kv_slots=kv_slots.to(**to),
-            mask=mask.unsqueeze(1).to(**to),
-            unpad_index=flat_pos.to(**to),
-            last_index=last_index.to(**to),
+        The host plans which sequence and offset each new token has; the device derives every index
+        from that with no data-dependent shape (nothing is read back)."""
+        q = np.asarray(q_lens, dtype=np.int64)
+        b, qmax, kmax, t = len(q_lens), max(q_lens), max(ctx_lens), int(q.sum())
+        table = _page_table(block_tables, -(-kmax // page_size))
+        seq = np.repeat(np.arange(b), q)  # [T] the sequence of each new token
+        offset = np.arange(t) - np.repeat(np.cumsum(q) - q, q)  # [T] its place among its sequence's
+        host = [q, np.asarray(ctx_lens), table, seq, offset] + (
+            [np.asarray(tokens)] if tokens is not None else []
         )
+        q_t, ctx, pages, seq_t, offset_t, *ids = staging.to_device(host, device)
+        dev = q_t.device
+        starts = torch.cumsum(q_t, 0) - q_t  # [B]
+        ar_q, ar_k = torch.arange(qmax, device=dev), torch.arange(kmax, device=dev)
+        q_valid = ar_q[None, :] < q_t[:, None]  # [B, Qmax]
+        q_index = torch.where(q_valid, starts[:, None] + ar_q[None, :], 0)
+        k_valid = ar_k[None, :] < ctx[:, None]  # [B, Kmax]
+        kv_slots = pages.gather(1, (ar_k // page_size).expand(b, kmax)) * page_size + ar_k % page_size
+        kv_slots = torch.where(k_valid, kv_slots, 0)
+        # Absolute position of each query: ctx_len - q_len + i. Padded queries see the whole context.
+        q_pos = (ctx - q_t)[:, None] + ar_q[None, :]  # [B, Qmax]
+        mask = (ar_k[None, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # [B, Qmax, Kmax]
+        positions = (ctx - q_t)[seq_t] + offset_t  # [T]
+        return cls(
+            slot_mapping=kv_slots[seq_t, positions],
+            q_index=q_index,
+            kv_slots=kv_slots,
+            mask=mask.unsqueeze(1),
+            unpad_index=seq_t * qmax + offset_t,
+            last_index=starts + q_t - 1,
+            positions=positions,
+            tokens=ids[0] if ids else None,
+        )
+
+
+def _page_table(block_tables: Sequence[Sequence[int]], width: int) -> np.ndarray:
+    """[B, width] the first `width` pages of every sequence, padded with page 0."""
+    table = np.zeros((len(block_tables), width), dtype=np.int64)
+    for i, pages in enumerate(block_tables):
+        n = min(len(pages), width)
+        table[i, :n] = pages[:n]
+    return table
 
 
 def write_cache(cache: torch.Tensor, batch: AttnBatch, entries: torch.Tensor) -> None:

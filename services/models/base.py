@@ -100,8 +100,7 @@ class MoECausalLM(nn.Module):
         blocks = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEBlock)]
         group = par.dispatcher.group if par.dispatcher is not None else None
         changed = switch(blocks, par.placement, par.pending, par.rank, group)
-        par.placement, par.pending, par.switch_now = par.pending, None, False
-        par.version += 1
+        par.take_pending()
         return changed
 
     def idle_forward(self) -> None:

@@ -78,6 +78,14 @@ def block_scaled_mm(
     return (xd @ _dequantize_weight(weight, scale).t()).to(x.dtype)
 
 
+def dequantize_stacked(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Stacked expert weights [S, N, K] in FP8 with block scales [S, N/128, K/128] -> [S, N, K] in
+    `dtype`, on the weights' device, with no host sync (partial edge blocks included)."""
+    _, n, k = weight.shape
+    s = scale.repeat_interleave(BLOCK, 1)[:, :n].repeat_interleave(BLOCK, 2)[:, :, :k]
+    return (weight.float() * s).to(dtype)
+
+
 def eligible(out_features: int, in_features: int) -> bool:
     """Shapes the block-scaled GEMM takes: the contraction a multiple of 128, output of 16."""
     return in_features % BLOCK == 0 and out_features % 16 == 0

@@ -76,15 +76,15 @@ def grouped_mm_supported(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
-    return device.type == "cpu"
+    return True
 
 
 class RoutedExperts(nn.Module):
     """This rank's expert slots of one layer, weights stacked: w13 [S, 2I, D] (gate; up), w2 [S, D, I].
 
     Tokens are sorted by expert and multiplied in one grouped GEMM per projection
-    (`F.grouped_mm` with per-expert offsets); where the device has no grouped GEMM, one matmul
-    pair per expert that received tokens.
+    (`F.grouped_mm` with per-expert offsets, which never reach the host); where the device has no
+    grouped GEMM, one matmul pair per expert that received tokens (reading the group sizes).
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int):
@@ -99,8 +99,10 @@ class RoutedExperts(nn.Module):
     def keep_fp8(self, native: bool) -> None:
         """Hold the weights in FP8 with their 128x128 block scales (`w13_scale_inv`, `w2_scale_inv`).
 
-        Each expert then runs as two block-scaled GEMMs, one expert at a time (a grouped
-        block-scaled GEMM is not used yet, so these layers read their group sizes on the host).
+        On a GPU (`native`) each forward dequantizes this layer's slots into the activations' dtype
+        and runs the grouped GEMM: no host sync, at the cost of a transient bf16 copy of the
+        layer's expert weights (no grouped block-scaled FP8 GEMM is wired yet). Elsewhere each
+        expert runs as two reference block-scaled GEMMs, one expert at a time.
         """
         s, two_i, d = self.w13.shape
         self.w13 = nn.Parameter(torch.empty(s, two_i, d, dtype=fp8.FP8), requires_grad=False)
@@ -108,7 +110,7 @@ class RoutedExperts(nn.Module):
         self.w13_scale_inv = nn.Parameter(torch.empty(s, -(-two_i // fp8.BLOCK), -(-d // fp8.BLOCK)))
         self.w2_scale_inv = nn.Parameter(torch.empty(s, -(-d // fp8.BLOCK), -(-two_i // 2 // fp8.BLOCK)))
         self.fp8_native = native
-        self.use_grouped_mm = False
+        self.use_grouped_mm = None if native else False
 
     def forward(
         self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, all_local: bool = False
@@ -116,28 +118,31 @@ class RoutedExperts(nn.Module):
         """x: [T, D], ids/weights: [T, K] local slots (-1: computed elsewhere) -> [T, D] =
         sum over k with ids[t, k] >= 0 of weights[t, k] * slot_ids[t, k](x[t]).
 
-        `all_local`: the caller knows there is no -1 (single-rank group), skip the filtering.
+        `all_local`: the caller knows there is no -1 (single-rank group), skip the masking. Entries
+        computed elsewhere sort last and are left out of the groups, so no shape depends on them.
         """
         out = torch.zeros_like(x)
         if x.shape[0] == 0:
             return out
         if self.use_grouped_mm is None:
             self.use_grouped_mm = grouped_mm_supported(x.device)
+        slots = self.w13.shape[0]
         flat_ids = ids.reshape(-1)  # [T*K]
-        if all_local:
-            order = torch.argsort(flat_ids, stable=True)  # [N] grouped by slot
-        else:
-            keep = (flat_ids >= 0).nonzero().squeeze(1)  # entries computed on this rank
-            order = keep[torch.argsort(flat_ids[keep], stable=True)]
-        flat_ids = flat_ids[order]
-        counts = torch.bincount(flat_ids, minlength=self.w13.shape[0])  # [S]
+        here = flat_ids >= 0
+        key = flat_ids if all_local else torch.where(here, flat_ids, slots)  # elsewhere: after all slots
+        order = torch.argsort(key, stable=True)  # [N] grouped by slot
+        counts = torch.zeros(slots + 1, dtype=torch.long, device=x.device)
+        counts = counts.index_add_(0, key, torch.ones_like(key))[:slots]  # [S] rows per slot
         token_of = order // ids.shape[1]  # [N] token of each sorted entry
         w_sorted = weights.reshape(-1)[order, None].to(x.dtype)  # [N, 1]
-        xs = x.index_select(0, token_of)  # [N, D] sorted by expert
+        xs = x.index_select(0, token_of)  # [N, D] sorted by slot
         if self.use_grouped_mm:
             y = self._grouped(xs, torch.cumsum(counts, 0, dtype=torch.int32))
         else:
             y = self._looped(xs, counts.tolist())
+        if not all_local:  # rows past the last group are not computed: keep them out of the sum
+            y = torch.where(here[order, None], y * w_sorted, 0.0)
+            return out.index_add_(0, token_of, y)
         return out.index_add_(0, token_of, y * w_sorted)
 
     def grouped(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -158,8 +163,13 @@ class RoutedExperts(nn.Module):
 
     def _grouped(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """xs: [N, D] sorted by expert; offsets: [E] cumulative counts -> [N, D]."""
-        gate, up = F.grouped_mm(xs, self.w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)  # [N, I] each
-        return F.grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)
+        w13: torch.Tensor = self.w13
+        w2: torch.Tensor = self.w2
+        if self.fp8_native is not None:  # FP8 kept: this layer's slots in the activations' dtype
+            w13 = fp8.dequantize_stacked(w13, self.w13_scale_inv, xs.dtype)
+            w2 = fp8.dequantize_stacked(w2, self.w2_scale_inv, xs.dtype)
+        gate, up = F.grouped_mm(xs, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)  # [N, I] each
+        return F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets)
 
     def _looped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         y = torch.empty_like(xs)

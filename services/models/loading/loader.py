@@ -83,7 +83,7 @@ def load_model(
         tied = cfg.tie_word_embeddings and "lm_head.weight" not in ckpt.entries
         if tied:
             model.lm_head.weight = model.model.embed_tokens.weight
-        _materialize(model, dtype, torch.device(device))
+        materialize(model, dtype, torch.device(device))
         par = model.parallel
         local = par.placement.phys_to_log[
             :, par.first_local_slot : par.first_local_slot + par.placement.slots_per_rank
@@ -152,7 +152,7 @@ def _no_init() -> Iterator[None]:
             setattr(nn.init, n, f)
 
 
-def _materialize(model: MoECausalLM, dtype: torch.dtype, device: torch.device) -> None:
+def materialize(model: MoECausalLM, dtype: torch.dtype, device: torch.device) -> None:
     """Allocate every parameter once, on `device` in its final dtype; move buffers (made on the CPU).
 
     Modules that say they keep fp32 (DeepSeek's router) stay fp32, weights kept in FP8 and their
@@ -177,7 +177,8 @@ def _materialize(model: MoECausalLM, dtype: torch.dtype, device: torch.device) -
         for bname, b in list(module._buffers.items()):
             if b is not None:
                 module._buffers[bname] = b.to(device)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    model.parallel.to(device)  # routing tables and load counts where the router's ids are
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device != device]
     if left:
         raise RuntimeError(f"tensors left unallocated after load: {', '.join(left[:5])}")
 
