@@ -18,6 +18,7 @@ from typing import Any
 
 from services.engine.engine import Engine
 from services.engine.request import RequestOutput
+from services.models.device import use_in_thread
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
+            use_in_thread(self.engine.runner.device)  # its kernels and events go to the rank's GPU
             while True:
                 self._drain(self._wait_s())
                 self._fire_timers()

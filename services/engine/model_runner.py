@@ -13,6 +13,7 @@ from services.engine.sampling import Sampled, sample
 from services.engine.scheduler import ScheduledBatch
 from services.models.attention import AttnBatch
 from services.models.base import MoECausalLM
+from services.models.device import DeviceMark
 
 
 class ModelRunner:
@@ -39,17 +40,17 @@ class ModelRunner:
         """No local work this step: join the group's MoE exchanges with zero tokens."""
         self.model.idle_forward()
 
-    @staticmethod
-    def _layer_hook(reqs: list[Request], num_new: list[int]) -> Callable[[int], None] | None:
+    def _layer_hook(self, reqs: list[Request], num_new: list[int]) -> Callable[[int], None] | None:
         watched = [(r, n) for r, n in zip(reqs, num_new, strict=True) if r.listener is not None]
         if not watched:
             return None
 
         def after_layer(layer: int) -> None:
+            written = DeviceMark(self.device)  # the layer's KV writes are queued up to here
             for req, n in watched:  # from what was last reported: a cached prefix goes with the first chunk
                 end = req.num_computed + n
                 if end > req.kv_reported:
-                    req.listener.on_layer(layer, req.kv_reported, end, req.pages)  # type: ignore[union-attr]
+                    req.listener.on_layer(layer, req.kv_reported, end, req.pages, written)  # type: ignore[union-attr]
 
         return after_layer
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from services.engine.sampling import SamplingParams, TokenLogprob
+from services.models.device import DeviceMark
 
 if TYPE_CHECKING:
     from services.engine.prefix_cache import Node
@@ -40,8 +41,9 @@ class KVListener(Protocol):
     Both methods run on the engine thread and must only enqueue work, never block.
     """
 
-    def on_layer(self, layer: int, start: int, end: int, pages: list[int]) -> None:
-        """Tokens [start, end) now have their `layer` KV in `pages` (the request's page table)."""
+    def on_layer(self, layer: int, start: int, end: int, pages: list[int], written: DeviceMark) -> None:
+        """Tokens [start, end) have their `layer` KV in `pages` (the request's page table) once
+        `written` is passed: on a GPU the kernels are queued, not yet run, when this is called."""
 
     def on_finish(self, output: RequestOutput) -> None:
         """The request ended; its pages stay allocated until `Engine.release(request_id)`."""

@@ -92,15 +92,23 @@ class DeepEPDispatcher(Dispatcher):
                 f"DeepEP needs the {num_slots} expert slots to split evenly over {self.size} ranks"
             )
 
-    def _buffer_for(self, hidden: int, topk: int) -> Any:
+    def setup(self, hidden: int, topk: int) -> None:
+        """DeepEP's buffer and its communicator, on this thread's current GPU (the rank's)."""
         if self._buffer is not None:
-            return self._buffer
+            return
         if self._v2:
             self._buffer = self._deep_ep.ElasticBuffer(
                 self.group, num_max_tokens_per_rank=self.max_tokens_per_rank, hidden=hidden, num_topk=topk
             )
         else:
             self._buffer = self._deep_ep.Buffer(self.group, V1_NVL_BUFFER_BYTES, 0)
+
+    def _buffer_for(self, hidden: int, topk: int) -> Any:
+        if self._buffer is None:
+            raise RuntimeError(
+                "DeepEP's buffer is made at start-up (Dispatcher.setup, from ExpertParallel.prepare), "
+                "on the rank's GPU; it was not"
+            )
         return self._buffer
 
     def _prepare(

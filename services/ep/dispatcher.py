@@ -61,6 +61,10 @@ class Dispatcher(ABC):
     expanded: bool = False
     """Offers `dispatch_expanded` / `combine_expanded` (used for decode steps)."""
 
+    def setup(self, hidden: int, topk: int) -> None:  # noqa: B027 (most backends need no buffers)
+        """Allocate communication buffers for rows of `hidden` and `topk` choices: at start-up, in
+        the thread and on the device that will use them, never lazily inside the first forward."""
+
     @abstractmethod
     def dispatch(
         self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, slots_per_rank: int

@@ -61,6 +61,11 @@ class ExpertParallel:
         if self.recorder is not None:
             self.recorder.to(self.device)
 
+    def prepare(self, hidden: int, topk: int) -> None:
+        """Start-up, on the rank's device and thread: the dispatcher's communication buffers."""
+        if self.dispatcher is not None:
+            self.dispatcher.setup(hidden, topk)
+
     def take_pending(self) -> None:
         """Switch to the pending placement (every rank at the same step)."""
         assert self.pending is not None

@@ -22,6 +22,7 @@ from services.kv.layout import KVLayout, LayoutMismatch
 from services.kv.pages import KVRegion, copy_descriptors
 from services.kv.rooms import AttachResult, AttachSpec, Room, RoomTable
 from services.kv.sender import Finish, KVSender, Write
+from services.models.device import DeviceMark
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +58,20 @@ class RoomListener:
         self.deferred: list[tuple[list[int], list[int], list[int]]] | None = (
             [] if side.push == "complete" else None
         )
+        self.written: DeviceMark | None = None
+        """The mark of the last layer reported: its KV and everything before it are on the device."""
 
-    def on_layer(self, layer: int, start: int, end: int, pages: list[int]) -> None:
+    def on_layer(self, layer: int, start: int, end: int, pages: list[int], written: DeviceMark) -> None:
         try:
             descs = copy_descriptors(layer, start, end, self.side.region, pages, self.dst, self.dst_pages)
         except Exception as e:  # a bad destination must fail this room, never the engine loop
             self.room.fail("INTERNAL", f"room {self.room.room_id}: bad KV destination: {e!r}")
             return
+        self.written = written  # the latest: the device runs a thread's work in order
         if self.deferred is not None:
             self.deferred.append(descs)
         else:
-            self.side.sender.put(Write(self.room, descs))
+            self.side.sender.put(Write(self.room, descs, written))
 
     def on_finish(self, output: RequestOutput) -> None:
         # Not a token that ends the request (EOS, a stop token): decode's answer says it ends there.
@@ -78,7 +82,7 @@ class RoomListener:
                 log.exception("room %d: could not send the first token ahead", self.room.room_id)
         if self.deferred and output.finish_reason != "abort":
             merged = tuple([x for d in self.deferred for x in d[i]] for i in range(3))
-            self.side.sender.put(Write(self.room, merged))  # type: ignore[arg-type]
+            self.side.sender.put(Write(self.room, merged, self.written))  # type: ignore[arg-type]
         self.side.sender.put(Finish(self.room, lambda: self._finish(output)))
 
     def _finish(self, output: RequestOutput) -> None:

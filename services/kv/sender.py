@@ -15,8 +15,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from services.kv.rooms import Room
 from services.kv.transfer import TransferEngine, TransferError
+from services.models.device import DeviceMark, use_in_thread
 
 log = logging.getLogger(__name__)
 Descriptors = tuple[list[int], list[int], list[int]]
@@ -44,10 +47,13 @@ class TransferStats:
 
 @dataclass
 class Write:
-    """Copy `descs` into the room's decode pages (skipped once the room has ended)."""
+    """Copy `descs` into the room's decode pages (skipped once the room has ended), once the device
+    has written them (`written`)."""
 
     room: Room
     descs: Descriptors
+    written: DeviceMark | None = None
+    """Passed once the GPU has run the kernels that wrote these pages (None: written already)."""
 
 
 @dataclass
@@ -71,9 +77,16 @@ Job = Write | Finish | Barrier
 class KVSender:
     """Runs jobs in order on its own thread; counts bytes per room and for the rank."""
 
-    def __init__(self, transfer: TransferEngine, fault: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        transfer: TransferEngine,
+        fault: Callable[[], None] | None = None,
+        device: torch.device | str = "cpu",
+    ):
         # `fault` (fault injection, tests): called before each write; a TransferError fails it.
         self.transfer, self.fault = transfer, fault
+        self.device = torch.device(device)
+        """The rank's device: the thread waits on its events."""
         self.stats = TransferStats()
         self.sent: dict[int, int] = {}
         """Bytes written per live room id (dropped at Finish)."""
@@ -90,6 +103,7 @@ class KVSender:
         return barrier.event.wait(timeout)
 
     def _run(self) -> None:
+        use_in_thread(self.device)
         held: Job | None = None
         while True:
             job = held or self._jobs.get()
@@ -109,21 +123,25 @@ class KVSender:
 
     def _merge(self, job: Write) -> tuple[Write, Job | None]:
         srcs, dsts, lens = (list(x) for x in job.descs)
+        written = job.written
         while True:
             try:
                 nxt = self._jobs.get_nowait()
             except queue.Empty:
-                return Write(job.room, (srcs, dsts, lens)), None
+                return Write(job.room, (srcs, dsts, lens), written), None
             if not isinstance(nxt, Write) or nxt.room is not job.room:
-                return Write(job.room, (srcs, dsts, lens)), nxt
+                return Write(job.room, (srcs, dsts, lens), written), nxt
             for acc, part in zip((srcs, dsts, lens), nxt.descs, strict=True):
                 acc.extend(part)
+            written = nxt.written or written  # the later mark covers the earlier writes
 
     def _write(self, merged: tuple[Write, Job | None]) -> Job | None:
         job, held = merged
         room = job.room
         if room.done or room.attach is None:
             return held  # failed or released: skip the remaining layers
+        if job.written is not None:
+            job.written.wait()  # the GPU has written these pages (waits for nothing on the CPU)
         try:
             start = time.perf_counter()
             if self.fault is not None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from services.models import staging
+from services.models import device as devices
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class AttnBatch:
         table = _page_table(block_tables, -(-kmax // page_size))
         host = [np.asarray(ctx_lens), table]
         host += [np.asarray(tokens)] if tokens is not None else []
-        ctx, pages, *ids = staging.to_device(host, device)
+        ctx, pages, *ids = devices.to_device(host, device)
         ar_k = torch.arange(kmax, device=ctx.device)
         k_valid = ar_k[None, :] < ctx[:, None]  # [B, Kmax]
         kv_slots = (
@@ -100,7 +100,7 @@ class AttnBatch:
         host = [q, np.asarray(ctx_lens), table, seq, offset] + (
             [np.asarray(tokens)] if tokens is not None else []
         )
-        q_t, ctx, pages, seq_t, offset_t, *ids = staging.to_device(host, device)
+        q_t, ctx, pages, seq_t, offset_t, *ids = devices.to_device(host, device)
         dev = q_t.device
         starts = torch.cumsum(q_t, 0) - q_t  # [B]
         ar_q, ar_k = torch.arange(qmax, device=dev), torch.arange(kmax, device=dev)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
 from services.common.logs import setup_logging
@@ -65,7 +66,7 @@ def worker(
     dtype: Annotated[
         str | None, Opt(help="float32|bfloat16|float16 (default: bfloat16 on CUDA, else float32)")
     ] = None,
-    device: str = "cpu",
+    device: Annotated[str, Opt(help="auto: cuda when this node has a GPU, else cpu; or cpu, cuda")] = "auto",
     fp8: Annotated[Fp8Mode, Opt(help="FP8 checkpoints: keep in FP8, dequantize at load, or auto")] = "auto",
     page_size: int = 16,
     kv_pool_tokens: int | None = None,
@@ -87,9 +88,10 @@ def worker(
 
 
 def build_config(a: argparse.Namespace) -> WorkerConfig:
+    device = a.device if a.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     engine = EngineConfig(
-        dtype=a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"),
-        device=a.device,
+        dtype=a.dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
+        device=device,
         fp8=a.fp8,
         page_size=a.page_size,
         kv_pool_tokens=a.kv_pool_tokens,

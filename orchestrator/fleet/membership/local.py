@@ -92,6 +92,10 @@ class Backend(Membership):
         port = free_port(self.host)
         args = ["-m", "services.worker", "--role", role, "--model", str(self.model), "--host", self.host]
         args += ["--port", str(port), "--ep", str(self.ep[role]), *self.worker_args]
+        if not any(a.startswith("--device") for a in self.worker_args):
+            # An embedded cluster runs on the CPU (its KV moves over Mooncake's non-CUDA wheel)
+            # unless told otherwise (`--worker-arg=--device=cuda`).
+            args += ["--device", "cpu"]
         env = spawn_env({**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
         proc = subprocess.Popen([sys.executable, *args], env=env, start_new_session=True)
         inst = self.registry.add(role, f"{self.host}:{port}")

@@ -178,6 +178,7 @@ def materialize(model: MoECausalLM, dtype: torch.dtype, device: torch.device) ->
             if b is not None:
                 module._buffers[bname] = b.to(device)
     model.parallel.to(device)  # routing tables and load counts where the router's ids are
+    model.parallel.prepare(model.config.hidden_size, model.config.num_experts_per_tok)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device != device]
     if left:
         raise RuntimeError(f"tensors left unallocated after load: {', '.join(left[:5])}")

@@ -59,7 +59,7 @@ class Rank:
         self.transfer.register(storage.data_ptr(), storage.nbytes)
         self.sender: KVSender | None = None
         if config.role == "prefill":
-            self.sender = KVSender(self.transfer, FailedWrites().check)
+            self.sender = KVSender(self.transfer, FailedWrites().check, engine.runner.device)
             self.prefill: PrefillHandoff | None = PrefillHandoff(
                 self.loop, self.layout, self.region, self.sender, config.handoff_timeout_s, config.kv_push
             )

@@ -41,6 +41,8 @@ names the upstream place it comes from:
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.distributed as dist
 
@@ -103,6 +105,8 @@ class ElasticBuffer:
         **configs,
     ):
         self.group = group
+        self.made_in = threading.current_thread().name
+        """The thread that built the buffer (moeserve builds it at start-up, in the rank's main thread)."""
         self.rank_idx = group.rank()
         self.num_ranks = group.size()
         self.num_max_tokens_per_rank = num_max_tokens_per_rank

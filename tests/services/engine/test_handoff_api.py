@@ -45,7 +45,7 @@ class CopyListener:
         self.layers_seen: list[tuple[int, int, int]] = []
         self.output = None
 
-    def on_layer(self, layer, start, end, pages):
+    def on_layer(self, layer, start, end, pages, written):
         ps = self.src.pool.page_size
         for i in range(start, end):
             s = pages[i // ps] * ps + i % ps

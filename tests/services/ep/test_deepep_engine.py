@@ -41,6 +41,8 @@ def decode_rank(rank: int, world: int, model_dir: str, backend: str, counts: lis
     engine = Engine.from_pretrained(
         model_dir, parallel=parallel, dtype="bfloat16", max_prefill_tokens=64, max_num_seqs=8, page_size=4
     )
+    # DeepEP's buffer exists before the first forward, made in this (the rank's) thread.
+    made_in = dispatcher._buffer.made_in if backend == "deepep" else "MainThread"  # type: ignore[attr-defined]
     prompts = make_prompts(sum(counts))[sum(counts[:rank]) : sum(counts[: rank + 1])]
     params = SamplingParams(max_tokens=5 + 4 * rank, temperature=0.0, ignore_eos=True)
     ids = {engine.add_request(p, params): i for i, p in enumerate(prompts)}
@@ -59,7 +61,7 @@ def decode_rank(rank: int, world: int, model_dir: str, backend: str, counts: lis
             syncs[mode].append((per_layer, step.total))
         if engine.idle:
             break
-    return {"outputs": [outputs[i] for i in range(len(prompts))], "syncs": syncs}
+    return {"outputs": [outputs[i] for i in range(len(prompts))], "syncs": syncs, "buffer_made_in": made_in}
 
 
 def test_deepep_decodes_through_the_expanded_layout_without_host_syncs(tmp_path):
@@ -69,6 +71,7 @@ def test_deepep_decodes_through_the_expanded_layout_without_host_syncs(tmp_path)
     deepep_ranks = run_ranks(2, decode_rank, model, "deepep", counts)
     for rank, (ref, got) in enumerate(zip(torch_ranks, deepep_ranks, strict=True)):
         assert got["outputs"] == ref["outputs"], f"rank {rank}"
+        assert got["buffer_made_in"] == "MainThread"  # at start-up, not inside a forward
         # Decode steps ran expanded, and none of their MoE layers read anything back to the host.
         assert len(got["syncs"]["expanded"]) >= 8, got["syncs"]
         assert {layer for layer, _ in got["syncs"]["expanded"]} == {0}, got["syncs"]

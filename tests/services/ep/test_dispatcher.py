@@ -54,6 +54,7 @@ def conformance(rank: int, world: int, backend: str, double: bool = False):
         if backend == "deepep"
         else ("cpu", torch.float32, 1e-5, HIDDEN)
     )
+    d.setup(hidden, K)  # start-up: communication buffers
     results = {}
     for case in CASES:
         if backend == "deepep" and case in DEEPEP_FORBIDS:
@@ -174,6 +175,7 @@ def expanded_conformance(rank: int, world: int, device: str = "cpu"):
     if device == "cpu":
         sys.path.insert(0, str(DOUBLES))
     d = create("deepep", max_tokens_per_rank=DECODE_CAP, decode_tokens_per_rank=DECODE_CAP)
+    d.setup(256, K)
     results = {}
     for case in CASES:
         if case in DEEPEP_FORBIDS:
