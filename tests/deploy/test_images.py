@@ -46,3 +46,17 @@ def test_dockerfiles_lint_clean_and_follow_the_rules(dockerfile):
     assert all(":" in b and not b.endswith(":latest") for b in bases), bases  # pinned tags
     assert re.search(r"^USER 10001$", text, re.M), "runs as a non-root user"
     assert re.search(r"^HEALTHCHECK .*healthcheck\.py", text, re.M)
+
+
+def test_the_cuda_image_builds_deepep_by_default_and_keeps_nvcc_for_its_kernels():
+    """DeepEP 2 JIT-compiles its kernels at first use: the image that runs it needs nvcc (a CUDA
+    devel base), and it is the chart's default dispatcher, so it is built in unless asked not to,
+    from a pinned commit (its tags do not name the version moeserve follows)."""
+    text = (ROOT / "deploy" / "Dockerfile.cuda").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
+    final = re.findall(r"^FROM\s+(\S+)", text, re.M)[-1]
+    final = re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], final)
+    assert "-devel-" in final, final
+    assert args["WITH_DEEPEP"] == "1"
+    assert re.fullmatch(r"[0-9a-f]{7,40}", args["DEEPEP_COMMIT"]), args["DEEPEP_COMMIT"]
+    assert 'checkout "$DEEPEP_COMMIT"' in text and "--branch" not in text
