@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -101,7 +101,7 @@ def cmd_inspect_model(args: argparse.Namespace) -> int:
     from services.models.loading.inspect import parse_bytes, report
 
     memory = parse_bytes(args.device_memory) if args.device_memory else None
-    r = report(Path(args.dir), args.ep, args.dtype, args.kv_tokens, memory, args.ep_slots)
+    r = report(Path(args.dir), args.ep, args.dtype, args.kv_tokens, memory, args.ep_slots, args.fp8 == "keep")
     if args.output == "json":
         print(json.dumps(r, indent=2))
         return 0
@@ -115,8 +115,14 @@ def cmd_inspect_model(args: argparse.Namespace) -> int:
         + (f", {r['quantization']}" if r["quantization"] else "")
         + (f", {r['mtp_layers']} MTP layer(s) not served" if r["mtp_layers"] else ""),
         f"KV cache:     {r['kv_bytes_per_token']:,} bytes per token ({args.dtype})",
-        f"one rank of EP{rank['ep']} ({args.dtype}, {rank['slots_per_rank']} expert slots, "
-        f"{args.kv_tokens:,} KV tokens):",
+        f"expert slots: {r['slots']} over EP{rank['ep']}"
+        + (
+            f" ({r['redundant_experts']} redundant: the fewest that split evenly)"
+            if r["redundant_experts"]
+            else ""
+        ),
+        f"one rank of EP{rank['ep']} ({r['weights']} weights, {rank['slots_per_rank']} expert slots, "
+        f"{args.kv_tokens:,} {args.dtype} KV tokens):",
         f"  dense       {_gb(rank['dense_bytes'])}",
         f"  experts     {_gb(rank['expert_bytes'])}",
         f"  KV cache    {_gb(rank['kv_bytes'])}",
@@ -176,14 +182,20 @@ def generate(
 def inspect_model(
     dir: str,
     ep: Annotated[int, typer.Option(help="expert-parallel width of the group")] = 1,
-    ep_slots: Annotated[int, typer.Option(help="expert slots over the group (default: one per expert)")] = 0,
+    ep_slots: Annotated[
+        int, typer.Option(help="expert slots over the group (default: the fewest that split over --ep)")
+    ] = 0,
     kv_tokens: Annotated[int, typer.Option(help="KV cache tokens each rank holds")] = 0,
     dtype: Annotated[DtypeChoice, typer.Option(help="weights and KV dtype")] = DtypeChoice.bfloat16,
     device_memory: Annotated[str | None, typer.Option(help="memory of one device, e.g. 80GiB")] = None,
+    fp8: Annotated[
+        Literal["keep", "dequantize"],
+        typer.Option(help="FP8 checkpoints: priced as kept (1 byte) or dequantized"),
+    ] = "keep",
     output: Annotated[OutputChoice, typer.Option(help="text or json")] = OutputChoice.text,
 ) -> None:
     _run(cmd_inspect_model, dir=dir, ep=ep, ep_slots=ep_slots, kv_tokens=kv_tokens, dtype=dtype,
-         device_memory=device_memory, output=output)  # fmt: skip
+         device_memory=device_memory, fp8=fp8, output=output)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

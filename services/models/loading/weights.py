@@ -71,7 +71,10 @@ class WeightMap:
         """Where checkpoint tensor `name` goes; None when no parameter takes it."""
         layer = _LAYER.match(name)
         if layer and int(layer.group(1)) >= self.cfg.num_layers:
-            return Route(skip="mtp")
+            # Multi-token-prediction layers sit right past the stack, as many as config.json says;
+            # any other layer past it is a checkpoint that does not match its config (None: an error).
+            past = int(layer.group(1)) - self.cfg.num_layers
+            return Route(skip="mtp") if past < self.cfg.num_mtp_layers else None
         if name.endswith("rotary_emb.inv_freq"):
             return Route(skip="derived")
         if m := _EXPERT.match(name):

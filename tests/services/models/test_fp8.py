@@ -61,6 +61,17 @@ def test_mtp_layers_are_skipped_and_reported(fp8_dirs):
     assert report.bytes_read < report.checkpoint_bytes
 
 
+def test_a_layer_past_the_stack_is_an_error_unless_config_names_mtp_layers(fp8_dirs, tmp_path):
+    d = _copy(fp8_dirs["deepseek_v3"][0], tmp_path / "no-nextn")
+    config = json.loads((d / "config.json").read_text())
+    del config["num_nextn_predict_layers"]  # the checkpoint still holds layer 3
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ModelConfigError, match=r"no DeepseekV3ForCausalLM parameter takes: model\.layers\.3\."
+    ):
+        load_model(d)
+
+
 def test_fp8_at_ep2_is_exact(fp8_dirs):
     fp8, dequantized = fp8_dirs["deepseek_v3"]
     counts = [1, 2]

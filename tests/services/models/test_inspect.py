@@ -87,6 +87,31 @@ def test_deepseek_v3_kv_per_token_and_the_smallest_group():
     assert smallest_ep(size, "bfloat16", 65536, parse_bytes("80GiB")) == 32
 
 
+FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+def test_fp8_deepseek_v3_is_priced_at_one_byte_per_kept_weight():
+    """The official FP8 release with its weights kept in FP8 (as on Hopper) fits 80 GiB at EP16;
+    priced as if dequantized to bf16 it would need EP32 (today's figure was EP48: bf16 throughout)."""
+    size = ModelSize.of(ModelConfig.from_dict({**DEEPSEEK_V3, "quantization_config": FP8}))
+    assert size.fp8_experts and size.fp8_dense_params > 0.8 * (size.dense_params - 2 * 129280 * 7168)
+    memory = parse_bytes("80GiB")
+    assert smallest_ep(size, "bfloat16", 65536, memory, fp8=True) == 16
+    assert smallest_ep(size, "bfloat16", 65536, memory, fp8=False) == 32
+    kept, bf16 = (footprint(size, 16, "bfloat16", 0, fp8=keep) for keep in (True, False))
+    assert kept.expert_bytes == pytest.approx(bf16.expert_bytes / 2, rel=1e-3)  # scales: a hair over 1 B
+    assert kept.dense_bytes < 0.6 * bf16.dense_bytes
+
+
+def test_an_ep_width_that_does_not_divide_the_experts_gets_redundant_slots():
+    """DeepSeek-V3 decode at EP144: 256 experts need 288 slots (32 redundant), 2 per rank."""
+    size = ModelSize.of(ModelConfig.from_dict(DEEPSEEK_V3))
+    rank = footprint(size, 144, "bfloat16", kv_tokens=0)
+    assert rank.slots_per_rank == 2
+    with pytest.raises(ValueError, match="288 would"):
+        footprint(size, 144, "bfloat16", kv_tokens=0, slots=256)
+
+
 def test_tiny_model_counts_match_transformers(model_dirs):
     for name in ("deepseek_v3", "qwen3_moe"):
         d = model_dirs[name]
@@ -128,3 +153,4 @@ def test_cli_json(model_dirs):
     assert r["rank"]["slots_per_rank"] == 4 and r["kv_bytes_per_token"] == 3 * 2 * 2 * 16 * 2
     assert r["fits"] is False and r["smallest_ep_that_fits"] is None
     assert r["checkpoint_bytes"] > 0
+    assert r["slots"] == 16 and r["redundant_experts"] == 0 and r["weights"] == "bfloat16"
