@@ -32,7 +32,13 @@ from orchestrator.http.detokenize import text_events
 from orchestrator.http.envelopes import Envelope
 from orchestrator.http.guard import Guard, RequestIds
 from orchestrator.http.openai_types import Kind
-from orchestrator.http.parsing import parse_request, prompt_ids, prompt_text, sampling_params
+from orchestrator.http.parsing import (
+    SamplingDefaults,
+    parse_request,
+    prompt_ids,
+    prompt_text,
+    sampling_params,
+)
 from orchestrator.http.ratelimit import TokenBuckets, charged
 from orchestrator.http.responses import respond
 from orchestrator.http.tokenizer import Tokenizer
@@ -53,6 +59,7 @@ def create_app(
     `policy` picks prefill instances (default: least load); `autoscaler` (off without one) sets
     the pools' sizes."""
     tokenizer = Tokenizer(config.model_dir)
+    defaults = SamplingDefaults.from_dir(config.model_dir)
     router = Router(registry, policy=policy, decode_first=config.dispatch == "auto")
     feed = KvEventFeed(registry, router.policy)
     admission = Admission(config.max_concurrency, config.max_queue, config.queue_timeout_s)
@@ -140,7 +147,7 @@ def create_app(
         try:
             req = parse_request(await read_body(request, config.max_body_bytes), kind, config)
             prompt = prompt_ids(req, tokenizer)
-            sampling = sampling_params(req, len(prompt), registry.context_limit())
+            sampling = sampling_params(req, len(prompt), registry.context_limit(), defaults)
             key = request.headers.get("authorization", "")
             if buckets is not None:
                 buckets.admit(key, len(prompt))

@@ -7,6 +7,8 @@ Every failure is an ApiError whose message says what to change (400), names the 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 from google.protobuf import struct_pb2
 from pydantic import ValidationError
@@ -87,10 +89,42 @@ def prompt_text(req: OpenAIRequest, ids: list[int], tokenizer: Tokenizer) -> str
     return req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def sampling_params(req: OpenAIRequest, prompt_len: int, limit: int) -> pb.SamplingParams:
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves a sampling parameter unset gets: the model's own recommendation
+    from its generation_config.json (DeepSeek-R1 ships temperature 0.6, top_p 0.95), else OpenAI's
+    defaults. As vLLM and SGLang do, the file's values count whatever its `do_sample` says."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> SamplingDefaults:
+        path = Path(model_dir) / "generation_config.json"
+        if not path.is_file():
+            return cls()
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        given = {f.name: raw[f.name] for f in fields(cls) if raw.get(f.name) is not None}
+        limits = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (-1, 1 << 30), "min_p": (0.0, 1.0)}
+        for name, value in given.items():
+            low, high = limits[name]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+                raise ValueError(f"{path}: {name}={value!r} is not a number in [{low}, {high}]")
+        return cls(**given)
+
+
+def sampling_params(
+    req: OpenAIRequest, prompt_len: int, limit: int, defaults: SamplingDefaults = SamplingDefaults()
+) -> pb.SamplingParams:
     """SGLang's sampling parameters for `req`; `limit` is the model's context (0: not known yet, no check).
 
-    max_tokens defaults to what is left of the context; a seed travels in `custom_params`.
+    max_tokens defaults to what is left of the context; unset sampling parameters to `defaults`;
+    a seed travels in `custom_params`.
     """
     if limit and prompt_len >= limit:
         raise ApiError(
@@ -110,10 +144,10 @@ def sampling_params(req: OpenAIRequest, prompt_len: int, limit: int) -> pb.Sampl
             param="max_tokens",
         )
     sp = pb.SamplingParams(
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k or 0,
-        min_p=req.min_p,
+        temperature=defaults.temperature if req.temperature is None else req.temperature,
+        top_p=defaults.top_p if req.top_p is None else req.top_p,
+        top_k=defaults.top_k if req.top_k is None else req.top_k,
+        min_p=defaults.min_p if req.min_p is None else req.min_p,
         max_new_tokens=max_tokens,
         ignore_eos=req.ignore_eos,
         skip_special_tokens=req.skip_special_tokens,

@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator.errors import ApiError
 from orchestrator.http.openai_types import ChatCompletionRequest, CompletionRequest
-from orchestrator.http.parsing import parse_request, prompt_ids, sampling_params
+from orchestrator.http.parsing import SamplingDefaults, parse_request, prompt_ids, sampling_params
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}]}
 
@@ -139,3 +139,26 @@ def test_engine_flags_pass_through(config):
     req = parse_request(body(ignore_eos=True, skip_special_tokens=False, min_p=0.1), "chat", config)
     sp = sampling_params(req, 10, 4096)
     assert sp.ignore_eos and not sp.skip_special_tokens and sp.min_p == pytest.approx(0.1)
+
+
+def test_unset_sampling_takes_the_models_generation_config(config, tmp_path):
+    """DeepSeek-R1's recommendation (temperature 0.6, top_p 0.95) applies where a request is silent."""
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.95, "eos_token_id": 1})
+    )
+    defaults = SamplingDefaults.from_dir(tmp_path)
+    sp = sampling_params(parse_request(body(), "chat", config), 10, 4096, defaults)
+    assert sp.temperature == pytest.approx(0.6) and sp.top_p == pytest.approx(0.95)
+    assert sp.top_k == 0 and sp.min_p == 0.0
+    sp = sampling_params(parse_request(body(temperature=0, top_p=1), "chat", config), 10, 4096, defaults)
+    assert sp.temperature == 0.0 and sp.top_p == 1.0  # what the request says wins
+    plain = sampling_params(parse_request(body(), "chat", config), 10, 4096)
+    assert plain.temperature == 1.0 and plain.top_p == 1.0  # OpenAI's defaults without a file
+
+
+def test_a_bad_generation_config_is_named(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 7}))
+    with pytest.raises(
+        ValueError, match=r"generation_config.json: temperature=7 is not a number in \[0.0, 2.0\]"
+    ):
+        SamplingDefaults.from_dir(tmp_path)
