@@ -33,6 +33,8 @@ class ApiConfig:
     """Tokens per second each API key may use (prompt + generated); 0: no limit."""
     key_token_burst: float = 0.0
     """Most tokens a key may use at once (default: a minute's worth of its rate)."""
+    trust_remote_code: bool = False
+    """Load a tokenizer that is code shipped with the model (Kimi K2's): it runs in this process."""
     dispatch: str = "auto"
     """How a request reaches its pair: auto (decode-first where both workers serve it, else SGLang's
     dual dispatch; `services.common.wire`) or dual (always both workers, as SMG does)."""

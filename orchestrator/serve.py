@@ -107,6 +107,12 @@ def serve(
         ),
     ] = "",
     served_model_name: str = "",
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            help="load a tokenizer that is Python code in the model directory (Kimi K2's); it runs here"
+        ),
+    ] = False,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: Annotated[
@@ -178,6 +184,7 @@ def config_from_args(a: argparse.Namespace) -> ApiConfig:
         key_token_burst=a.key_token_burst,
         admin_token=a.admin_token,
         dispatch=a.dispatch,
+        trust_remote_code=a.trust_remote_code,
     )
 
 

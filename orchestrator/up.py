@@ -147,6 +147,9 @@ def up(
     arch: Annotated[
         ModelArch, typer.Option(help="the tiny model's family when --model is not given")
     ] = ModelArch.deepseek_v3,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="load a tokenizer that is Python code in the model directory (Kimi K2's)")
+    ] = False,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: Annotated[
@@ -202,6 +205,7 @@ def run(a: argparse.Namespace) -> int:
         serve += ["--decode-ep", str(a.decode_ep), "--prefill-policy", a.prefill_policy]
         serve += [f"--worker-arg={arg}" for arg in a.worker_arg or ()]
         serve += ["--autoscale", a.autoscale] if a.autoscale else []
+        serve += ["--trust-remote-code"] if a.trust_remote_code else []
         # Secrets go to the orchestrator through its environment: a command line shows in `ps`.
         keys = [*a.api_key, *read_keys(a.api_key_file), *env_keys()]
         secrets = {"MOESERVE_API_KEYS": ",".join(keys), "MOESERVE_ADMIN_TOKEN": a.admin_token}

@@ -54,3 +54,14 @@ def test_every_command_is_listed_and_passes_its_own_help():
         assert command in r.stdout
     r = run("serve", "--help")
     assert r.returncode == 0 and "--membership" in r.stdout and "--admin-token" in r.stdout
+
+
+def test_generate_runs_a_kimi_tokenizer_only_with_the_opt_in(tmp_path):
+    from tests.kimi import make_tiny_kimi
+
+    model = str(make_tiny_kimi(tmp_path / "kimi"))
+    refused = run("generate", "--model", model, "--prompt", "hi")
+    assert refused.returncode == 2 and "--trust-remote-code" in refused.stderr
+    r = run("generate", "--model", model, "--prompt", "hi", "--max-tokens", "4", "--trust-remote-code")
+    assert r.returncode == 0, r.stderr
+    assert "finish_reason=" in r.stdout

@@ -40,8 +40,8 @@ from orchestrator.http.parsing import (
     sampling_params,
 )
 from orchestrator.http.ratelimit import TokenBuckets, charged
+from orchestrator.http.remote_tokenizer import load_tokenizer
 from orchestrator.http.responses import respond
-from orchestrator.http.tokenizer import Tokenizer
 
 SETTLE_S = 0.5
 """At shutdown, how long ended requests' aborts may still take before the channels close."""
@@ -58,8 +58,8 @@ def create_app(
 
     `policy` picks prefill instances (default: least load); `autoscaler` (off without one) sets
     the pools' sizes."""
-    tokenizer = Tokenizer(config.model_dir)
-    defaults = SamplingDefaults.from_dir(config.model_dir)
+    tokenizer = load_tokenizer(config.model_dir, config.trust_remote_code)
+    defaults = SamplingDefaults.from_dir(config.model_dir, tokenizer.turn_end_ids)
     router = Router(registry, policy=policy, decode_first=config.dispatch == "auto")
     feed = KvEventFeed(registry, router.policy)
     admission = Admission(config.max_concurrency, config.max_queue, config.queue_timeout_s)

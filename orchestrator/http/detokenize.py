@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from orchestrator.events import TokenEvent
 from orchestrator.http.logprobs import ShownLogprob, Speller
-from orchestrator.http.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
+from orchestrator.http.tokenizer import ChatTokenizer, IncrementalDetokenizer, StopStrings
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class TextEvent:
 
 async def text_events(
     tokens: AsyncGenerator[TokenEvent, None],
-    tokenizer: Tokenizer,
+    tokenizer: ChatTokenizer,
     stop: list[str],
     skip_special_tokens: bool = True,
 ) -> AsyncGenerator[TextEvent, None]:

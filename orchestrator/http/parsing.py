@@ -23,7 +23,7 @@ from orchestrator.http.openai_types import (
     Kind,
     OpenAIRequest,
 )
-from orchestrator.http.tokenizer import ChatTemplateError, Tokenizer
+from orchestrator.http.tokenizer import ChatTemplateError, ChatTokenizer
 
 
 def parse_request(body: bytes, kind: Kind, config: ApiConfig) -> OpenAIRequest:
@@ -61,7 +61,7 @@ def parse_request(body: bytes, kind: Kind, config: ApiConfig) -> OpenAIRequest:
     return req
 
 
-def prompt_ids(req: OpenAIRequest, tokenizer: Tokenizer) -> list[int]:
+def prompt_ids(req: OpenAIRequest, tokenizer: ChatTokenizer) -> list[int]:
     """The prompt's token ids: chat messages through the model's chat template, text encoded, ids as sent."""
     if isinstance(req, ChatCompletionRequest):
         try:
@@ -82,11 +82,15 @@ def prompt_ids(req: OpenAIRequest, tokenizer: Tokenizer) -> list[int]:
     return ids
 
 
-def prompt_text(req: OpenAIRequest, ids: list[int], tokenizer: Tokenizer) -> str:
+def prompt_text(req: OpenAIRequest, ids: list[int], tokenizer: ChatTokenizer) -> str:
     """A completion's prompt as text, for `echo`: as sent, or its token ids decoded ("" otherwise)."""
     if not isinstance(req, CompletionRequest) or not req.echo:
         return ""
     return req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids, skip_special_tokens=False)
+
+
+LIMITS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (-1, 1 << 30), "min_p": (0.0, 1.0)}
+"""The sampling fields generation_config.json may set, and their ranges."""
 
 
 @dataclass(frozen=True)
@@ -99,23 +103,28 @@ class SamplingDefaults:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    stop_token_ids: tuple[int, ...] = ()
+    """Tokens that end a reply besides config.json's EOS: the chat template's turn end (Kimi K2's
+    `<|im_end|>`) and generation_config.json's eos_token_id (unless a request ignores EOS)."""
 
     @classmethod
-    def from_dir(cls, model_dir: Path) -> SamplingDefaults:
+    def from_dir(cls, model_dir: Path, turn_end_ids: tuple[int, ...] = ()) -> SamplingDefaults:
         path = Path(model_dir) / "generation_config.json"
         if not path.is_file():
-            return cls()
+            return cls(stop_token_ids=turn_end_ids)
         try:
             raw = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
-        given = {f.name: raw[f.name] for f in fields(cls) if raw.get(f.name) is not None}
-        limits = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (-1, 1 << 30), "min_p": (0.0, 1.0)}
+        given = {f.name: raw[f.name] for f in fields(cls) if raw.get(f.name) is not None and f.name in LIMITS}
         for name, value in given.items():
-            low, high = limits[name]
+            low, high = LIMITS[name]
             if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
                 raise ValueError(f"{path}: {name}={value!r} is not a number in [{low}, {high}]")
-        return cls(**given)
+        eos = raw.get("eos_token_id")
+        eos_ids = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
+        stops = tuple(dict.fromkeys([*turn_end_ids, *(int(t) for t in eos_ids)]))
+        return cls(**given, stop_token_ids=stops)
 
 
 def sampling_params(
@@ -151,6 +160,7 @@ def sampling_params(
         max_new_tokens=max_tokens,
         ignore_eos=req.ignore_eos,
         skip_special_tokens=req.skip_special_tokens,
+        stop_token_ids=() if req.ignore_eos else defaults.stop_token_ids,
         n=1,
     )
     if req.seed is not None:

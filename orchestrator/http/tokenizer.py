@@ -2,13 +2,18 @@
 
 Chat templates render the way `transformers` renders them (sandboxed Jinja with trim_blocks and
 lstrip_blocks, `raise_exception`, `tojson`, `strftime_now`), so prompts tokenize identically.
+A tokenizer that is code shipped with the model (Kimi K2's tiktoken one: `auto_map` in
+tokenizer_config.json, no tokenizer.json) runs only when the operator opts in
+(`--trust-remote-code`; `remote_tokenizer.py`, whose `load_tokenizer` picks between the two).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import re
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -32,39 +37,27 @@ def _token_text(value: str | dict[str, Any] | None) -> str | None:
     return value
 
 
-class Tokenizer:
-    """The model directory's tokenizer.json and its chat template (from tokenizer_config.json or .jinja)."""
+class ChatTokenizer(ABC):
+    """What the HTTP edge needs of a tokenizer: ids from text and chat messages, text from ids, and
+    the ids that end an assistant's turn. Subclasses tokenize; the chat template's safety is here."""
 
-    def __init__(self, model_dir: str | Path):
-        model_dir = Path(model_dir)
-        path = model_dir / "tokenizer.json"
-        if not path.is_file():
-            raise TokenizerError(f"model directory {model_dir} has no tokenizer.json")
-        self._tok = _HFTokenizer.from_file(str(path))
-        model_cfg = model_dir / "config.json"
-        vocab = json.loads(model_cfg.read_text()).get("vocab_size") if model_cfg.is_file() else None
-        self.model_vocab_size: int = int(vocab or self._tok.get_vocab_size(with_added_tokens=True))
-        """Token ids the model takes (config.json's vocab_size; the tokenizer's when absent)."""
-        cfg_path = model_dir / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-        self.bos_token = _token_text(cfg.get("bos_token"))
-        self.eos_token = _token_text(cfg.get("eos_token"))
-        specials = {tid: tok for tid, tok in self._tok.get_added_tokens_decoder().items() if tok.special}
-        self.special_ids = set(specials)
-        self.special_texts = [tok.content for tok in specials.values() if tok.content]
-        template = cfg.get("chat_template")
-        if isinstance(template, list):  # named templates: take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        jinja_file = model_dir / "chat_template.jinja"
-        if template is None and jinja_file.is_file():
-            template = jinja_file.read_text()
-        self._template = _compile(template) if template else None
+    model_vocab_size: int
+    """Token ids the model takes (config.json's vocab_size; the tokenizer's when absent)."""
+    special_texts: list[str]
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+    @abstractmethod
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+    @abstractmethod
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+    @abstractmethod
+    def _encode_as_text(self, text: str) -> list[int]:
+        """`text` tokenized with special-token strings taken as plain text."""
+
+    @abstractmethod
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        """The chat template's text for `messages`; ChatTemplateError if it rejects them."""
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
@@ -99,6 +92,60 @@ class Tokenizer:
             if piece:
                 ids += self.encode(piece, add_special_tokens=False) if markup else self._encode_as_text(piece)
         return ids
+
+    @functools.cached_property
+    def turn_end_ids(self) -> tuple[int, ...]:
+        """The special token the chat template closes an assistant's turn with (`<|im_end|>`,
+        `<|eot_id|>`, ...), found by rendering one: generation stops there whatever config.json's
+        eos_token_id says (Kimi K2's names another token)."""
+        mark = "\ue000reply\ue001"
+        try:
+            text = self._render(
+                [{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}], False
+            )
+        except ChatTemplateError:
+            return ()
+        _, found, after = text.partition(mark)
+        for special in sorted(self.special_texts, key=len, reverse=True):
+            if found and after.lstrip().startswith(special):
+                ids = self.encode(special, add_special_tokens=False)
+                return tuple(ids) if len(ids) == 1 else ()
+        return ()
+
+
+class Tokenizer(ChatTokenizer):
+    """The model directory's tokenizer.json and its chat template (from tokenizer_config.json or .jinja)."""
+
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(f"model directory {model_dir} has no tokenizer.json")
+        self._tok = _HFTokenizer.from_file(str(path))
+        model_cfg = model_dir / "config.json"
+        vocab = json.loads(model_cfg.read_text()).get("vocab_size") if model_cfg.is_file() else None
+        self.model_vocab_size: int = int(vocab or self._tok.get_vocab_size(with_added_tokens=True))
+        """Token ids the model takes (config.json's vocab_size; the tokenizer's when absent)."""
+        cfg_path = model_dir / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+        specials = {tid: tok for tid, tok in self._tok.get_added_tokens_decoder().items() if tok.special}
+        self.special_ids = set(specials)
+        self.special_texts = [tok.content for tok in specials.values() if tok.content]
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        jinja_file = model_dir / "chat_template.jinja"
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text()
+        self._template = _compile(template) if template else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def _encode_as_text(self, text: str) -> list[int]:
         """`text` tokenized with special-token strings taken as plain text."""
@@ -160,7 +207,7 @@ class IncrementalDetokenizer:
 
     CONTEXT = 6
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: ChatTokenizer, skip_special_tokens: bool = True):
         self.tok = tokenizer
         self.skip = skip_special_tokens
         self.ids: list[int] = []

@@ -10,7 +10,7 @@ missing or unsupported.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,11 +115,29 @@ class ModelConfig:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ModelConfigError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_dict(raw, source=str(path))
+        cfg = cls.from_dict(raw, source=str(path))
+        # generation_config.json may end a reply at more tokens (Kimi K2: its turn end, <|im_end|>).
+        generation = Path(model_dir) / "generation_config.json"
+        try:
+            extra = (
+                _ids(json.loads(generation.read_text()).get("eos_token_id")) if generation.is_file() else ()
+            )
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ModelConfigError(
+                f"{generation}: eos_token_id is not a token id or a list of them: {e}"
+            ) from e
+        return replace(cfg, eos_token_ids=tuple(dict.fromkeys((*cfg.eos_token_ids, *extra))))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
         return _Parser(raw, source).parse()
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    """A token id or a list of them (`eos_token_id`) as a tuple; () when absent."""
+    if value is None or value == ():
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, list) else (int(value),)
 
 
 class _Parser:
@@ -161,8 +179,7 @@ class _Parser:
         return self.qwen3_moe(common)
 
     def common(self, arch: str, family: Family) -> dict[str, Any]:
-        eos = self.get("eos_token_id", default=())
-        eos_ids = tuple(eos) if isinstance(eos, list) else (int(eos),) if eos != () else ()
+        eos_ids = _ids(self.get("eos_token_id", default=()))
         num_layers = int(self.get("num_hidden_layers"))
         return dict(
             family=family,

@@ -8,6 +8,7 @@ inspect-model DIR [--ep W] [--kv-tokens N]          sizes, and what one rank of 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -69,7 +70,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = Engine.from_pretrained(model_dir)  # validates the directory before anything else reads it
     if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
         raise ValueError(f"model directory {model_dir} has no tokenizer files (tokenizer.json)")
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    config_file = model_dir / "tokenizer_config.json"
+    code = json.loads(config_file.read_text()).get("auto_map", {}) if config_file.is_file() else {}
+    if code.get("AutoTokenizer") and not args.trust_remote_code:
+        raise ValueError(
+            f"model directory {model_dir} tokenizes with its own code ({code['AutoTokenizer'][0]}); "
+            "it runs only with --trust-remote-code (read it first)"
+        )
+    tok = AutoTokenizer.from_pretrained(
+        model_dir, local_files_only=True, trust_remote_code=args.trust_remote_code
+    )
     prompt: Any = tok.apply_chat_template(  # token ids, or a BatchEncoding holding them
         [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
     )
@@ -173,9 +183,13 @@ def generate(
     temperature: float = 0.0,
     seed: int | None = None,
     threads: int = 1,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="load a tokenizer that is Python code in the model directory (Kimi K2's)")
+    ] = False,
 ) -> None:
     _run(cmd_generate, prompt=prompt, model=model, arch=arch, max_tokens=max_tokens,
-         temperature=temperature, seed=seed, threads=threads)  # fmt: skip
+         temperature=temperature, seed=seed, threads=threads,
+         trust_remote_code=trust_remote_code)  # fmt: skip
 
 
 @app.command("inspect-model", help="sizes of a model, and what one rank of an EP group holds")

@@ -41,16 +41,25 @@ def alive(pid: int) -> bool:
     return bool(state) and not state.startswith("Z")
 
 
-def greedy_reference(model_dir: Path, messages: list[dict], max_new: int) -> str:
+def greedy_reference(
+    model_dir: Path,
+    messages: list[dict],
+    max_new: int,
+    trust_remote_code: bool = False,
+    eos: list | None = None,
+) -> str:
     """What transformers' greedy decoding says for the same model and chat."""
     import torch
     import transformers
 
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids = torch.tensor([list(ids["input_ids"] if hasattr(ids, "keys") else ids)])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False)
+    stop = {"eos_token_id": eos} if eos else {}
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False, **stop
+    )
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
@@ -252,3 +261,34 @@ def test_keys_from_a_file_reach_the_orchestrator_without_a_command_line(tmp_path
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_up_serves_a_kimi_shaped_model_whose_tokenizer_is_code(tmp_path):
+    """A tiny Kimi-K2-shaped model (tests/kimi): tiktoken tokenizer shipped as code, served only with
+    --trust-remote-code; the reply is transformers' greedy one, ending where Kimi's replies end."""
+    from tests.kimi import IDS, make_tiny_kimi
+
+    model = make_tiny_kimi(tmp_path / "tiny-kimi")
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [MOESERVE, "up", "--model", str(model), "--port", str(port), "--trust-remote-code"]
+    args += ["--prefill-ep", "1", "--decode-ep", "1"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline, line = time.monotonic() + 240, ""
+        while time.monotonic() < deadline and "moeserve is up" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "moeserve up exited early"
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60
+        )
+        messages = [{"role": "user", "content": "the answer"}]
+        res = client.chat.completions.create(
+            model="tiny-kimi", messages=messages, max_tokens=6, temperature=0
+        )
+        eos = [IDS["[EOS]"], IDS["<|im_end|>"]]
+        assert res.choices[0].message.content == greedy_reference(model, messages, 6, True, eos)
+        assert res.choices[0].finish_reason in ("stop", "length")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)

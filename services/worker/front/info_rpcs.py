@@ -7,6 +7,7 @@ import collections
 import datetime as dt
 import hashlib
 import io
+import json
 import os
 import time
 import zipfile
@@ -37,6 +38,8 @@ TOKENIZER_FILES = (
     "generation_config.json",
     "config.json",
 )
+REMOTE_CODE_FILES = ("tiktoken.model", "*.tiktoken", "tokenization_*.py", "tokenizer.model")
+"""A tokenizer that is code shipped with the model (Kimi K2's): its class and its vocabulary."""
 CHUNK_BYTES = 1 << 20
 INFO_TIMEOUT_S = 5.0
 
@@ -45,6 +48,24 @@ class CallCounts(Protocol):
     """gRPC calls served, per method (`server.CallCounter`)."""
 
     counts: collections.Counter[str]
+
+
+def tokenizer_files(model_dir: Path) -> list[str]:
+    """What a router needs to tokenize for this model: the tokenizer, its chat template and
+    generation defaults, and for a tokenizer that is code, that code (the modules tokenizer_config's
+    `auto_map` names) and its vocabulary files."""
+    names = [n for n in TOKENIZER_FILES if (model_dir / n).is_file()]
+    names += sorted({p.name for pattern in REMOTE_CODE_FILES for p in model_dir.glob(pattern) if p.is_file()})
+    try:
+        auto_map = json.loads((model_dir / "tokenizer_config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError):
+        auto_map = {}
+    classes = auto_map.get("AutoTokenizer") or []
+    for ref in classes if isinstance(classes, list) else [classes]:
+        module = f"{ref.rsplit('.', 1)[0]}.py" if isinstance(ref, str) and "--" not in ref else None
+        if module and (model_dir / module).is_file() and module not in names:
+            names.append(module)
+    return names
 
 
 class InstanceInfo:
@@ -163,10 +184,8 @@ class InstanceInfo:
     def tokenizer(self) -> Iterator[common_pb2.GetTokenizerChunk]:
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-            for name in TOKENIZER_FILES:
-                path = Path(self.config.model) / name
-                if path.is_file():
-                    zf.write(path, name)
+            for name in tokenizer_files(Path(self.config.model)):
+                zf.write(Path(self.config.model) / name, name)
         data = buf.getvalue()
         digest = hashlib.sha256(data).hexdigest()
         chunks = [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
