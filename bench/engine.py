@@ -1,9 +1,11 @@
 """Engine throughput vs `transformers` generate on the same tiny model, same thread count.
 
-Prints decode tokens/s for both and their ratio at batch 1 and batch 16, and prefill tokens/s
-for a 512-token prompt. Decode time is isolated as time(generate N tokens) - time(generate 1).
+Prints decode tokens/s for both and their ratio at each batch size (1 and 16 by default), our
+decode step time, and prefill tokens/s for a 512-token prompt. Decode time is isolated as
+time(generate N tokens) - time(generate 1).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/engine.py [--arch deepseek_v3|qwen3_moe] [--threads 1]
+    python bench/engine.py --device cuda --batches 1,16,64     # on a GPU: bf16 both sides
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ def ours(engine: Engine, prompts: list[list[int]], new_tokens: int) -> Callable[
 
 
 def theirs(model, prompts: list[list[int]], new_tokens: int) -> Callable[[], object]:
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=model.device)
 
     def run():
         with torch.inference_mode():
-            return model.generate(
+            out = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=new_tokens,
@@ -47,6 +49,9 @@ def theirs(model, prompts: list[list[int]], new_tokens: int) -> Callable[[], obj
                 do_sample=False,
                 eos_token_id=None,
             )
+        if out.is_cuda:
+            torch.cuda.synchronize()  # ours ends each step on the host already
+        return out
 
     return run
 
@@ -64,28 +69,41 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (bf16 unless --dtype)")
+    ap.add_argument("--dtype", default=None, help="float32 on the CPU, bfloat16 on a GPU by default")
+    ap.add_argument("--batches", default="1,16", help="decode batch sizes, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    batches = [int(b) for b in args.batches.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny_model(f"{tmp}/m", args.arch)
-        engine = Engine.from_pretrained(model_dir, max_prefill_tokens=1024, max_num_seqs=64)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        engine = Engine.from_pretrained(
+            model_dir,
+            device=args.device,
+            dtype=dtype,
+            max_prefill_tokens=1024,
+            max_num_seqs=max(64, *batches),
+        )
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        hf = hf.to(args.device).eval()
         vocab = engine.model_config.vocab_size
         g = torch.Generator().manual_seed(0)
 
         print(
-            f"model: tiny {args.arch}, threads={torch.get_num_threads()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}"
+            f"model: tiny {args.arch}, {args.device} {dtype}, threads={torch.get_num_threads()}, "
+            f"torch {torch.__version__}, transformers {transformers.__version__}"
         )
         print(f"{'metric':<34}{'moeserve':>12}{'transformers':>14}{'ratio':>8}")
-        for batch in (1, 16):
+        for batch in batches:
             prompts = torch.randint(0, vocab, (batch, args.prompt_len), generator=g).tolist()
             ours(engine, prompts, 4)()  # warm-up
             theirs(hf, prompts, 4)()
             a = decode_rate(lambda n, p=prompts: ours(engine, p, n), batch, args.new_tokens, args.repeats)
             b = decode_rate(lambda n, p=prompts: theirs(hf, p, n), batch, args.new_tokens, args.repeats)
             print(f"{f'decode tok/s, batch {batch}':<34}{a:>12.1f}{b:>14.1f}{a / b:>8.2f}")
+            print(f"{f'decode step ms, batch {batch}':<34}{1e3 * batch / a:>12.2f}{1e3 * batch / b:>14.2f}")
 
         prompt = torch.randint(0, vocab, (1, 512), generator=g).tolist()
         a = 512 / best_of(ours(engine, prompt, 1), args.repeats)

@@ -13,7 +13,7 @@ from services.engine.sampling import Sampled, sample
 from services.engine.scheduler import ScheduledBatch
 from services.models.attention import AttnBatch
 from services.models.base import MoECausalLM
-from services.models.device import DeviceMark
+from services.models.device import DeviceMark, to_device
 
 
 class ModelRunner:
@@ -71,7 +71,9 @@ class ModelRunner:
         done = [i for i, (r, c) in enumerate(zip(reqs, ctx_lens, strict=True)) if c == r.num_tokens]
         picks: list[Sampled | None] = [None] * len(reqs)
         if done:
-            last = batch.last_index if len(done) == len(reqs) else batch.last_index[done]
+            last = batch.last_index
+            if len(done) < len(reqs):  # some prompts go on in the next chunk: their logits are not taken
+                last = last.index_select(0, to_device([done], self.device)[0])
             logits = self.model.logits(hidden[last])  # [N, V] on the model's device
             rows = [reqs[i] for i in done]
             picked = sample(

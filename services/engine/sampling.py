@@ -19,7 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
+
+from services.models.device import to_device
 
 MAX_TOP_LOGPROBS = 20
 """The most alternatives a request may ask for per token (OpenAI's limit)."""
@@ -121,19 +124,20 @@ def sample(
     asks). `seeds[i]`: row i's seed (None: greedy); `positions[i]`: how many tokens it has made."""
     tokens = logits.argmax(dim=-1)  # [B] greedy rows are done here
     rows = [i for i, p in enumerate(params) if not p.greedy]
-    if rows:
-        index = torch.tensor(rows, device=logits.device)
-        probs = _filtered(logits.index_select(0, index), [params[i] for i in rows])  # [N, V]
-        state = torch.tensor(
-            [[(seeds[i] or 0) & SEED_MASK, positions[i]] for i in rows], device=logits.device
+    if rows:  # the rows' indices, seeds and positions reach the device in one copy
+        vocab = logits.shape[1]
+        index, state = to_device(
+            [rows, [[(seeds[i] or 0) & SEED_MASK, positions[i]] for i in rows]], logits.device
         )
-        noise = _exponential(state[:, 0], state[:, 1], logits.shape[-1])  # [N, V] ~ Exp(1)
+        (table,) = to_device([[_filter_row(params[i], vocab) for i in rows]], logits.device, np.float32)
+        probs = _filtered(logits.index_select(0, index), table)  # [N, V]
+        noise = _exponential(state[:, 0], state[:, 1], vocab)  # [N, V] ~ Exp(1)
         tokens = tokens.index_copy(0, index, (probs / noise).argmax(dim=-1))  # the exponential race
     asks = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not asks:
         (picked,) = to_host(tokens)
         return [Sampled(t) for t in picked]
-    index = torch.tensor(asks, device=logits.device)
+    (index,) = to_device([asks], logits.device)
     lp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)  # [A, V]
     chosen = lp.gather(1, tokens.index_select(0, index)[:, None]).squeeze(1)  # [A]
     top = lp.topk(max(params[i].logprobs or 0 for i in asks), dim=-1)  # [A, k]
@@ -146,15 +150,14 @@ def sample(
     return out
 
 
-def _filtered(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """logits: [N, V] -> probabilities after temperature, top-k, top-p and min-p, row by row's own."""
-    vocab = logits.shape[1]
-    device = logits.device
-    table = torch.tensor(
-        [[p.temperature, p.top_k if 0 < p.top_k < vocab else vocab, p.top_p, p.min_p] for p in params],
-        dtype=torch.float32,
-        device=device,
-    )
+def _filter_row(p: SamplingParams, vocab: int) -> list[float]:
+    """A row's [temperature, top_k (the vocabulary when off), top_p, min_p], as `_filtered` takes them."""
+    return [p.temperature, p.top_k if 0 < p.top_k < vocab else vocab, p.top_p, p.min_p]
+
+
+def _filtered(logits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """logits: [N, V], table: [N, 4] (`_filter_row`) -> probabilities after temperature, top-k, top-p
+    and min-p, row by row's own."""
     temperature, top_k, top_p, min_p = table.unbind(1)
     ordered, order = (logits / temperature[:, None]).sort(dim=-1, descending=True)  # [N, V]
     kth = ordered.gather(1, top_k.long()[:, None] - 1)  # [N, 1]
@@ -171,7 +174,8 @@ def _filtered(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
 def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """One row: logits [V] -> probabilities after temperature 1, top-k, top-p and min-p."""
     unit = SamplingParams(top_k=p.top_k, top_p=p.top_p, min_p=p.min_p)
-    return _filtered(logits[None].float(), [unit])[0]
+    table = torch.tensor([_filter_row(unit, logits.shape[-1])], dtype=torch.float32, device=logits.device)
+    return _filtered(logits[None].float(), table)[0]
 
 
 def _exponential(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:

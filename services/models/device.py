@@ -46,10 +46,13 @@ class DeviceMark:
             self._event.synchronize()
 
 
-def to_device(arrays: Sequence[np.ndarray], device: torch.device | str) -> list[torch.Tensor]:
-    """Integer arrays (any shapes) -> int64 tensors of the same shapes on `device`, one copy."""
+def to_device(
+    arrays: Sequence[np.ndarray | Sequence[Any]], device: torch.device | str, dtype: Any = np.int64
+) -> list[torch.Tensor]:
+    """Arrays (any shapes) -> tensors of `dtype` (int64; float32 for parameters) and the same shapes
+    on `device`, in one copy."""
     device = torch.device(device)
-    packed = np.concatenate([np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays])
+    packed = np.concatenate([np.asarray(a, dtype=dtype).reshape(-1) for a in arrays])
     host = torch.from_numpy(packed)
     flat = host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
     out, start = [], 0
