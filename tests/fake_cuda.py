@@ -106,6 +106,8 @@ class FakeCuda:
     """(thread name, device index) per `torch.cuda.set_device` call."""
     to_host_calls: int = 0
     """Calls of the step's one sync point (`sampling.to_host`)."""
+    host_to_device: list[bool] = field(default_factory=list)
+    """One entry per copy from the host to the device: True if it did not block the host."""
     events: list[FakeEvent] = field(default_factory=list)
     _current: threading.local = field(default_factory=threading.local)
 
@@ -133,6 +135,24 @@ def cuda_runtime(monkeypatch: Any) -> Iterator[FakeCuda]:
     monkeypatch.setattr(torch.cuda, "set_device", log.record_set_device)
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)
+    # Copies from the host to the device, as Python asks for them (a dispatch mode does not see
+    # them all: under inference_mode `.to()` reaches no mode): did each leave the host free?
+    to, tensor = torch.Tensor.to, torch.tensor
+
+    def recorded_to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = to(self, *args, **kwargs)
+        if self.device.type == "cpu" and out.device.type != "cpu":
+            log.host_to_device.append(bool(kwargs.get("non_blocking", False)))
+        return out
+
+    def recorded_tensor(data: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = tensor(data, *args, **kwargs)
+        if out.device.type != "cpu":
+            log.host_to_device.append(False)  # from pageable memory: the host waits
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", recorded_to)
+    monkeypatch.setattr(torch, "tensor", recorded_tensor)
     yield log
 
 

@@ -55,9 +55,14 @@ def test_steps_on_cuda_mix_no_devices_and_sync_once_per_sampling_step(model_dir,
     par = one_rank(model_dir)
     with fake_gpu(monkeypatch) as cuda:
         engine = cuda_engine(model_dir, par, max_prefill_tokens=chunk)
+        cuda.host_to_device.clear()  # start-up's copies (tables, buffers) aside: the steps' own
         sampled = run_steps(engine, [list(range(1, 20)), list(range(3, 9))], [GREEDY, SAMPLED], steps=6)
     assert sampled >= 3  # prefill, then decode steps
     assert cuda.to_host_calls == sampled  # the sampled tokens' copy, once a step
+    # The step's host inputs (and the sampler's) reach the device without blocking the host, from
+    # pinned memory: one copy for the step, and one or two for sampling rows that draw.
+    assert cuda.host_to_device and all(cuda.host_to_device)
+    assert len(cuda.host_to_device) <= 6 * 4
 
 
 def test_redundant_slots_and_a_locality_placement_route_on_the_device(model_dir, monkeypatch):
