@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 
 from services.common.process import free_port, port_in_use
 
@@ -292,3 +293,41 @@ def test_up_serves_a_kimi_shaped_model_whose_tokenizer_is_code(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe"])
+def test_up_serves_both_families_in_bf16(tmp_path, arch):
+    """CUDA's default dtype, end to end on the CPU: the KV hand-off carries bf16 pages, and the reply
+    is what the bf16 engine alone says for the same prompt."""
+    port = free_port()
+    env = {**os.environ, "MOESERVE_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    args = [MOESERVE, "up", "--arch", arch, "--port", str(port), "--prefill-ep", "1", "--decode-ep", "1"]
+    args += ["--worker-arg=--dtype=bfloat16"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline, line = time.monotonic() + 240, ""
+        while time.monotonic() < deadline and "moeserve is up" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "moeserve up exited early"
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60
+        )
+        prompt = [5, 17, 42, 8, 99, 3]
+        res = client.completions.create(
+            model=f"tiny-{arch}", prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+        )
+        from services.engine import Engine, SamplingParams
+
+        engine = Engine.from_pretrained(tmp_path / f"tiny-{arch}", dtype="bfloat16")
+        (alone,) = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+        assert res.usage.completion_tokens == 6
+        assert res.choices[0].text == _tokenizer_text(tmp_path / f"tiny-{arch}", alone.output_token_ids)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+
+
+def _tokenizer_text(model_dir: Path, ids: list[int]) -> str:
+    from orchestrator.http.tokenizer import Tokenizer
+
+    return Tokenizer(model_dir).decode(ids)
