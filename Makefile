@@ -6,14 +6,16 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Reinstall only when the dependency list changes.
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# SGLang's own code for the conformance tests, installed --no-deps (its requirements pull CUDA torch).
+SGLANG_REQS := tests/doubles/sglang/requirements.txt
+# Reinstall only when a dependency list changes.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(SGLANG_REQS) | cksum | cut -d' ' -f1)
 
 .PHONY: setup run test lint fmt bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(SGLANG_REQS)
 	@# Mooncake's transfer engine loads libibverbs even for TCP; install it when we can (root).
 	@if ! ldconfig -p 2>/dev/null | grep -q libibverbs.so.1; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1; \
@@ -26,6 +28,7 @@ $(STAMP): pyproject.toml
 	fi
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps -r $(SGLANG_REQS)
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
