@@ -4,6 +4,11 @@ Decode is chosen first, with the shared least-loaded rule (`services.common.pick
 instance with the fewest requests in flight from this orchestrator, ties in turn. Prefill is the
 prefill policy's choice for the prompt (`policies`; by default prefix affinity), with the DP rank
 to pin. Starting, draining, failed and gone instances get nothing new.
+
+The room also pins the rank: SGLang's prefill places a request on DP rank `room % ranks` (its
+`follow_bootstrap_room` balancing, the default for a PD prefill, which ignores the request's
+`data_parallel_rank` and refuses a request that lands elsewhere), so a pinned rank's room is drawn
+congruent to it modulo the instance's DP ranks.
 """
 
 from __future__ import annotations
@@ -85,7 +90,8 @@ class Router:
             inst.requests.add(request_id)
             inst.breaker.picked()
         single = self.decode_first and prefill.decode_first and decode.decode_first
-        return Lease(prefill, decode, self._new_room(), request_id, self, rank, decode_first=single)
+        room = self._new_room(rank, len(prefill.loads))
+        return Lease(prefill, decode, room, request_id, self, rank, decode_first=single)
 
     def _ready(self, instances: list[Instance], role: str, avoid: frozenset[str]) -> list[Instance]:
         ready = [i for i in instances if i.state == State.READY and i.breaker.allows()]
@@ -102,9 +108,13 @@ class Router:
             raise NoWorkers(f"no ready {role} instance ({states}); check the {role} pool")
         return ready
 
-    def _new_room(self) -> int:
+    def _new_room(self, rank: int | None = None, ranks: int = 1) -> int:
+        """A room no live lease holds; congruent to `rank` modulo `ranks` when a rank is pinned."""
         while True:
             room = self._rng.randint(1, ROOM_MAX)
+            if rank is not None and ranks > 1:
+                room -= (room - rank) % ranks
+                room += ranks if room < 1 else 0
             if room not in self.live_rooms:
                 self.live_rooms.add(room)
                 return room

@@ -6,6 +6,7 @@ The registry (`registry.py`) holds the instances and moves them through drain.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
@@ -27,6 +28,17 @@ from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
 
 log = logging.getLogger(__name__)
 RPC_TIMEOUT_S = 2.0
+HEALTH_TIMEOUT_S = 25.0
+"""SGLang's HealthCheck runs a real one-token generation and gives it 20 s
+(`SGLANG_HEALTH_CHECK_TIMEOUT`): a healthy worker under load may take that long to answer."""
+HEALTH_EVERY_S = 5.0
+"""A ready instance's health is checked this often (each check costs an SGLang worker a
+generation); its load is read every poll, and a refused connection fails it at once."""
+A2A_EP_BACKENDS = frozenset(
+    {"deepep", "deepep_v2", "mooncake", "nixl", "mori", "pplx", "flashinfer", "megamoe", "ascend_fuseep"}
+)
+"""SGLang's all-to-all MoE backends that span the whole TP group: with one, its EP size is the TP
+size whatever `--ep-size` says (SGLang resolves it; GetServerInfo reports the raw argument)."""
 
 
 class State(StrEnum):
@@ -79,7 +91,7 @@ class Instance:
     ep_size: int = 0
     """Ranks of the instance's EP group, from GetServerInfo (0 until known)."""
     slots: int = 0
-    """Requests it runs at once (max_running_requests x DP ranks, from GetServerInfo; 0 until known)."""
+    """Requests it runs at once, all DP ranks together (from GetServerInfo, `_slots`; 0 until known)."""
     decode_first: bool = False
     """It serves decode-first dispatch (`services.common.wire`; GetServerInfo says so)."""
     info: pb.GetModelInfoResponse | None = None
@@ -91,6 +103,9 @@ class Instance:
     _channel: grpc.aio.Channel | None = field(default=None, repr=False)
     _stub: pb_grpc.SglangSchedulerStub | None = field(default=None, repr=False)
     _first_tokens: FirstTokenFeed | None = field(default=None, repr=False)
+    _health: asyncio.Future[tuple[str, bool]] | None = field(default=None, repr=False)
+    """The HealthCheck in flight: its result is ("", _) when healthy, else (why not, refused)."""
+    _health_at: float = 0.0
 
     @property
     def host(self) -> str:
@@ -148,47 +163,91 @@ class Instance:
             ld.running == 0 and ld.waiting == 0 and ld.kv_used_tokens == 0 for ld in self.loads
         )
 
+    @property
+    def context(self) -> int:
+        """The longest sequence it takes (0 until known): SGLang's `max_context_length` is its KV
+        pool's size, so its `max_req_input_len` (the prompt it accepts, below both the model's
+        context and the pool) is the figure; moeserve reports both consistently."""
+        if self.info is None:
+            return 0
+        prompt: int = self.info.max_req_input_len
+        whole: int = self.info.max_context_length
+        return prompt + 1 if prompt > 0 else whole
+
     async def poll(self) -> None:
-        """One health check and load read; moves starting/ready/failed as the answers say."""
+        """One load read, and a health check when one is due (in the background: SGLang's takes up
+        to 20 s, and one slow instance must not hold the others' polls); moves starting/ready/failed
+        as the answers say."""
         if self.state == State.GONE:
             return
+        verdict = self._health_verdict()
+        if verdict is None and self._health is None and self._health_due():
+            self._health = asyncio.ensure_future(self._check_health())
+            if self.state != State.READY:  # nothing to hold up: wait as long as for any call
+                await asyncio.wait({self._health}, timeout=RPC_TIMEOUT_S)
+                verdict = self._health_verdict()
+        if verdict is not None and verdict[0]:
+            self._unhealthy(*verdict)
+            return
+        if self.state in (State.STARTING, State.FAILED) and verdict is None:
+            return  # not (again) healthy yet
         try:
-            health = await self.stub.HealthCheck(pb.HealthCheckRequest(), timeout=RPC_TIMEOUT_S)
-            if health.healthy:
-                loads = await self.stub.GetLoads(pb.GetLoadsRequest(), timeout=RPC_TIMEOUT_S)
-                self.loads = [
-                    DpLoad(
-                        ld.dp_rank,
-                        ld.num_running_reqs,
-                        ld.num_waiting_reqs,
-                        ld.num_used_tokens,
-                        ld.max_total_num_tokens,
-                        ld.disaggregation.kv_transfer_latency_ms,
-                        ld.disaggregation.kv_transfer_speed_gb_s,
-                    )
-                    for ld in loads.loads
-                ]
-                self.balancedness = await self._balancedness()
-                if self.info is None:
-                    self.info = await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S)
-                    server = await self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=RPC_TIMEOUT_S)
-                    self.ep_size = _server_int(server, "ep_size", "dp_size") or len(self.loads)
-                    per_rank = _server_int(server, "max_running_requests")
-                    self.slots = per_rank * max(1, _server_int(server, "dp_size") or len(self.loads))
-                    self.decode_first = _server_args(server).get(wire.SERVER_ARG) is True
+            await self._read_load()
         except grpc.aio.AioRpcError as e:
             self._unhealthy(
                 f"{e.code().name}: {e.details()}", refused=e.code() == grpc.StatusCode.UNAVAILABLE
             )
             return
-        if not health.healthy:
-            self._unhealthy("HealthCheck says unhealthy", refused=False)
-            return
-        self._failures = 0
-        if self.state in (State.STARTING, State.FAILED):  # a failed instance that answers again is back
-            self.set_state(State.READY, "healthy")
+        if verdict is not None:  # healthy
+            self._failures = 0
+            if self.state in (State.STARTING, State.FAILED):  # a failed instance that answers again is back
+                self.set_state(State.READY, "healthy")
         if self.role == "prefill" and self.decode_first:
             self.first_tokens.open()  # ready for its first request (again, if the stream ended)
+
+    def _health_due(self) -> bool:
+        if self.state in (State.STARTING, State.FAILED):
+            return True
+        return time.monotonic() - self._health_at >= HEALTH_EVERY_S
+
+    def _health_verdict(self) -> tuple[str, bool] | None:
+        """The finished health check's answer: ("", False) healthy, else (why not, refused); None
+        while none has finished since the last poll."""
+        if self._health is None or not self._health.done():
+            return None
+        task, self._health = self._health, None
+        self._health_at = time.monotonic()
+        return None if task.cancelled() else task.result()
+
+    async def _check_health(self) -> tuple[str, bool]:
+        try:
+            health = await self.stub.HealthCheck(pb.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            return f"HealthCheck: {e.code().name}: {e.details()}", e.code() == grpc.StatusCode.UNAVAILABLE
+        return ("", False) if health.healthy else (f"HealthCheck says unhealthy: {health.message}", False)
+
+    async def _read_load(self) -> None:
+        loads = await self.stub.GetLoads(pb.GetLoadsRequest(), timeout=RPC_TIMEOUT_S)
+        self.loads = [
+            DpLoad(
+                ld.dp_rank,
+                ld.num_running_reqs,
+                ld.num_waiting_reqs,
+                ld.num_used_tokens,
+                ld.max_total_num_tokens,
+                ld.disaggregation.kv_transfer_latency_ms,
+                ld.disaggregation.kv_transfer_speed_gb_s,
+            )
+            for ld in loads.loads
+        ]
+        self.balancedness = await self._balancedness()
+        if self.info is None:
+            self.info = await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S)
+            server = await self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=RPC_TIMEOUT_S)
+            args = _server_args(server)
+            self.ep_size = _ep_size(args) or len(self.loads)
+            self.slots = _slots(args)
+            self.decode_first = args.get(wire.SERVER_ARG) is True
 
     async def _balancedness(self) -> float | None:
         """From moeserve's WorkerControl.GetExpertLoad (other workers lack it: None): mean ÷ max
@@ -224,6 +283,9 @@ class Instance:
             await self.stub.Abort(pb.AbortRequest(request_id=request_id, reason=reason), timeout=5.0)
 
     async def close(self) -> None:
+        if self._health is not None:
+            self._health.cancel()
+            self._health = None
         if self._first_tokens is not None:
             await self._first_tokens.close()
         if self._channel is not None:
@@ -256,16 +318,30 @@ class Instance:
         }
 
 
-def _server_int(server: pb.GetServerInfoResponse, *keys: str) -> int:
-    """The first of `keys` in the server's arguments that holds a whole number (0: none does)."""
-    args = _server_args(server)
-    for key in keys:
-        value = args.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value == int(value):
-            return int(value)
-        if isinstance(value, str) and value.isdigit():
-            return int(value)
-    return 0
+def _ep_size(args: dict[str, Any]) -> int:
+    """The instance's EP size: SGLang's as it resolves it (`A2A_EP_BACKENDS`), else `ep_size`."""
+    ep, tp = _int(args.get("ep_size")), _int(args.get("tp_size"))
+    if str(args.get("moe_a2a_backend") or "none") in A2A_EP_BACKENDS and tp > 0:
+        return tp
+    return ep
+
+
+def _slots(args: dict[str, Any]) -> int:
+    """The instance's running window. `max_running_requests` is in the units of SGLang's flag:
+    attention DP splits it over its ranks (the servicer reports the whole), while each replica of
+    plain DP (`--dp-size` without `--enable-dp-attention`) runs all of it. moeserve reports its
+    whole worker, as attention DP does."""
+    window = _int(args.get("max_running_requests"))
+    if args.get(wire.SERVER_ARG) is True or args.get("enable_dp_attention") is True:
+        return window
+    return window * max(1, _int(args.get("dp_size")))
+
+
+def _int(value: Any) -> int:
+    """A whole number from a server argument (Struct numbers are floats), else 0."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == int(value):
+        return int(value)
+    return int(value) if isinstance(value, str) and value.isdigit() else 0
 
 
 def _server_args(server: pb.GetServerInfoResponse) -> dict[str, Any]:

@@ -5,6 +5,11 @@ policy's `observe(instance_id, dp_rank, event)` (prefix affinity: blocks a rank 
 longer holds). A stream that breaks is opened again on the next check while the instance is
 ready; an instance that does not implement the RPC is left alone; an instance that is no longer
 ready is unsubscribed and its targets are forgotten.
+
+Only moeserve workers are followed: their block hashes are the chain the policy indexes prompts by
+(`services.common.prefix_hash`). SGLang's are another scheme (SHA-256 per page, one token per
+page by default), which would match no prompt and only fill the index; until they are translated,
+SGLang prefill instances are routed on this orchestrator's own decisions alone.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ class KvEventFeed:
                 if inst_id not in ready:
                     self.policy.forget(inst_id, any_rank=True)  # type: ignore[attr-defined]
         for inst_id, inst in ready.items():
+            if not inst.decode_first:  # not a moeserve worker (GetServerInfo says so): see above
+                continue
             if inst_id not in self._streams and inst_id not in self._unsupported:
                 self._streams[inst_id] = asyncio.get_running_loop().create_task(self._follow(inst))
 

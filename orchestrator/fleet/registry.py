@@ -6,9 +6,11 @@ An instance is one EP group behind one gRPC address (SGLang's scheduler protocol
         \\                  \\                  \\
          +------------------+------------------+--> failed (unreachable or unhealthy)
 
-The router pairs only `ready` instances. Health comes from `HealthCheck` and load from
-`GetLoads` (per DP rank: running and waiting requests, KV tokens in use), polled every
-POLL_S; a `ready` instance that stops answering is `failed` within about two polls. A draining
+The router pairs only `ready` instances. Load comes from `GetLoads` (per DP rank: running and
+waiting requests, KV tokens in use), polled every POLL_S; health from `HealthCheck`, every
+HEALTH_EVERY_S in the background for a ready instance (SGLang's runs a generation and may take
+20 s). A `ready` instance that refuses connections is `failed` at the next poll, one that answers
+with errors within two. A draining
 instance takes no new request; it is `gone` once this orchestrator has nothing in flight on it
 and the worker reports no request and no KV in use — or, past its deadline, once its remaining
 requests were aborted (their clients get a clear error). Membership backends add and remove
@@ -78,7 +80,7 @@ class Registry:
 
     def context_limit(self) -> int:
         """The smallest context of the instances that answered GetModelInfo (0 while none has)."""
-        return min((i.info.max_context_length for i in self.all if i.info is not None), default=0)
+        return min((i.context for i in self.all if i.info is not None), default=0)
 
     async def forget(self, inst: Instance) -> None:
         """Drop a gone or failed instance from the registry."""

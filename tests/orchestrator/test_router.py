@@ -75,3 +75,19 @@ def test_only_ready_instances_get_requests_and_none_left_is_an_error(state):
         router.lease()
     assert sum(w.inflight for w in p.prefill) == 3  # a failed lease counts nothing
     assert len(router.live_rooms) == 3
+
+
+def test_a_pinned_rank_s_room_points_at_it_as_sglang_s_follow_bootstrap_room_reads_it():
+    from orchestrator.dispatch.policies import create
+    from orchestrator.fleet.registry import DpLoad
+
+    p = pool(1, 1)
+    p.prefill[0].loads = [DpLoad(r, 0, 0, 0, 100) for r in range(3)]
+    router = Router(p, seed=0, policy=create("prefix_affinity", {"block_tokens": "2"}))
+    seen = set()
+    for i in range(60):
+        lease = router.lease(f"r{i}", prompt_ids=[i, i + 1, i + 2, i + 3])
+        assert lease.prefill_rank is not None and lease.room % 3 == lease.prefill_rank and lease.room >= 1
+        seen.add(lease.prefill_rank)
+        lease.release()
+    assert seen == {0, 1, 2}

@@ -100,12 +100,13 @@ class InstanceInfo:
         loads = self._loads(context)
         args = struct_pb2.Struct()
         args.update(self.config.as_dict())
-        # The running window routers (SMG) read for admission control, and the group's shape.
+        # The running window routers (SMG, moeserve) read for admission control, for the whole
+        # worker as SGLang's servicer reports it (each rank runs max_num_seqs), and the group's shape.
         max_seqs = self.engine.config.max_num_seqs
         args.update(
             {
                 "pid": os.getpid(),
-                "max_running_requests": max_seqs,
+                "max_running_requests": max_seqs * self.ctl.size,
                 "max_num_seqs": max_seqs,
                 "ep_size": self.ctl.size,
                 "dp_size": self.ctl.size,
