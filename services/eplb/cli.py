@@ -3,11 +3,12 @@
     moeserve eplb dump --instance HOST:PORT -o LOADS.json
     moeserve eplb plan --loads LOADS.json --slots S [--gpus G] [--nodes N] [--groups K]
                        [--policy auto|hierarchical|global|locality] [--from CURRENT.json]
-                       [--tolerance 0.01] -o PLACEMENT.json
+                       [--tolerance 0.01] [--format moeserve|sglang --model DIR] -o PLACEMENT.json
     moeserve eplb rebalance --instance HOST:PORT [--placement PLACEMENT.json]
 
 `dump` writes an instance's expert loads over its recent window (WorkerControl.GetExpertLoad);
-`plan` writes a placement (`moeserve worker --ep-placement FILE` starts from it) and prints its
+`plan` writes a placement (`moeserve worker --ep-placement FILE` starts from it; with `--format
+sglang --model DIR`, SGLang's `--init-expert-location FILE` instead) and prints its
 balancedness on the loads beside the default placement's and, with `--from`, how many slots change;
 `rebalance` switches a running instance to a placement (a file, or planned from its own window)
 while it serves (WorkerControl.Rebalance).
@@ -15,6 +16,7 @@ while it serves (WorkerControl.Rebalance).
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -75,11 +77,41 @@ def plan(
             "hierarchical, global, or locality (balanced nodes, replicas on nodes tokens visit)"
         ),
     ] = "auto",
+    format: Annotated[
+        str,
+        typer.Option(
+            help="moeserve (for `moeserve worker --ep-placement`) or sglang (for SGLang's "
+            "`--init-expert-location`: one row per decoder layer, needs --model)"
+        ),
+    ] = "moeserve",
+    model: Annotated[
+        Path | None, typer.Option(help="--format sglang: the model directory (its config.json)")
+    ] = None,
 ) -> None:
     from services.ep.placement import ExpertPlacement
     from services.eplb import balancedness, rebalance_experts
-    from services.eplb.files import PlacementFileError, read_loads, read_placement, write_placement
+    from services.eplb.files import (
+        PlacementFileError,
+        read_loads,
+        read_placement,
+        write_placement,
+        write_sglang_placement,
+    )
 
+    if format not in ("moeserve", "sglang"):
+        print(f"error: --format {format!r}: choose moeserve or sglang", file=sys.stderr)
+        raise typer.Exit(2)
+    config = None
+    if format == "sglang":
+        try:
+            config = json.loads((Path(model or "") / "config.json").read_text()) if model else None
+        except (OSError, ValueError) as e:
+            print(f"error: --model {model}: cannot read its config.json: {e}", file=sys.stderr)
+            raise typer.Exit(2) from None
+        if config is None:
+            print("error: --format sglang needs --model DIR (SGLang's file has a row per decoder layer)",
+                  file=sys.stderr)  # fmt: skip
+            raise typer.Exit(2)
     try:
         weight, meta = read_loads(loads)
         layers, experts = weight.shape
@@ -87,12 +119,16 @@ def plan(
         now = read_placement(current, layers, experts, gpus) if current is not None else None
         shape = (slots, groups, nodes, gpus)
         phy2log = rebalance_experts(weight, *shape, policy, now, tolerance, counts=True)[0]
+        if config is not None:
+            write_sglang_placement(output, phy2log, experts, config)
+        else:
+            write_placement(output, phy2log, experts, gpus, nodes)
     except (PlacementFileError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
-    write_placement(output, phy2log, experts, gpus, nodes)
     default = ExpertPlacement.default(layers, experts, slots, gpus).phys_to_log
-    print(f"wrote {output}: {layers} layers, {slots} slots on {gpus} GPUs ({nodes} node(s))")
+    kind = "" if config is None else f" (SGLang's format, {config['num_hidden_layers']} decoder layers)"
+    print(f"wrote {output}{kind}: {layers} MoE layers, {slots} slots on {gpus} GPUs ({nodes} node(s))")
     print(f"balancedness on these loads: {balancedness(weight, phy2log, gpus):.4f} "
           f"(default placement: {balancedness(weight, default, gpus):.4f})")  # fmt: skip
     if now is not None:

@@ -6,6 +6,10 @@ loads:      {"format": "moeserve-expert-load/1", "num_experts", "top_k", "ep_siz
 placement:  {"format": "moeserve-placement/1", "num_experts", "num_gpus", "num_nodes",
              "phy2log": [[logical expert of each slot] per MoE layer]}
             (GPU g holds slots g·k .. g·k+k-1, k = slots / num_gpus, as rebalance_experts returns)
+SGLang:     {"physical_to_logical_map": [[logical expert of each slot] per decoder layer]}
+            what `sglang.launch_server --init-expert-location FILE` loads: one row per decoder
+            layer, dense ones included (61 for DeepSeek-V3), the same slot order (rank r holds
+            slots r·k .. r·k+k-1), and slots = routed experts + `--ep-num-redundant-experts`
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from services.ep.moe_layers import moe_layer_ids
 
 LOADS, PLACEMENT = "moeserve-expert-load/1", "moeserve-placement/1"
 
@@ -67,3 +73,22 @@ def read_placement(path: Path, num_layers: int, num_experts: int, num_gpus: int)
             f"{path} was planned for {data['num_gpus']} GPUs; this group has {num_gpus} ranks"
         )
     return phy2log
+
+
+def write_sglang_placement(
+    path: Path, phy2log: torch.Tensor, num_experts: int, model_config: dict[str, Any]
+) -> None:
+    """The placement in SGLang's `--init-expert-location` format for the model of `model_config`
+    (its config.json): MoE layer i's row goes to its decoder layer; a dense layer's row, which
+    SGLang never reads, holds the default placement."""
+    moe = moe_layer_ids(model_config)
+    if len(moe) != phy2log.shape[0]:
+        raise PlacementFileError(
+            f"the loads cover {phy2log.shape[0]} MoE layers; this model has {len(moe)} "
+            f"(of {model_config['num_hidden_layers']} decoder layers)"
+        )
+    slots = phy2log.shape[1]
+    rows = [[s % num_experts for s in range(slots)] for _ in range(int(model_config["num_hidden_layers"]))]
+    for row, layer in zip(phy2log.tolist(), moe, strict=True):
+        rows[layer] = row
+    Path(path).write_text(json.dumps({"physical_to_logical_map": rows}))

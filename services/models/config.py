@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from services.ep.moe_layers import moe_layer_ids
 from services.models.quant import Fp8BlockQuant, QuantConfigError, parse_quant
 
 Family = Literal["deepseek_v3", "qwen3_moe"]
@@ -235,9 +236,7 @@ class _Parser:
                 f"DeepseekV3ForCausalLM with scoring_func={scoring!r}, topk_method={topk_method!r} is not "
                 "supported; only sigmoid + noaux_tc routing (DeepSeek-V3/R1, Kimi K2)"
             )
-        first_dense = int(self.get("first_k_dense_replace", default=0))
-        freq = int(self.get("moe_layer_freq", default=1))
-        moe_layers = tuple(i for i in range(c["num_layers"]) if i >= first_dense and i % freq == 0)
+        moe_layers = moe_layer_ids(self.raw)
         n_group = int(self.get("n_group", default=1))
         if c["num_experts"] % n_group:
             raise self.fail(f"n_routed_experts={c['num_experts']} is not divisible by n_group={n_group}")
@@ -262,13 +261,7 @@ class _Parser:
     def qwen3_moe(self, c: dict[str, Any]) -> ModelConfig:
         if self.raw.get("use_sliding_window"):
             raise self.fail("use_sliding_window=true is not supported")
-        step = int(self.get("decoder_sparse_step", default=1))
-        mlp_only = set(self.get("mlp_only_layers", default=[]) or [])
-        moe_layers = tuple(
-            i
-            for i in range(c["num_layers"])
-            if i not in mlp_only and c["num_experts"] > 0 and (i + 1) % step == 0
-        )
+        moe_layers = moe_layer_ids(self.raw)
         head_dim = int(self.get("head_dim", default=c["hidden_size"] // c["num_heads"]))
         return ModelConfig(
             **c,
