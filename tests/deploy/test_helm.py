@@ -21,7 +21,12 @@ from services.worker.__main__ import build_config
 from tests.deploy.tools import helm
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "moeserve"
-PROFILES = ["values-deepseek-v3.yaml", "values-qwen3-235b.yaml", "values-cpu-tiny.yaml"]
+PROFILES = [
+    "values-deepseek-v3.yaml",
+    "values-deepseek-v3-sglang.yaml",
+    "values-qwen3-235b.yaml",
+    "values-cpu-tiny.yaml",
+]
 K8S = "1.33"
 """The Kubernetes version the chart is validated for."""
 LWS_SCHEMA = Path(__file__).with_name("lws-v0.10.0.schema.json")
@@ -152,25 +157,32 @@ def test_deepseek_profile_groups_follow_the_ep_arithmetic_and_render_fast():
 
 
 def test_sglang_command_lines_carry_what_each_mode_needs():
+    """(SGLang's own parser checks them too: tests/deploy/test_sglang_chart.py.)"""
     objs = render("values-deepseek-v3.yaml", sets=("prefill.engine=sglang", "decode.engine=sglang"))
     lws = pools(objs)
     common = {
-        "--grpc-mode", "--disaggregation-transfer-backend=mooncake", "--enable-dp-attention",
-        "--moe-a2a-backend=deepep", "--node-rank=$(LWS_WORKER_INDEX)", "--trust-remote-code",
+        "--disaggregation-transfer-backend=mooncake", "--moe-a2a-backend=deepep", "--enable-metrics",
+        "--node-rank=$(LWS_WORKER_INDEX)", "--trust-remote-code",
     }  # fmt: skip
     prefill, decode = set(args_of(lws["prefill"])), set(args_of(lws["decode"]))
     assert common <= prefill and common <= decode
     assert {
         "--disaggregation-mode=prefill",
         "--disaggregation-bootstrap-port=8998",
+        "--load-balance-method=round_robin",
         "--deepep-mode=normal",
         "--tp-size=32",
-        "--dp-size=32",
+        "--attn-dp-size=32",
         "--nnodes=4",
         "--dist-init-addr=$(LWS_LEADER_ADDRESS):29500",
     } <= prefill
     assert {"--disaggregation-mode=decode", "--deepep-mode=auto", "--tp-size=144", "--nnodes=18"} <= decode
-    assert not any(a.startswith("--disaggregation-bootstrap-port") for a in decode)
+    assert not any(a.startswith(("--disaggregation-bootstrap-port", "--load-balance-method")) for a in decode)
+    # The gRPC front runs on each group's leader only (followers: args_of reads the worker template).
+    assert "--grpc-mode" not in prefill | decode
+    for group in lws.values():
+        leader = group["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]["command"]
+        assert "--grpc-mode" in leader and set(leader) - {"--grpc-mode"} == set(args_of(group))
     orchestrator = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"][
         "containers"
     ][0]
@@ -207,7 +219,7 @@ def test_moeserve_command_lines_start_our_workers_with_the_same_topology():
 
 def test_the_pod_monitor_scrapes_the_leaders_metrics_port():
     objs = render(sets=("serviceMonitor.enabled=true",))
-    (monitor,) = [o for o in objs if o["kind"] == "PodMonitor"]
+    (monitor,) = [o for o in objs if o["kind"] == "PodMonitor" and o["metadata"]["name"] == "ms-workers"]
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert selector["leaderworkerset.sigs.k8s.io/worker-index"] == "0"  # only leaders serve it
     for lws in pools(objs).values():

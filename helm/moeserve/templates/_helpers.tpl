@@ -24,7 +24,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- end -}}
 
-{{/* The worker's command line, one argument per line, for the role's engine. */}}
+{{/* The worker's command line, one argument per line, for the role's engine; `leader`: the pod
+     of node rank 0 (SGLang: only it runs the gRPC front; the other nodes run plain
+     `sglang.launch_server`, which starts their scheduler ranks and nothing else). */}}
 {{- define "moeserve.workerArgs" -}}
 {{- $pool := index .root.Values .role -}}
 {{- $nodes := int (include "moeserve.groupSize" .) -}}
@@ -36,24 +38,35 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - --model-path={{ $model }}
 - --host=0.0.0.0
 - --port={{ $pool.port }}
+{{- if .leader }}
 - --grpc-mode
+{{- end }}
 - --disaggregation-mode={{ .role }}
 - --disaggregation-transfer-backend=mooncake
 {{- if eq .role "prefill" }}
 - --disaggregation-bootstrap-port={{ $pool.bootstrapPort }}
+{{- /* Under attention DP the gRPC servicer deals requests to the DP ranks itself (no DP
+     controller): a prefill must register each room's rank for decode to ask, not demand
+     room % ranks (SGLang's PD-prefill default, follow_bootstrap_room, refuses the others). */}}
+- --load-balance-method=round_robin
 {{- end }}
 {{- if $pool.ibDevices }}
 - --disaggregation-ib-device={{ $pool.ibDevices }}
 {{- end }}
 - --tp-size={{ $pool.ep }}
-- --dp-size={{ $pool.ep }}
-- --enable-dp-attention
+- --attn-dp-size={{ $pool.ep }}
 - --moe-a2a-backend=deepep
 - --deepep-mode={{ $pool.deepepMode }}
-{{- if $pool.eplb.enabled }}
-- --enable-eplb
+{{- if $pool.eplb.redundantExperts }}
 - --ep-num-redundant-experts={{ $pool.eplb.redundantExperts }}
 {{- end }}
+{{- if $pool.eplb.placementConfigMap }}
+- --init-expert-location=/etc/moeserve/eplb/{{ $pool.eplb.placementKey }}
+{{- end }}
+{{- if $pool.eplb.enabled }}
+- --enable-eplb
+{{- end }}
+- --enable-metrics
 - --trust-remote-code
 {{- if gt $nodes 1 }}
 - --nnodes={{ $nodes }}
