@@ -83,15 +83,18 @@ async def _with_retries(
     deadline = time.monotonic() + RETRY_BUDGET_S
     last: ApiError | None = None
     for tries in range(MAX_ATTEMPTS):
+        # Each attempt has an id of its own on the workers: a failed attempt's aborts, which may
+        # reach a worker late, must never match its retry there (SGLang aborts by request id).
+        attempt_id = request_id if tries == 0 else f"{request_id}-r{tries}"
         try:
-            lease = router.lease(request_id, frozenset(avoid), prompt_ids)
+            lease = router.lease(attempt_id, frozenset(avoid), prompt_ids)
         except NoWorkers as e:
             if last is not None:  # the failure that started the retry says more
                 message = f"{last}; no instance left to retry on ({e})"
                 raise ApiError(last.status, message, last.type) from None
             raise ApiError(503, str(e), "service_unavailable") from None
         try:
-            async for event in attempt(lease, prompt_ids, sampling, request_id, logprobs):
+            async for event in attempt(lease, prompt_ids, sampling, attempt_id, logprobs):
                 yield event
             return
         except BeforeFirstToken as failed:

@@ -141,9 +141,17 @@ def sglang(ds_dir, tmp_path_factory):
         url = c.orchestrator(
             ds_dir, prefill, [f"grpc://{addresses['decode']}"], output=root / "orchestrator.log"
         )
+        CLUSTERS[url] = c
         yield url, Records(files), addresses
     finally:
         c.stop()
+
+
+CLUSTERS: dict[str, LocalCluster] = {}
+
+
+def sglang_cluster(fixture: tuple) -> LocalCluster:
+    return CLUSTERS[fixture[0]]
 
 
 def client(url: str) -> openai.OpenAI:
@@ -261,3 +269,53 @@ def test_capacity_context_and_health_are_read_as_sglang_reports_them(sglang, ds_
             model=ds_dir.name, prompt=[20 + i % 400 for i in range(2100)], max_tokens=4
         )
     assert "context" in str(err.value)
+
+
+def test_a_prefill_that_dies_is_retried_elsewhere_and_marked_failed(sglang, ds_dir):
+    """What SMG does not do for SGLang workers: a request whose prefill worker is gone is retried
+    on another pair before its first token, and the instance leaves the pool (runs late: it kills
+    a worker)."""
+    url, records, addresses = sglang
+
+    def served(name: str) -> int:
+        return sum(e["event"] == "finish" and e["reason"] == "length" for e in records.read(name))
+
+    before = served("prefill-attn")
+    sglang_cluster(sglang).kill("prefill-dp")
+    api = client(url)
+    for i in range(6):
+        r = api.completions.create(
+            model=ds_dir.name, prompt=f"after the loss {i}", max_tokens=3, temperature=0
+        )
+        assert r.choices[0].finish_reason == "length"
+    assert instances(url)[addresses["prefill-dp"]]["state"] == "failed"
+    assert served("prefill-attn") - before == 6  # retries carry ids of their own (`-r1`): no stray abort
+
+
+def test_a_drained_sglang_prefill_finishes_its_stream_then_leaves(sglang, ds_dir):
+    """Drain (the pools CLI's scale-down) with an SGLang worker: its request in flight ends
+    normally, then it is gone once SGLang's own load report shows it idle (runs last)."""
+    url, _, addresses = sglang
+    me = instances(url)[addresses["prefill-attn"]]
+    stream = client(url).completions.create(
+        model=ds_dir.name, prompt="a long answer please", max_tokens=150, temperature=0, stream=True
+    )
+    first = next(iter(stream))
+    r = httpx.post(f"{url}/admin/instances/{me['id']}/drain", json={"deadline_s": 60}, timeout=5)
+    assert r.status_code == 202 and r.json()["state"] == "draining"
+    rest = list(stream)
+    assert [c.choices[0].finish_reason for c in rest if c.choices[0].finish_reason] == ["length"]
+    assert first.choices and len(rest) >= 50  # (the detokenizer may hold a partial character a chunk)
+    deadline = time.monotonic() + 20
+    while instances(url)[addresses["prefill-attn"]]["state"] != "gone" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    gone = instances(url)[addresses["prefill-attn"]]
+    assert (gone["state"], gone["reason"], gone["running"], gone["kv_used_tokens"]) == (
+        "gone",
+        "drained",
+        0,
+        0,
+    )
+    with pytest.raises(openai.APIStatusError) as err:
+        client(url).completions.create(model=ds_dir.name, prompt="nobody left", max_tokens=2)
+    assert err.value.status_code == 503 and "prefill" in str(err.value)

@@ -38,11 +38,11 @@ from typing import Any
 
 import msgspec
 import zmq
+
 from sglang.srt.arg_groups.overrides import resolved_view
 from sglang.srt.disaggregation.utils import FAKE_BOOTSTRAP_HOST
 from sglang.srt.managers import io_struct as ios
 from sglang.srt.managers.load_snapshot import LoadSnapshot, ShmLoadSnapshotWriter, shm_path_for
-
 from tests.doubles.sglang.kv_events import KvEventSource
 from tests.doubles.sglang.tokens import token_at
 
@@ -338,9 +338,13 @@ class Rank:
                 self._abort(req, "KV transfer timed out: no decode fetched this room")
             return
         if e.role == "decode" and not req.fake_transfer and req.first is None:
-            self._fetch(req)
+            where = f"{msg.bootstrap_host}:{msg.bootstrap_port}"
+            try:
+                self._fetch(req)
+            except OSError as err:  # SGLang's decode fails the request when the prefill is unreachable
+                self._abort(req, f"Failed to get kvcache from prefill instance {where}: {err}")
+                return
             if req.first is None and now > req.deadline:
-                where = f"{msg.bootstrap_host}:{msg.bootstrap_port}"
                 self._abort(req, f"Failed to get kvcache from prefill instance {where} for room {room}")
             return
         k = req.sent
