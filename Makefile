@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # SGLang's own code for the conformance tests, installed --no-deps (its requirements pull CUDA torch).
-SGLANG_REQS := tests/doubles/sglang/requirements.txt
+SGLANG_REQS := tests/doubles/sglang_cpu/requirements.txt
 # Reinstall only when a dependency list changes.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(SGLANG_REQS) | cksum | cut -d' ' -f1)
 

@@ -1,6 +1,6 @@
 """The chart's SGLang workers, checked with SGLang's own code (the pinned release, on CPU): every
 command line a profile renders for an `engine: sglang` pool, leader and follower pods, goes through
-SGLang's argument parser and start-up resolution (`tests.doubles.sglang.check`), and the expert
+SGLang's argument parser and start-up resolution (`tests.doubles.sglang_cpu.check`), and the expert
 placement `moeserve eplb plan --format sglang` writes goes through SGLang's placement loader.
 
 Two host facts cannot be checked here and are substituted as the pods would see them: the device
@@ -82,10 +82,10 @@ def as_on_the_pod(command: list[str], role: str, index: int, model_dir: Path) ->
 
 
 def sglang_check(request: dict) -> dict:
-    """Ask SGLang's own code (`tests.doubles.sglang.check`, a process of its own)."""
+    """Ask SGLang's own code (`tests.doubles.sglang_cpu.check`, a process of its own)."""
     r = subprocess.run(
-        [sys.executable, "-m", "tests.doubles.sglang.check"], input=json.dumps(request), capture_output=True,
-        text=True, timeout=300, cwd=ROOT,
+        [sys.executable, "-m", "tests.doubles.sglang_cpu.check"], input=json.dumps(request),
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)
@@ -200,7 +200,7 @@ def test_sglang_pods_expose_their_metrics_where_sglang_serves_them_and_are_scrap
 
 
 def test_the_sglang_image_is_the_release_the_conformance_tests_pin(rendered):
-    reqs = (ROOT / "tests" / "doubles" / "sglang" / "requirements.txt").read_text()
+    reqs = (ROOT / "tests" / "doubles" / "sglang_cpu" / "requirements.txt").read_text()
     version = re.search(r"^sglang==(\S+)$", reqs, re.M).group(1)
     for r in rendered:
         assert container(r["template"])["image"] == f"lmsysorg/sglang:v{version}"

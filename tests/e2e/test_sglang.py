@@ -1,9 +1,9 @@
 """Conformance: moeserve's orchestrator in front of SGLang's own gRPC workers, on CPU.
 
-Each worker is `tests.doubles.sglang.worker`: SGLang 0.5.23's real entry point, argument parser,
+Each worker is `tests.doubles.sglang_cpu.worker`: SGLang 0.5.23's real entry point, argument parser,
 smg-grpc-servicer 0.14.1's request manager, scheduler and health servicers, SGLang's bootstrap
 server on prefill and its HTTP sidecar; only the GPU scheduler processes are a fake that speaks
-their ZMQ protocol (`tests/doubles/sglang/scheduler.py`). The orchestrator is the unmodified
+their ZMQ protocol (`tests/doubles/sglang_cpu/scheduler.py`). The orchestrator is the unmodified
 `moeserve serve`, driven with the official `openai` client.
 
 The pool: a prefill with plain DP over 2 ranks (SGLang's DP controller places a request by
@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orchestrator.http.tokenizer import Tokenizer
 from services.common.process import free_port
 from tests.cluster import LocalCluster
-from tests.doubles.sglang.tokens import token_at
+from tests.doubles.sglang_cpu.tokens import token_at
 
 START_S = 90.0
 HEALTH_S = 3.0  # the decode's health check: longer than the orchestrator's 2 s RPC deadline
@@ -114,7 +114,7 @@ def sglang(ds_dir, tmp_path_factory):
     try:
         for (name, flags), port in zip(WORKERS.items(), sglang_ports(len(WORKERS)), strict=True):
             files[name] = root / f"{name}.jsonl"
-            args = ["-m", "tests.doubles.sglang.worker", "--record", str(files[name])]
+            args = ["-m", "tests.doubles.sglang_cpu.worker", "--record", str(files[name])]
             args += ["--kv-ms-per-token", str(KV_MS_PER_TOKEN)] if name.startswith("prefill") else []
             args += ["--health-s", str(HEALTH_S)] if name == "decode" else []
             args += [

@@ -38,13 +38,13 @@ from typing import Any
 
 import msgspec
 import zmq
-
 from sglang.srt.arg_groups.overrides import resolved_view
 from sglang.srt.disaggregation.utils import FAKE_BOOTSTRAP_HOST
 from sglang.srt.managers import io_struct as ios
 from sglang.srt.managers.load_snapshot import LoadSnapshot, ShmLoadSnapshotWriter, shm_path_for
-from tests.doubles.sglang.kv_events import KvEventSource
-from tests.doubles.sglang.tokens import token_at
+
+from tests.doubles.sglang_cpu.kv_events import KvEventSource
+from tests.doubles.sglang_cpu.tokens import token_at
 
 KV_WAIT_S = 30.0  # how long a prefill rank keeps a room's KV for decode, and decode waits for it
 

@@ -1,6 +1,6 @@
 """An SGLang gRPC worker on CPU: SGLang's real entry point and servicer, the fake scheduler behind.
 
-    python -m tests.doubles.sglang.worker --record FILE [--step-ms MS] -- <sglang.launch_server args>
+    python -m tests.doubles.sglang_cpu.worker --record FILE [--step-ms MS] -- <sglang.launch_server args>
 
 Runs `sglang.launch_server.run_server` on the given arguments, unchanged: SGLang's argument parser
 and resolution, its gRPC entry (`--grpc-mode`: the HTTP sidecar on `--port`+1 with `/metrics`), and
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
     if "--" not in argv:
         raise SystemExit("usage: worker --record FILE [--step-ms MS] -- <sglang.launch_server args>")
     cut = argv.index("--")
-    parser = argparse.ArgumentParser(prog="tests.doubles.sglang.worker")
+    parser = argparse.ArgumentParser(prog="tests.doubles.sglang_cpu.worker")
     parser.add_argument("--record", required=True, help="JSON-lines file the schedulers append to")
     parser.add_argument("--step-ms", type=float, default=10.0, help="one scheduler iteration")
     parser.add_argument("--kv-ms-per-token", type=float, default=0.0, help="a prefill's KV transfer time")
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
     )
     ours = parser.parse_args(argv[:cut])
 
-    from tests.doubles.sglang import stubs
+    from tests.doubles.sglang_cpu import stubs
 
     stubs.install()
     import smg_grpc_servicer.sglang.server as servicer_server
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.server_args import PortArgs, prepare_server_args
 
-    from tests.doubles.sglang.scheduler import Engine
+    from tests.doubles.sglang_cpu.scheduler import Engine
 
     def launch(server_args: Any, port_args: Any = None) -> tuple[dict, Any, list]:
         port_args = port_args or PortArgs.init_new(server_args)

@@ -1,6 +1,6 @@
 """Checks with SGLang's own code, in a process of their own (SGLang patches transformers on import):
 
-    python -m tests.doubles.sglang.check < REQUEST.json > ANSWER.json
+    python -m tests.doubles.sglang_cpu.check < REQUEST.json > ANSWER.json
 
 REQUEST: {"commands": [[arg, ...], ...], "expert_location": [[arg, ...], ...]}
 
@@ -77,7 +77,7 @@ def expert_location(args: list[str]) -> dict[str, Any]:
 
 
 def main() -> None:
-    from tests.doubles.sglang import stubs
+    from tests.doubles.sglang_cpu import stubs
 
     stubs.install()
     request = json.load(sys.stdin)
