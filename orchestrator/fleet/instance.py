@@ -1,13 +1,13 @@
 """One instance as the orchestrator sees it: its address, state, load per DP rank and breaker.
 
-Its gRPC calls live here: health and load polling (`poll`), expert-load balancedness, Abort.
-The registry (`registry.py`) holds the instances and moves them through drain.
+Its gRPC calls live here: health and load polling (`poll`), expert-load balancedness, Abort;
+what the answers mean is read by `worker_facts.py`. The registry (`registry.py`) holds the
+instances and moves them through drain.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -19,8 +19,10 @@ import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
+from orchestrator.fleet import worker_facts as facts
 from orchestrator.fleet.breaker import Breaker
 from orchestrator.fleet.first_token_stream import FirstTokenFeed
+from orchestrator.fleet.worker_facts import DpLoad
 from services.common import wire
 from services.common.roles import Role
 from services.proto.moeserve.v1 import worker_control_pb2 as ctl
@@ -34,11 +36,6 @@ HEALTH_TIMEOUT_S = 25.0
 HEALTH_EVERY_S = 5.0
 """A ready instance's health is checked this often (each check costs an SGLang worker a
 generation); its load is read every poll, and a refused connection fails it at once."""
-A2A_EP_BACKENDS = frozenset(
-    {"deepep", "deepep_v2", "mooncake", "nixl", "mori", "pplx", "flashinfer", "megamoe", "ascend_fuseep"}
-)
-"""SGLang's all-to-all MoE backends that span the whole TP group: with one, its EP size is the TP
-size whatever `--ep-size` says (SGLang resolves it; GetServerInfo reports the raw argument)."""
 
 
 class State(StrEnum):
@@ -47,21 +44,6 @@ class State(StrEnum):
     DRAINING = "draining"
     GONE = "gone"
     FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class DpLoad:
-    """One DP rank's load as its worker reports it."""
-
-    dp_rank: int
-    running: int
-    waiting: int
-    kv_used_tokens: int
-    kv_total_tokens: int
-    kv_transfer_latency_ms: float = 0.0
-    """Prefill: mean time its KV writes took per handed-off request (0 on decode)."""
-    kv_transfer_gb_s: float = 0.0
-    """Prefill: KV bytes written per second of writing."""
 
 
 @dataclass(eq=False)
@@ -91,7 +73,7 @@ class Instance:
     ep_size: int = 0
     """Ranks of the instance's EP group, from GetServerInfo (0 until known)."""
     slots: int = 0
-    """Requests it runs at once, all DP ranks together (from GetServerInfo, `_slots`; 0 until known)."""
+    """Requests it runs at once, all DP ranks together (`worker_facts.slots`; 0 until known)."""
     decode_first: bool = False
     """It serves decode-first dispatch (`services.common.wire`; GetServerInfo says so)."""
     info: pb.GetModelInfoResponse | None = None
@@ -106,6 +88,8 @@ class Instance:
     _health: asyncio.Future[tuple[str, bool]] | None = field(default=None, repr=False)
     """The HealthCheck in flight: its result is ("", _) when healthy, else (why not, refused)."""
     _health_at: float = 0.0
+    health: dict[str, float] = field(default_factory=lambda: {"checks": 0, "failures": 0, "last_s": 0.0})
+    """HealthCheck answers, the failed ones, and how long the last took (the admin API shows them)."""
 
     @property
     def host(self) -> str:
@@ -165,14 +149,8 @@ class Instance:
 
     @property
     def context(self) -> int:
-        """The longest sequence it takes (0 until known): SGLang's `max_context_length` is its KV
-        pool's size, so its `max_req_input_len` (the prompt it accepts, below both the model's
-        context and the pool) is the figure; moeserve reports both consistently."""
-        if self.info is None:
-            return 0
-        prompt: int = self.info.max_req_input_len
-        whole: int = self.info.max_context_length
-        return prompt + 1 if prompt > 0 else whole
+        """The longest sequence it takes (0 until known; `worker_facts.context`)."""
+        return 0 if self.info is None else facts.context(self.info)
 
     async def poll(self) -> None:
         """One load read, and a health check when one is due (in the background: SGLang's takes up
@@ -220,11 +198,18 @@ class Instance:
         return None if task.cancelled() else task.result()
 
     async def _check_health(self) -> tuple[str, bool]:
+        start = time.monotonic()
         try:
-            health = await self.stub.HealthCheck(pb.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
+            answer = await self.stub.HealthCheck(pb.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
+            verdict = (
+                ("", False) if answer.healthy else (f"HealthCheck says unhealthy: {answer.message}", False)
+            )
         except grpc.aio.AioRpcError as e:
-            return f"HealthCheck: {e.code().name}: {e.details()}", e.code() == grpc.StatusCode.UNAVAILABLE
-        return ("", False) if health.healthy else (f"HealthCheck says unhealthy: {health.message}", False)
+            verdict = f"HealthCheck: {e.code().name}: {e.details()}", e.code() == grpc.StatusCode.UNAVAILABLE
+        self.health["checks"] += 1
+        self.health["failures"] += bool(verdict[0])
+        self.health["last_s"] = round(time.monotonic() - start, 3)
+        return verdict
 
     async def _read_load(self) -> None:
         loads = await self.stub.GetLoads(pb.GetLoadsRequest(), timeout=RPC_TIMEOUT_S)
@@ -244,9 +229,9 @@ class Instance:
         if self.info is None:
             self.info = await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=RPC_TIMEOUT_S)
             server = await self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=RPC_TIMEOUT_S)
-            args = _server_args(server)
-            self.ep_size = _ep_size(args) or len(self.loads)
-            self.slots = _slots(args)
+            args = facts.server_args(server)
+            self.ep_size = facts.ep_size(args) or len(self.loads)
+            self.slots = facts.slots(args)
             self.decode_first = args.get(wire.SERVER_ARG) is True
 
     async def _balancedness(self) -> float | None:
@@ -258,18 +243,7 @@ class Instance:
             )
         except grpc.aio.AioRpcError:
             return None
-        ranks, slots = max(1, res.ep_size), res.num_slots or res.num_experts
-        ratios = []
-        for i, layer in enumerate(res.layers):
-            tokens = list(layer.tokens_per_expert)
-            held = list(res.phy2log[i * slots : (i + 1) * slots]) or [s % len(tokens) for s in range(slots)]
-            copies = collections.Counter(held)
-            per_slot = [tokens[e] / copies[e] for e in held]
-            per_rank = len(held) // ranks
-            loads = [sum(per_slot[r * per_rank : (r + 1) * per_rank]) for r in range(ranks)]
-            if per_rank and max(loads):
-                ratios.append(sum(loads) / ranks / max(loads))
-        return sum(ratios) / len(ratios) if ratios else None
+        return facts.balancedness(res)
 
     def _unhealthy(self, why: str, refused: bool) -> None:
         if self.state in (State.STARTING, State.FAILED):
@@ -315,34 +289,5 @@ class Instance:
             "breaker_opened": self.breaker.opened,
             "first_tokens": self._first_tokens is not None and self._first_tokens.live,
             "dp_ranks": [ld.__dict__ for ld in self.loads],
+            "health": dict(self.health),
         }
-
-
-def _ep_size(args: dict[str, Any]) -> int:
-    """The instance's EP size: SGLang's as it resolves it (`A2A_EP_BACKENDS`), else `ep_size`."""
-    ep, tp = _int(args.get("ep_size")), _int(args.get("tp_size"))
-    if str(args.get("moe_a2a_backend") or "none") in A2A_EP_BACKENDS and tp > 0:
-        return tp
-    return ep
-
-
-def _slots(args: dict[str, Any]) -> int:
-    """The instance's running window. `max_running_requests` is in the units of SGLang's flag:
-    attention DP splits it over its ranks (the servicer reports the whole), while each replica of
-    plain DP (`--dp-size` without `--enable-dp-attention`) runs all of it. moeserve reports its
-    whole worker, as attention DP does."""
-    window = _int(args.get("max_running_requests"))
-    if args.get(wire.SERVER_ARG) is True or args.get("enable_dp_attention") is True:
-        return window
-    return window * max(1, _int(args.get("dp_size")))
-
-
-def _int(value: Any) -> int:
-    """A whole number from a server argument (Struct numbers are floats), else 0."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and value == int(value):
-        return int(value)
-    return int(value) if isinstance(value, str) and value.isdigit() else 0
-
-
-def _server_args(server: pb.GetServerInfoResponse) -> dict[str, Any]:
-    return dict(server.server_args.items()) if server.HasField("server_args") else {}

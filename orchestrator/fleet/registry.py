@@ -26,7 +26,8 @@ import time
 from collections.abc import Callable
 
 from orchestrator.fleet.breaker import COOLDOWN_S, THRESHOLD, Breaker
-from orchestrator.fleet.instance import DpLoad, Instance, State
+from orchestrator.fleet.instance import Instance, State
+from orchestrator.fleet.worker_facts import DpLoad
 from services.common.roles import ROLES, Role
 
 __all__ = ["DRAIN_DEADLINE_S", "DpLoad", "Instance", "Registry", "State"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import socket
 import time
 from collections import defaultdict
@@ -247,7 +246,7 @@ def test_a_client_that_goes_away_aborts_the_request_on_both_schedulers(sglang, d
 
 
 def test_capacity_context_and_health_are_read_as_sglang_reports_them(sglang, ds_dir):
-    url, records, addresses = sglang
+    url, _, addresses = sglang
     seen = instances(url)
     for name in WORKERS:
         inst = seen[addresses[name]]
@@ -255,12 +254,11 @@ def test_capacity_context_and_health_are_read_as_sglang_reports_them(sglang, ds_
         assert (inst["state"], inst["slots"], len(inst["dp_ranks"])) == ("ready", 16, 2), inst
     # DeepEP spans the TP group: EP2 although --ep-size was left at 1; plain DP has no EP.
     assert [seen[addresses[n]]["ep_size"] for n in WORKERS] == [1, 1, 2]
-    # The decode answers HealthCheck in 3 s (SGLang gives its generation 20 s): ready, and no probe
-    # was given up on (the servicer logs a cancelled call).
-    assert seen[addresses["decode"]]["reason"] == "healthy"
-    probes = [e for e in records.read("decode") if e["event"] == "generate" and e["rid"].startswith("HEALTH")]
-    log = records.files["decode"].with_suffix(".log").read_text()
-    assert probes and not re.findall(r"HEALTH_CHECK_\S+ cancelled by client", log)
+    # The decode answers HealthCheck in 3 s (SGLang gives its generation 20 s): ready, and none of
+    # its health checks was given up on.
+    decode = seen[addresses["decode"]]
+    assert decode["reason"] == "healthy" and decode["health"]["checks"] >= 1, decode["health"]
+    assert decode["health"]["failures"] == 0, decode["health"]
     # The context is the model's (2048 in config.json, less SGLang's margin), not the 4096-token KV pool.
     models = httpx.get(f"{url}/v1/models", timeout=5).json()["data"]
     assert models[0]["max_model_len"] == 2048 - 5

@@ -10,8 +10,8 @@ from smg_grpc_proto.generated import common_pb2
 
 from orchestrator.dispatch.policies import create
 from orchestrator.dispatch.router import Router
-from orchestrator.fleet.instance import DpLoad
 from orchestrator.fleet.registry import Registry, State
+from orchestrator.fleet.worker_facts import DpLoad
 from services.common.prefix_hash import block_hashes
 
 
