@@ -332,7 +332,7 @@ class Rank:
                     return
                 self._kv_ready(room, len(ids), first)
             if room not in self.kv:  # decode took the KV
-                self._finish(req, {"type": "length", "length": 1})
+                self._emit(req, [], {"type": "length", "length": 1})
             elif now > req.deadline:
                 self.kv.pop(room, None)
                 self._abort(req, "KV transfer timed out: no decode fetched this room")
@@ -353,9 +353,11 @@ class Rank:
 
     def _abort(self, req: Req, message: str) -> None:
         """The scheduler ends the request itself (as SGLang's FINISH_ABORT on a failed transfer)."""
-        self._finish(req, {"type": "abort", "status_code": 500, "message": message})
+        self._emit(req, [], {"type": "abort", "status_code": 500, "message": message})
 
     def _emit(self, req: Req, tokens: list[int], finished: dict | None) -> None:
+        """One output of the request (new tokens, and its finish reason on the last: an abort's
+        status and message end the gRPC call with them)."""
         req.sent += len(tokens)
         self.out.send_pyobj(struct(
             ios.BatchTokenIDOutput, rids=[req.msg.rid], finished_reasons=[finished], output_ids=[tokens],
@@ -368,23 +370,8 @@ class Rank:
         ))  # fmt: skip
         if finished is not None:
             self._done(req, finished)
-        if self.e.role == "prefill" and req.sent == 1 and not req.fake_transfer:
+        if tokens and self.e.role == "prefill" and req.sent == 1 and not req.fake_transfer:
             self.events.stored(list(req.msg.input_ids))
-
-    def _finish(self, req: Req, reason: dict) -> None:
-        if reason["type"] == "abort":
-            self.out.send_pyobj(struct(
-                ios.BatchTokenIDOutput, rids=[req.msg.rid], finished_reasons=[reason], output_ids=[[]],
-                decoded_texts=[""], decode_ids=[[]], read_offsets=[0], skip_special_tokens=[True],
-                spaces_between_special_tokens=[True], no_stop_trim=[False],
-                prompt_tokens=[len(req.msg.input_ids)], completion_tokens=[req.sent], cached_tokens=[0],
-                reasoning_tokens=[0], output_token_entropy_val=None, output_token_sampling_mask=None,
-                output_hidden_states=None, routed_experts=None, indexer_topk=None,
-                placeholder_tokens_idx=None, placeholder_tokens_val=None,
-            ))  # fmt: skip
-            self._done(req, reason)
-        else:
-            self._emit(req, [], reason)
 
     def _done(self, req: Req, reason: dict) -> None:
         self.reqs.pop(req.msg.rid, None)
