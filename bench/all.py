@@ -34,10 +34,13 @@ BENCHES = {  # name: (arguments after the script, baseline of its ratios)
     "load": ([], "safetensors' get_tensor of the same checkpoint"),
     "pools": ([], "the same pools at a steady size"),
     "router": ([], "the workers' gRPC without a router; SMG in PD mode"),
+    "router_sglang": (["--workers", "sglang"], "SGLang's servicers' gRPC without a router; SMG in PD mode"),
     "prefix": ([], "the same cluster with the prefix cache off"),
     "eplb": ([], "DeepSeek EPLB's algorithm (rebuilt), and an upper bound"),
     "planner": ([], "the published figures (DeepSeek's day-6 overview, LMSYS's 96xH100 blog)"),
 }
+SCRIPTS = {"router_sglang": "router"}
+"""A block that another benchmark's script writes (with other arguments); the rest are `bench/NAME.py`."""
 RESULTS_ONLY = """
 import os, runpy, sys
 results = os.dup(1)  # the benchmark's own prints are its results;
@@ -118,16 +121,17 @@ def main() -> int:
     a = ap.parse_args()
     if a.list:
         for name, (args, baseline) in BENCHES.items():
-            print(f"{name:10} bench/{name}.py {' '.join(args)}  (baseline: {baseline})")
+            print(f"{name:13} bench/{SCRIPTS.get(name, name)}.py {' '.join(args)}  (baseline: {baseline})")
         return 0
     when, where = dt.date.today().isoformat(), machine()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     blocks, failed = {}, []
     for name in a.only or BENCHES:
         args, baseline = BENCHES[name]
-        print(f"== bench/{name}.py {' '.join(args)}", flush=True)
+        path = f"bench/{SCRIPTS.get(name, name)}.py"
+        print(f"== {path} {' '.join(args)}", flush=True)
         start = time.monotonic()
-        script = [sys.executable, "-c", RESULTS_ONLY, str(ROOT / "bench" / f"{name}.py"), *args]
+        script = [sys.executable, "-c", RESULTS_ONLY, str(ROOT / path), *args]
         run = subprocess.run(script, cwd=ROOT, env=env, capture_output=True, text=True)
         seconds = time.monotonic() - start
         print(run.stdout, end="", flush=True)

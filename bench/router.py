@@ -2,10 +2,14 @@
 our orchestrator and SGLang's gateway (SMG), against the same workers in one run.
 
     .venv/bin/python bench/router.py [--requests 512] [--concurrency 32 256] [--max-tokens 8]
-                                     [--prompt-len 16] [--skip-smg]
+                                     [--prompt-len 16] [--skip-smg] [--workers sglang [--step-ms 10]]
 
-One prefill and one decode worker (tiny DeepSeek-V3-shaped model on CPU, one torch thread each,
-Mooncake TCP on loopback) serve three paths:
+One prefill and one decode worker serve three paths. `--workers moeserve` (the default): ours, a
+tiny DeepSeek-V3-shaped model on CPU, one torch thread each, Mooncake TCP on loopback.
+`--workers sglang`: SGLang's own gRPC workers as the conformance tests run them
+(`tests/doubles/sglang_cpu`: SGLang 0.5.23's entry point, smg-grpc-servicer's servicers and
+SGLang's bootstrap server, a fake scheduler behind that steps every `--step-ms` with no model),
+so what differs between the paths is the router in front of SGLang's servicer. The paths:
 - direct: the client itself sends the same GenerateRequest to both workers' gRPC (a fresh
   bootstrap room each) and streams the decode side; no router at all, the baseline;
 - moeserve: our orchestrator (`moeserve serve`), OpenAI `/v1/completions`, streaming;
@@ -34,6 +38,7 @@ import random
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -54,6 +59,14 @@ WORDS = ("mixture", "experts", "route", "every", "token", "prefill", "decode", "
 FAILURES = (TimeoutError, RuntimeError, grpc.aio.AioRpcError, aiohttp.ClientError)
 """What a failed request raises (counted, not fatal)."""
 ROUTERS = {"moeserve": "orchestrator", "smg": "smg"}
+WORKERS = {
+    "moeserve": "tiny DeepSeek-V3 on CPU, one torch thread each, Mooncake TCP on loopback",
+    "sglang": "SGLang 0.5.23's gRPC servicers (smg-grpc-servicer 0.14.1) and bootstrap server over "
+    "a fake scheduler stepping every {a.step_ms:g} ms (`tests/doubles/sglang_cpu`)",
+}
+"""--workers -> how the report names them."""
+TARGET_RPS = {"moeserve": 0.5, "sglang": 0.8}
+"""The requests/s ratio each issue asked of moeserve against SMG (#25 for SGLang's workers)."""
 """Path -> the cluster process that routes it."""
 COLUMNS = ("path", "streams", "requests", "failed", "TTFT p50 ms", "TTFT p99 ms", "added p50 ms")
 COLUMNS += ("added p99 ms", "req/s", "router CPU ms/req", "workers CPU ms/req")
@@ -119,11 +132,11 @@ def make_prompts(tok: Tokenizer, n: int, length: int) -> list[Prompt]:
 class Direct:
     """The baseline: the client plays the router's part, one Generate to each worker."""
 
-    def __init__(self, prefill: str, decode: str):
+    def __init__(self, prefill: str, decode: str, bootstrap_port: int | None = None):
         self.prefill = pb_grpc.SglangSchedulerStub(grpc.aio.insecure_channel(prefill))
         self.decode = pb_grpc.SglangSchedulerStub(grpc.aio.insecure_channel(decode))
-        host, port = prefill.rsplit(":", 1)
-        self.bootstrap = dict(bootstrap_host=host, bootstrap_port=int(port))
+        host, port = prefill.rsplit(":", 1)  # ours: the bootstrap server is on the gRPC port
+        self.bootstrap = dict(bootstrap_host=host, bootstrap_port=bootstrap_port or int(port))
         self.rooms = itertools.count(random.randint(1, 2**30))  # an int32 on SGLang's wire
 
     async def __call__(self, prompt: Prompt, max_tokens: int) -> float:
@@ -236,7 +249,7 @@ async def until_served(path: str, call: Call, prompt: Prompt, timeout: float = 6
 
 async def measure(
     a: argparse.Namespace,
-    workers: tuple[str, str],
+    workers: tuple[str, str, int | None],
     urls: dict[str, str],
     model: Path,
     pids: dict[str, list[int]],
@@ -246,7 +259,7 @@ async def measure(
     connector = aiohttp.TCPConnector(limit=0)  # no pool cap: every stream gets its own connection
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        calls: dict[str, Call] = {"direct": Direct(*workers)}
+        calls: dict[str, Call] = {"direct": Direct(*workers)}  # (its channels need this loop)
         calls |= {path: Completions(url, model.name, session) for path, url in urls.items()}
         for path, call in calls.items():
             await until_served(path, call, warm[0])
@@ -283,13 +296,14 @@ def report(runs: list[Run], a: argparse.Namespace) -> str:
     """The Markdown for docs/benchmarks.md."""
     base = {r.streams: r for r in runs if r.path == "direct"}
     lines = [
-        f"`bench/router.py --requests {a.requests} --rounds {a.rounds} "
+        f"`bench/router.py --workers {a.workers}"
+        + (f" --step-ms {a.step_ms:g}" if a.workers == "sglang" else "")
+        + f" --requests {a.requests} --rounds {a.rounds} "
         f"--concurrency {' '.join(map(str, a.concurrency))} "
         f"--max-tokens {a.max_tokens} --prompt-len {a.prompt_len}`",
         "",
         f"- machine: {machine()}",
-        "- workers: one prefill + one decode, tiny DeepSeek-V3 on CPU, one torch thread each, "
-        "Mooncake TCP on loopback",
+        f"- workers: one prefill + one decode, {WORKERS[a.workers].format(a=a)}",
         f"- load: {a.prompt_len}-token prompts, {a.max_tokens} new tokens, greedy, ignore_eos; "
         f"{a.requests} timed requests per round after a warm-up, {a.rounds} rounds taking the paths in "
         "turn, pooled per row; added = path - direct",
@@ -315,10 +329,35 @@ def report(runs: list[Run], a: argparse.Namespace) -> str:
             cpu = ratio(ours.cpu_ms("router"), smg.cpu_ms("router"))
             lines.append(
                 f"- {streams} streams: moeserve req/s ÷ smg req/s = {ratio(ours.rps, smg.rps)} "
-                f"(target ≥ 0.5); moeserve added TTFT p50 − smg's = {gap:+.1f} ms (target ≤ 0); "
+                f"(target ≥ {TARGET_RPS[a.workers]}); "
+                f"moeserve added TTFT p50 − smg's = {gap:+.1f} ms (target ≤ 0); "
                 f"router CPU per request moeserve ÷ smg = {cpu}"
             )
     return "\n".join(lines)
+
+
+def start_workers(cluster: LocalCluster, a: argparse.Namespace, model: Path) -> tuple[str, str, int | None]:
+    """The prefill's and the decode's gRPC addresses, and SGLang's bootstrap port (None: ours, on
+    the prefill's gRPC port). Every stream of the largest concurrency runs at once on the workers,
+    so what differs between the paths is the router, not the workers' wait queue."""
+    most = max(a.concurrency)
+    if a.workers == "moeserve":
+        seqs = ("--max-num-seqs", str(most))
+        prefill = cluster.worker("prefill", "prefill", model, *seqs)
+        return prefill, cluster.worker("decode", "decode", model, *seqs), None
+    records = Path(tempfile.mkdtemp(prefix="bench-router-"))
+    sizes = ("--max-running-requests", str(2 * most), "--max-total-tokens", str(1 << 20))
+    sizes += ("--served-model-name", model.name)  # the id SMG routes by (else the model's path)
+    double = ("--step-ms", str(a.step_ms))
+    prefill, bootstrap = cluster.sglang_worker(
+        "prefill", model, records / "prefill.jsonl", "--disaggregation-mode", "prefill", *sizes, double=double
+    )
+    decode, _ = cluster.sglang_worker(
+        "decode", model, records / "decode.jsonl", "--disaggregation-mode", "decode", *sizes, double=double
+    )
+    cluster.wait_sglang(prefill)
+    cluster.wait_sglang(decode)
+    return prefill, decode, bootstrap
 
 
 def main() -> None:
@@ -329,24 +368,21 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per request")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per concurrency, the paths in turn")
     ap.add_argument("--skip-smg", action="store_true", help="measure direct and moeserve only")
+    ap.add_argument("--workers", choices=sorted(WORKERS), default="moeserve", help="whose workers serve")
+    ap.add_argument("--step-ms", type=float, default=10.0, help="--workers sglang: a scheduler step")
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill also stops the children
     most = max(a.concurrency)
     model = tiny_model("deepseek_v3")
     cluster = LocalCluster()
     try:
-        # Every stream of the largest concurrency runs at once on the workers, so what differs
-        # between the paths is the router, not the workers' wait queue.
-        seqs = ("--max-num-seqs", str(most))
-        workers = (
-            cluster.worker("prefill", "prefill", model, *seqs),
-            cluster.worker("decode", "decode", model, *seqs),
-        )
+        workers = prefill, decode, bootstrap = start_workers(cluster, a, model)
         # Room for every stream and the warm-up round: no 429 from admission.
         limits = ("--max-concurrency", str(2 * most), "--max-queue", str(2 * most))
-        urls = {"moeserve": cluster.orchestrator(model, [workers[0]], [workers[1]], *limits)}
+        prefill_arg = [prefill] if bootstrap is None else [f"grpc://{prefill}", str(bootstrap)]
+        urls = {"moeserve": cluster.orchestrator(model, prefill_arg, [decode], *limits)}
         if not a.skip_smg:
-            urls["smg"] = cluster.smg(model, *workers)
+            urls["smg"] = cluster.smg(model, prefill, decode, bootstrap)
         pids = {path: [cluster.procs[name].pid] for path, name in ROUTERS.items() if name in cluster.procs}
         pids |= {"direct": [os.getpid()], "workers": [cluster.procs[n].pid for n in ("prefill", "decode")]}
         runs = asyncio.run(measure(a, workers, urls, model, pids))

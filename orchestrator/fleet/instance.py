@@ -36,6 +36,7 @@ HEALTH_TIMEOUT_S = 25.0
 HEALTH_EVERY_S = 5.0
 """A ready instance's health is checked this often (each check costs an SGLang worker a
 generation); its load is read every poll, and a refused connection fails it at once."""
+KV_EVENT_COUNTS = ("batches", "blocks_stored", "blocks_removed")
 
 
 class State(StrEnum):
@@ -90,6 +91,8 @@ class Instance:
     _health_at: float = 0.0
     health: dict[str, float] = field(default_factory=lambda: {"checks": 0, "failures": 0, "last_s": 0.0})
     """HealthCheck answers, the failed ones, and how long the last took (the admin API shows them)."""
+    kv_events: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KV_EVENT_COUNTS, 0))
+    """KV-event batches followed, and the index blocks they stored and removed (`kv_event_feed`)."""
 
     @property
     def host(self) -> str:
@@ -290,4 +293,5 @@ class Instance:
             "first_tokens": self._first_tokens is not None and self._first_tokens.live,
             "dp_ranks": [ld.__dict__ for ld in self.loads],
             "health": dict(self.health),
+            "kv_events": dict(self.kv_events),
         }

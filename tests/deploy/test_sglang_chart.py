@@ -150,6 +150,12 @@ def test_every_rendered_sglang_command_parses_and_resolves_with_sglang_s_own_cod
             # The servicer deals requests to the attention-DP ranks itself: the prefill registers
             # each room's rank (round_robin) instead of refusing rooms that point elsewhere.
             assert facts["load_balance_method"] == "round_robin", where
+            # SGLang's server args are frozen before the servicer could turn KV events on itself:
+            # the prefill names its publisher, one port per DP rank from kvEventsPort.
+            events = json.loads(facts["kv_events_config"])
+            assert events == {"publisher": "zmq", "endpoint": "tcp://*:5557"}, where
+        else:
+            assert facts["kv_events_config"] is None, where
 
 
 def test_only_the_leader_of_a_group_runs_the_grpc_front(resolved):

@@ -15,8 +15,9 @@ takes longer than an ordinary RPC may.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import random
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -25,14 +26,15 @@ import grpc
 import httpx
 import openai
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
+from smg_grpc_proto.generated import common_pb2
 
+from orchestrator.fleet.page_chains import PageChains
 from orchestrator.http.tokenizer import Tokenizer
-from services.common.process import free_port, port_in_use
+from services.common.prefix_hash import block_hashes
 from tests.cluster import LocalCluster
 from tests.doubles.sglang_cpu.tokens import token_at
 
-START_S = 90.0
 HEALTH_S = 3.0  # the decode's health check: longer than the orchestrator's 2 s RPC deadline
 KV_MS_PER_TOKEN = 4.0  # a prefill's KV transfer time per prompt token
 WORKERS = {
@@ -41,39 +43,9 @@ WORKERS = {
                      "--dp-size", "2", "--load-balance-method", "round_robin"],
     "decode": ["--disaggregation-mode", "decode", "--tp", "2", "--enable-dp-attention", "--dp-size", "2",
                "--moe-a2a-backend", "deepep"],
+    "decode-2": ["--disaggregation-mode", "decode"],
 }  # fmt: skip
-
-
-def sglang_ports(n: int) -> list[int]:
-    """`--port`s for n SGLang workers: SGLang derives more from each (the HTTP sidecar on +1, the
-    resolved gRPC port +10000, under attention DP its ZMQ ports from +233), so they are taken
-    below the ephemeral range, 1000 apart, with those free."""
-    rng = random.Random()
-    while True:
-        base = rng.randrange(20000, 30000 - 1000 * n)
-        ports = [base + 1000 * i for i in range(n)]
-        if not any(
-            port_in_use("127.0.0.1", q)
-            for p in ports
-            for q in (p, p + 1, p + 10000, *range(p + 233, p + 240))
-        ):
-            return ports
-
-
-def wait_serving(cluster: LocalCluster, address: str) -> None:
-    """SGLang's standard gRPC health service says SERVING (no generation involved)."""
-    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
-    deadline = time.monotonic() + START_S
-    while time.monotonic() < deadline:
-        if (why := cluster.cluster.dead()) is not None:
-            raise RuntimeError(why)
-        try:
-            if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status == 1:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"SGLang worker {address} not serving after {START_S:.0f}s")
+DECODES = ("decode", "decode-2")
 
 
 class Records:
@@ -99,48 +71,62 @@ class Records:
         }
 
 
+class KvEventTap:
+    """The test's own subscriber to the prefill workers' SubscribeKvEvents (smg-grpc-servicer's
+    relay of SGLang's publishers)."""
+
+    def __init__(self, addresses: list[str]):
+        self.batches: dict[str, list[common_pb2.KvEventBatch]] = {a: [] for a in addresses}
+        self.calls = []
+        for address in addresses:
+            stub = pb_grpc.SglangSchedulerStub(grpc.insecure_channel(address))
+            call = stub.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest())
+            self.calls.append(call)
+            threading.Thread(target=self._read, args=(address, call), daemon=True).start()
+
+    def _read(self, address: str, call) -> None:
+        with contextlib.suppress(grpc.RpcError):
+            for batch in call:
+                self.batches[address].append(batch)
+
+    def close(self) -> None:
+        for call in self.calls:
+            call.cancel()
+
+
 @pytest.fixture(scope="module")
 def sglang(ds_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("sglang")
-    c = LocalCluster()
+    c, tap = LocalCluster(), None
     files, addresses, bootstrap = {}, {}, {}
     try:
-        for (name, flags), port in zip(WORKERS.items(), sglang_ports(len(WORKERS)), strict=True):
+        for name, flags in WORKERS.items():
             files[name] = root / f"{name}.jsonl"
-            args = ["-m", "tests.doubles.sglang_cpu.worker", "--record", str(files[name])]
-            args += ["--kv-ms-per-token", str(KV_MS_PER_TOKEN)] if name.startswith("prefill") else []
-            args += ["--health-s", str(HEALTH_S)] if name == "decode" else []
-            args += [
-                "--",
-                "--model-path",
-                str(ds_dir),
-                "--grpc-mode",
-                "--device",
-                "cpu",
-                "--host",
-                "127.0.0.1",
-            ]
-            args += ["--port", str(port), "--skip-server-warmup", *flags]
-            if name.startswith("prefill"):
-                bootstrap[name] = free_port()
-                args += ["--disaggregation-bootstrap-port", str(bootstrap[name])]
-            c.procs[name] = c.cluster.spawn(name, args, output=root / f"{name}.log")
-            addresses[name] = f"127.0.0.1:{port}"
+            double = ("--kv-ms-per-token", str(KV_MS_PER_TOKEN)) if name.startswith("prefill") else ()
+            double += ("--health-s", str(HEALTH_S)) if name == "decode" else ()
+            addresses[name], bootstrap[name] = c.sglang_worker(
+                name, ds_dir, files[name], *flags, double=double, output=root / f"{name}.log"
+            )
         for address in addresses.values():
-            wait_serving(c, address)
+            c.wait_sglang(address)
         prefill = []
         for name in ("prefill-dp", "prefill-attn"):
             prefill += [f"grpc://{addresses[name]}", str(bootstrap[name])]
-        url = c.orchestrator(
-            ds_dir, prefill, [f"grpc://{addresses['decode']}"], output=root / "orchestrator.log"
-        )
-        CLUSTERS[url] = c
+        # Our own subscriber to the prefills' KV events, from before the first request (the relay
+        # is live only, and a page is published once, when its rank first caches it).
+        tap = KvEventTap([addresses[name] for name in WORKERS if name.startswith("prefill")])
+        decode = [f"grpc://{addresses[name]}" for name in DECODES]
+        url = c.orchestrator(ds_dir, prefill, decode, output=root / "orchestrator.log")
+        CLUSTERS[url], TAPS[url] = c, tap
         yield url, Records(files), addresses
     finally:
+        if tap is not None:
+            tap.close()
         c.stop()
 
 
 CLUSTERS: dict[str, LocalCluster] = {}
+TAPS: dict[str, KvEventTap] = {}
 
 
 def sglang_cluster(fixture: tuple) -> LocalCluster:
@@ -177,9 +163,9 @@ def test_a_chat_completion_streams_through_sglang_s_servicers(sglang, ds_dir):
     served = [(name, g) for name, events in gens.items() for g in events if g["input_ids"] == prompt]
     by_role = {g["role"]: (name, g) for name, g in served}
     assert set(by_role) == {"prefill", "decode"}
-    (_, p), (_, d) = by_role["prefill"], by_role["decode"]
+    (_, p), (decode, d) = by_role["prefill"], by_role["decode"]
     assert p["room"] == d["room"] and p["rid"] == d["rid"]
-    fetch = [e for e in records.read("decode") if e["event"] == "kv_fetch" and e["rid"] == d["rid"]]
+    fetch = [e for e in records.read(decode) if e["event"] == "kv_fetch" and e["rid"] == d["rid"]]
     assert [f["prefill_rank"] for f in fetch] == [p["rank"]]
 
 
@@ -242,12 +228,13 @@ def test_a_client_that_goes_away_aborts_the_request_on_both_schedulers(sglang, d
 def test_capacity_context_and_health_are_read_as_sglang_reports_them(sglang, ds_dir):
     url, _, addresses = sglang
     seen = instances(url)
+    # SGLang's servicer reports the whole worker's running window (8 per rank here). DeepEP spans
+    # the TP group: EP2 although --ep-size was left at 1; plain DP has no EP.
+    want = {"prefill-dp": (16, 2, 1), "prefill-attn": (16, 2, 1), "decode": (16, 2, 2), "decode-2": (8, 1, 1)}
     for name in WORKERS:
         inst = seen[addresses[name]]
-        # SGLang's servicer reports the whole worker's running window (8 per rank here, 2 ranks).
-        assert (inst["state"], inst["slots"], len(inst["dp_ranks"])) == ("ready", 16, 2), inst
-    # DeepEP spans the TP group: EP2 although --ep-size was left at 1; plain DP has no EP.
-    assert [seen[addresses[n]]["ep_size"] for n in WORKERS] == [1, 1, 2]
+        assert inst["state"] == "ready", inst
+        assert (inst["slots"], len(inst["dp_ranks"]), inst["ep_size"]) == want[name], (name, inst)
     # The decode answers HealthCheck in 3 s (SGLang gives its generation 20 s): ready, and none of
     # its health checks was given up on.
     decode = seen[addresses["decode"]]
@@ -261,6 +248,87 @@ def test_capacity_context_and_health_are_read_as_sglang_reports_them(sglang, ds_
             model=ds_dir.name, prompt=[20 + i % 400 for i in range(2100)], max_tokens=4
         )
     assert "context" in str(err.value)
+
+
+def test_sglang_s_kv_events_feed_the_prefix_index_in_its_blocks(sglang, ds_dir):
+    """Item 5: SGLang's KV events (its SHA-256 page chain, one token per page, published by its own
+    publisher and relayed by the servicer) become the 16-token blocks the prefix index computes
+    from prompts; the orchestrator follows them for its SGLang prefills."""
+    url, records, addresses = sglang
+    tap = TAPS[url]
+    prefills = [addresses[n] for n in WORKERS if n.startswith("prefill")]
+    before = {a: instances(url)[a]["kv_events"]["blocks_stored"] for a in prefills}
+    text = " ".join(f"shared{i}" for i in range(40))
+    client(url).completions.create(model=ds_dir.name, prompt=text, max_tokens=2, temperature=0)
+    tail = Tokenizer(ds_dir).encode(text)[-8:]
+    ((name, g),) = [
+        (n, g) for n, events in records.generates().items() for g in events
+        if g["role"] == "prefill" and g["input_ids"][-8:] == tail
+    ]  # fmt: skip
+    want = block_hashes(g["input_ids"], 16)
+    assert len(want) >= 4
+    deadline = time.monotonic() + 10
+    while True:
+        chains, got = PageChains(16), defaultdict(set)
+        for batch in list(tap.batches[addresses[name]]):
+            rank = batch.dp_rank if batch.HasField("dp_rank") else None
+            for event in batch.events:
+                ours = chains.translate(("tap", rank), event)
+                if ours is not None and ours.WhichOneof("data") == "stored":
+                    got[rank] |= {b.block_hash for b in ours.stored.blocks}
+        if set(want) <= got[g["rank"]] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert set(want) <= got[g["rank"]], (g["rank"], dict(got))  # on the rank that prefilled it
+    assert not set(want) & set().union(*(v for r, v in got.items() if r != g["rank"]))
+    assert chains.skipped == 0
+
+    # The orchestrator's own feed took the same blocks into its index for that worker.
+    def fed() -> int:
+        return instances(url)[addresses[name]]["kv_events"]["blocks_stored"] - before[addresses[name]]
+
+    deadline = time.monotonic() + 5
+    while fed() < len(want) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # (SGLang's one-token pages passed through as they are would count about 16 per block.)
+    assert len(want) <= fed() < 2 * len(want), instances(url)[addresses[name]]["kv_events"]
+
+
+def test_a_decode_that_dies_mid_stream_is_migrated_from_and_the_reply_goes_on_exactly(sglang, ds_dir):
+    """What SMG does not do for SGLang workers: the decode worker is killed while it streams; the
+    request goes on on the other decode from its prompt plus the tokens already sent, and the
+    client gets the reply an undisturbed stream gives, once (runs late: it kills a decode)."""
+    url, records, addresses = sglang
+    tok, n = Tokenizer(ds_dir), 300  # about 3 s of decode steps
+    text = "tell me a long story about experts"
+    stream = client(url).completions.create(
+        model=ds_dir.name, prompt=text, max_tokens=n, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = [next(iter(stream))]
+    tail = tok.encode(text)[-6:]
+    mine = [
+        (name, g) for name in DECODES for g in records.generates()[name]
+        if g["input_ids"][-6:] == tail and g["max_new_tokens"] == n
+    ]  # fmt: skip
+    assert len(mine) == 1, mine
+    (victim, g), (survivor,) = mine[0], [d for d in DECODES if d != mine[0][0]]
+    sglang_cluster(sglang).kill(victim)
+    chunks += list(stream)
+    expected = [token_at(g["input_ids"], k, tok.model_vocab_size) for k in range(n)]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == tok.decode(expected)
+    assert chunks[-1].usage.completion_tokens == n
+    # The rest came from the survivor: the prompt plus what the victim had sent, for what was left.
+    (cont,) = [
+        e for e in records.generates()[survivor] if e["rid"].startswith(g["rid"]) and e["rid"] != g["rid"]
+    ]
+    sent = len(cont["input_ids"]) - len(g["input_ids"])
+    assert 0 < sent < n and cont["input_ids"] == g["input_ids"] + expected[:sent]
+    assert cont["max_new_tokens"] == n - sent
+    deadline = time.monotonic() + 10
+    while instances(url)[addresses[victim]]["state"] != "failed" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert instances(url)[addresses[victim]]["state"] == "failed"
 
 
 def test_a_prefill_that_dies_is_retried_elsewhere_and_marked_failed(sglang, ds_dir):

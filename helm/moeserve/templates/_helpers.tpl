@@ -49,6 +49,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
      controller): a prefill must register each room's rank for decode to ask, not demand
      room % ranks (SGLang's PD-prefill default, follow_bootstrap_room, refuses the others). */}}
 - --load-balance-method=round_robin
+{{- /* SGLang 0.5.23's server args are frozen before the servicer could turn the publisher on by
+     default: name it, a port per DP rank from kvEventsPort (the servicer relays the ranks on its
+     own node to the orchestrator's prefix index). */}}
+- '--kv-events-config={"publisher":"zmq","endpoint":"tcp://*:{{ $pool.kvEventsPort }}"}'
 {{- end }}
 {{- if $pool.ibDevices }}
 - --disaggregation-ib-device={{ $pool.ibDevices }}

@@ -7,5 +7,10 @@ FIRST_ID = 16  # generated ids stay clear of the tiny tokenizers' special tokens
 
 
 def token_at(input_ids: list[int], k: int, vocab: int) -> int:
-    """The k-th generated token for a prompt."""
-    return FIRST_ID + (sum(input_ids) * 131 + 17 * k + 7) % (vocab - FIRST_ID)
+    """The k-th generated token for a prompt. Each token follows from the one before it and its
+    position, so a reply continued from the prompt plus its first j tokens (a migration) goes on
+    with the same tokens: token_at(prompt + reply[:j], k - j) == token_at(prompt, k)."""
+    last = input_ids[-1] if input_ids else 0
+    for position in range(len(input_ids), len(input_ids) + k + 1):
+        last = FIRST_ID + (last * 131 + 17 * position + 7) % (vocab - FIRST_ID)
+    return last
