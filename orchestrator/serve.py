@@ -97,6 +97,19 @@ def serve(
         str, typer.Option(envvar="POD_NAMESPACE", help="kubernetes: namespace")
     ] = "default",
     worker_port: Annotated[int, typer.Option(help="kubernetes: the workers' gRPC port")] = 30001,
+    prefill_worker_port: Annotated[
+        int | None, typer.Option(help="kubernetes: the prefill workers' gRPC port (default --worker-port)")
+    ] = None,
+    decode_worker_port: Annotated[
+        int | None, typer.Option(help="kubernetes: the decode workers' gRPC port (default --worker-port)")
+    ] = None,
+    k8s_ready_timeout: Annotated[
+        float, typer.Option(help="kubernetes: seconds a group may take to turn healthy before it is failed")
+    ] = 1800.0,
+    k8s_watch_stale: Annotated[
+        float,
+        typer.Option(help="kubernetes: seconds of a failing pod watch before /ready says 503 (0: never)"),
+    ] = 120.0,
     bootstrap_port: Annotated[
         int | None, typer.Option(help="kubernetes: SGLang prefill bootstrap port")
     ] = None,
@@ -238,8 +251,13 @@ def run(a: argparse.Namespace) -> int:
             options = dict(
                 release=a.k8s_release,
                 namespace=a.k8s_namespace,
-                port=a.worker_port,
+                port={
+                    "prefill": a.prefill_worker_port or a.worker_port,
+                    "decode": a.decode_worker_port or a.worker_port,
+                },
                 bootstrap_port=a.bootstrap_port,
+                ready_timeout_s=a.k8s_ready_timeout,
+                stale_after_s=a.k8s_watch_stale,
             )
         else:
             options = dict(

@@ -84,8 +84,9 @@ class Registry:
         return min((i.context for i in self.all if i.info is not None), default=0)
 
     async def forget(self, inst: Instance) -> None:
-        """Drop a gone or failed instance from the registry."""
-        self.instances.pop(inst.id, None)
+        """Drop a gone or failed instance from the registry (not another one added under its id)."""
+        if self.instances.get(inst.id) is inst:
+            del self.instances[inst.id]
         await inst.close()
 
     # -- drain ---------------------------------------------------------------------------------

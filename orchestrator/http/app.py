@@ -120,6 +120,8 @@ def create_app(
         workers = {i.address: i.healthy for i in registry.all}
         if admission.closing:
             return JSONResponse({"status": "shutting down", "workers": workers}, status_code=503)
+        if (problem := membership.problem()) is not None:
+            return JSONResponse({"status": f"membership: {problem}", "workers": workers}, status_code=503)
         if registry.ready:
             return JSONResponse({"status": "ready", "workers": workers})
         return JSONResponse({"status": "not ready", "workers": workers}, status_code=503)

@@ -233,14 +233,68 @@ def test_the_pod_monitor_scrapes_the_leaders_metrics_port():
     assert not any(a.startswith("--metrics-port") for a in args_of(off))
 
 
-def test_the_autoscaler_is_off_unless_set_and_its_setting_reaches_serve():
-    def orchestrator_args(objs) -> list[str]:
-        (deploy,) = [o for o in objs if o["kind"] == "Deployment"]
-        return deploy["spec"]["template"]["spec"]["containers"][0]["command"]
+def orchestrator_args(objs: list[dict]) -> list[str]:
+    (deploy,) = [o for o in objs if o["kind"] == "Deployment"]
+    return deploy["spec"]["template"]["spec"]["containers"][0]["command"]
 
+
+def test_the_autoscaler_is_off_unless_set_and_its_setting_reaches_serve():
     assert not any(a.startswith("--autoscale") for a in orchestrator_args(render()))
     spec = "min=1,max=4,cold-start=1200,model=deepseek-v3,gpu=h800,decode-ep=144"
     args = orchestrator_args(render(sets=(f"orchestrator.autoscale={spec.replace(',', chr(92) + ',')}",)))
     assert f"--autoscale={spec}" in args
     r = run_helm("template", "ms", str(CHART), "--set", "orchestrator.autoscale=max")
     assert r.returncode != 0 and "autoscale" in r.stderr
+
+
+def test_the_orchestrator_role_grants_exactly_what_the_kubernetes_backend_calls():
+    """The calls are the ones the backend's test against the API double records
+    (tests/orchestrator/test_kubernetes.py): pods list and watch, the pools' scale get and patch."""
+    role = next(o for o in render() if o["kind"] == "Role")
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): sorted(r["verbs"]) for r in role["rules"]}
+    assert rules == {
+        (("",), ("pods",)): ["list", "watch"],
+        (("leaderworkerset.x-k8s.io",), ("leaderworkersets/scale",)): ["get", "patch"],
+    }
+
+
+def test_each_role_s_worker_port_and_the_timeouts_reach_serve():
+    args = orchestrator_args(
+        render(sets=("prefill.port=31001", "decode.port=32001", "orchestrator.readyTimeoutS=5400"))
+    )
+    assert "--prefill-worker-port=31001" in args and "--decode-worker-port=32001" in args
+    assert "--k8s-ready-timeout=5400" in args and "--k8s-watch-stale=120" in args
+    assert not any(a.startswith("--worker-port") for a in args)
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (("prefill.engine=sglang",), "prefill.engine (sglang) and decode.engine (moeserve) differ"),
+        (
+            ("orchestrator.autoscale=on", "orchestrator.replicas=2"),
+            "orchestrator.autoscale needs orchestrator.replicas: 1",
+        ),
+    ],
+)
+def test_what_cannot_work_is_refused_at_render(sets, message):
+    args = ["template", "ms", str(CHART)]
+    for s in sets:
+        args += ["--set", s]
+    r = run_helm(*args)
+    assert r.returncode != 0 and message in r.stderr, r.stderr
+
+
+def test_a_release_name_too_long_for_the_generated_names_is_refused():
+    name = "r" * 41
+    r = run_helm("template", name, str(CHART))
+    assert r.returncode != 0 and "at most 40 fit every generated name" in r.stderr, r.stderr
+    objs = render()  # and 40 characters render names that fit
+    r = run_helm("template", "r" * 40, str(CHART), "-f", str(CHART / "values-deepseek-v3.yaml"))
+    assert r.returncode == 0, r.stderr
+    for o in (d for d in yaml.safe_load_all(r.stdout) if d):
+        name = o["metadata"]["name"]
+        assert len(name) <= 63, name
+        if o["kind"] == "LeaderWorkerSet":  # its worker StatefulSet's revision-hash label, group 17
+            assert len(f"{name}-17-0123456789") <= 63, name
+    assert objs

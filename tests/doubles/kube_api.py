@@ -4,10 +4,16 @@ makes, served over real HTTP on loopback so the official `kubernetes` client tal
 No API server can run here. This double serves:
 - `GET /api/v1/namespaces/{ns}/pods?labelSelector=...` (list) and the same with `watch=true`
   (newline-delimited watch events from `resourceVersion`, until `timeoutSeconds` or `drop_watches`);
-- `GET` / `PATCH /apis/leaderworkerset.x-k8s.io/v1/namespaces/{ns}/leaderworkersets/{name}/scale`.
+- `GET` / `PATCH /apis/leaderworkerset.x-k8s.io/v1/namespaces/{ns}/leaderworkersets/{name}/scale`
+  (a scale of 0 omits `replicas`, as the API server's JSON does).
 A PATCH of a scale plays the LeaderWorkerSet controller: it adds leader pods for new groups (with
-the IPs `next_ip` hands out) and deletes the highest groups. Label selectors understand only what
-the backend sends: `key=value` and `key in (a,b)`. Everything else is a 404.
+IPs from the list it was given, and a fresh uid) and deletes the highest groups. Label selectors
+understand only what the backend sends: `key=value` and `key in (a,b)`. Everything else is a 404.
+
+The faults tests set: `recreate` (a leader pod replaced under its name, with or without the
+events a watch would carry), `hang_watches` (a watch that opens and then says nothing, as over a
+half-open connection), `gone_once` (the next watch answers 410 Gone: its version is too old) and
+`fail_lists` (the next pod lists answer 503).
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
@@ -48,6 +56,9 @@ class KubeApiDouble:
         self.calls: list[str] = []
         self.cond = threading.Condition()
         self.drop = 0
+        self.hang_watches = False
+        self.gone_once = False
+        self.fail_lists = 0
         double = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -85,6 +96,24 @@ class KubeApiDouble:
                 self.free_ips.append(pod["status"]["podIP"])
                 self._put("DELETED", pod)
 
+    def recreate(self, name: str, announce: bool = True) -> str:
+        """Replace a pod by a new one of the same name (new uid, new IP); `announce=False`: with no
+        watch event, as when the events fell in a watch outage. Returns the new IP."""
+        with self.cond:
+            old = self.pods[name]
+            labels = old["metadata"]["labels"]
+            if announce:
+                self._put("DELETED", old)
+            self.free_ips.append(old["status"]["podIP"])
+            pod = self._pod(labels["moeserve.io/role"], labels["leaderworkerset.sigs.k8s.io/name"],
+                            int(labels["leaderworkerset.sigs.k8s.io/group-index"]))  # fmt: skip
+            if announce:
+                self._put("ADDED", pod)
+            else:
+                self.version += 1
+                pod["metadata"]["resourceVersion"] = str(self.version)
+            return pod["status"]["podIP"]
+
     def drop_watches(self) -> None:
         """Close every open watch stream, as a dropped connection or an API server restart would."""
         with self.cond:
@@ -108,7 +137,12 @@ class KubeApiDouble:
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": name, "namespace": self.namespace, "labels": labels},
+            "metadata": {
+                "name": name,
+                "namespace": self.namespace,
+                "labels": labels,
+                "uid": str(uuid.uuid4()),
+            },
             "status": {"phase": "Running", "podIP": self.free_ips.pop(0)},
         }
         self.pods[name] = pod
@@ -131,14 +165,19 @@ class KubeApiDouble:
                 body = json.loads(req.rfile.read(int(req.headers.get("Content-Length", 0))))
                 self.set_replicas(m["name"], int(body["spec"]["replicas"]))
             n = self.replicas[m["name"]]
+            spec = {"replicas": n} if n else {}  # omitempty
             scale = {"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": m["name"]},
-                     "spec": {"replicas": n}, "status": {"replicas": n}}  # fmt: skip
+                     "spec": spec, "status": {"replicas": n}}  # fmt: skip
             return self._send(req, 200, scale)
         if method == "GET" and re.fullmatch(PODS, url.path):
             selector = query.get("labelSelector", "")
             if query.get("watch") == "true":
-                return self._watch(req, selector, int(query.get("resourceVersion") or 0))
+                timeout = float(query.get("timeoutSeconds") or 1800)
+                return self._watch(req, selector, int(query.get("resourceVersion") or 0), timeout)
             with self.cond:
+                if self.fail_lists:
+                    self.fail_lists -= 1
+                    return self._send(req, 503, {"kind": "Status", "code": 503, "message": "unavailable"})
                 items = [p for p in self.pods.values() if _matches(p["metadata"]["labels"], selector)]
                 meta = {"resourceVersion": str(self.version)}
                 body = {"apiVersion": "v1", "kind": "PodList", "metadata": meta, "items": items}
@@ -153,29 +192,42 @@ class KubeApiDouble:
         req.end_headers()
         req.wfile.write(data)
 
-    def _watch(self, req: BaseHTTPRequestHandler, selector: str, since: int) -> None:
+    def _watch(self, req: BaseHTTPRequestHandler, selector: str, since: int, timeout: float) -> None:
         req.send_response(200)
         req.send_header("Content-Type", "application/json")
         req.send_header("Transfer-Encoding", "chunked")
         req.end_headers()
         with self.cond:
-            drop = self.drop
-        sent = since
+            drop, hang, gone = self.drop, self.hang_watches, self.gone_once
+            self.gone_once = False
+        sent, end = since, time.monotonic() + timeout
+
+        def line(event: dict) -> None:
+            data = json.dumps(event).encode() + b"\n"
+            req.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            req.wfile.flush()
+
         try:
-            while True:
+            if gone:
+                status = {
+                    "kind": "Status",
+                    "code": 410,
+                    "reason": "Expired",
+                    "message": "too old resource version",
+                }
+                line({"type": "ERROR", "object": status})
+            while not gone:
                 with self.cond:
-                    fresh = [e for e in self.events if e[0] > sent]
+                    fresh = [] if hang else [e for e in self.events if e[0] > sent]
                     if not fresh:
-                        self.cond.wait(timeout=0.5)
-                        if self.drop != drop:
-                            break
+                        self.cond.wait(timeout=0.2)
+                        if self.drop != drop or (not hang and time.monotonic() > end):
+                            break  # (a hanging watch ignores its timeout: only the client can end it)
                         continue
                 for version, kind, pod in fresh:
                     sent = version
                     if _matches(pod["metadata"]["labels"], selector):
-                        line = json.dumps({"type": kind, "object": pod}).encode() + b"\n"
-                        req.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
-                        req.wfile.flush()
+                        line({"type": kind, "object": pod})
             req.wfile.write(b"0\r\n\r\n")
             req.close_connection = True
         except (BrokenPipeError, ConnectionResetError):

@@ -1,5 +1,15 @@
+{{/* The release's name, the prefix of every object; the same string as the
+     `app.kubernetes.io/instance` label the orchestrator selects pods by. Every generated name
+     must fit 63 characters: a LeaderWorkerSet's worker StatefulSet `{name}-decode-{group}` gets
+     pods labelled `controller-revision-hash: {statefulset}-{10-character hash}`. */}}
 {{- define "moeserve.name" -}}
-{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- if gt (len .Release.Name) 40 -}}
+{{- fail (printf "release name %q is %d characters; at most 40 fit every generated name" .Release.Name (len .Release.Name)) -}}
+{{- end -}}
+{{- if ne .Values.prefill.engine .Values.decode.engine -}}
+{{- fail (printf "prefill.engine (%s) and decode.engine (%s) differ: a decode worker fetches KV only from a prefill of its own engine (moeserve's hand-off or SGLang's bootstrap server)" .Values.prefill.engine .Values.decode.engine) -}}
+{{- end -}}
+{{- .Release.Name -}}
 {{- end -}}
 
 {{- define "moeserve.labels" -}}

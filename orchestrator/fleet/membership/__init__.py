@@ -44,6 +44,10 @@ class Membership(ABC):
     async def stop(self) -> None:  # noqa: B027 (optional: only backends that start processes stop them)
         """Stop what this backend started (nothing for backends that start nothing)."""
 
+    def problem(self) -> str | None:
+        """Why this backend cannot currently see the instances as they are (`/ready` says it), or None."""
+        return None
+
     def desired(self) -> dict[Role, int]:
         """The instance count each role should have."""
         return {role: len(self.registry.of(role)) for role in ("prefill", "decode")}
