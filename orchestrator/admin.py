@@ -40,8 +40,9 @@ class DrainBody(BaseModel):
     deadline_s: float = Field(default=DRAIN_DEADLINE_S, gt=0, le=86400)
 
 
-def check_admin(request: Request, token: str | None, api_keys: frozenset[str]) -> None:
-    """Raise the ApiError an admin request without the right credentials gets."""
+def check_admin(request: Request, token: str | None, api_keys: frozenset[str], public: bool = False) -> None:
+    """Raise the ApiError an admin request without the right credentials gets (`public`: the
+    server listens beyond loopback, where only a token opens the admin API)."""
     auth = request.headers.get("authorization", "")
     given = auth[7:] if auth.startswith("Bearer ") else ""
     if token:
@@ -59,6 +60,14 @@ def check_admin(request: Request, token: str | None, api_keys: frozenset[str]) -
             "invalid or missing admin token; send Authorization: Bearer <admin token>",
             "authentication_error",
             "invalid_admin_token",
+        )
+    if public:
+        raise ApiError(
+            403,
+            "the admin API needs --admin-token (MOESERVE_ADMIN_TOKEN) when the server listens beyond "
+            "loopback: a proxy beside it would make every client look local",
+            "permission_error",
+            "forbidden",
         )
     client = request.client.host if request.client else ""
     try:

@@ -28,7 +28,12 @@ class ApiConfig:
     max_body_bytes: int = 1 << 20
     """Larger request bodies get 413."""
     admin_token: str = ""
-    """Bearer token of /admin/*; empty means the admin API answers loopback clients only."""
+    """Bearer token of /admin/*; empty means the admin API answers loopback clients only, and
+    only while the server listens on loopback alone (`public`)."""
+    public: bool = False
+    """The server listens beyond loopback (`--host 0.0.0.0`, a pod IP): without an admin token the
+    admin API is then closed to every client, since a proxy beside it (Istio's sidecar connects
+    from 127.0.0.6) makes remote clients look local."""
     key_token_rate: float = 0.0
     """Tokens per second each API key may use (prompt + generated); 0: no limit."""
     key_token_burst: float = 0.0

@@ -131,7 +131,10 @@ def scale(
     prefill: Annotated[int | None, typer.Option(min=0, help="prefill instances to have")] = None,
     decode: Annotated[int | None, typer.Option(min=0, help="decode instances to have")] = None,
     wait: Annotated[bool, typer.Option(help="follow until the pools match")] = False,
-    timeout: Annotated[float, typer.Option(help="seconds --wait follows")] = 600.0,
+    timeout: Annotated[
+        float,
+        typer.Option(help="seconds --wait follows (an EP144 group loading a 671B model takes many minutes)"),
+    ] = 1800.0,
     url: Url = "http://127.0.0.1:8000",
     admin_token: Token = "",
     output: Out = Output.text,

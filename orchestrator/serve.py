@@ -25,7 +25,7 @@ from orchestrator.fleet.registry import Registry
 from orchestrator.http.app import create_app
 from orchestrator.http.tokenizer import TokenizerError
 from services.common.logs import setup_logging
-from services.common.process import die_with_parent_if_asked
+from services.common.process import die_with_parent_if_asked, loopback_only
 from services.common.typer_main import (
     LogFormat,
     LogFormatOption,
@@ -196,6 +196,7 @@ def config_from_args(a: argparse.Namespace) -> ApiConfig:
         key_token_rate=a.key_token_rate,
         key_token_burst=a.key_token_burst,
         admin_token=a.admin_token,
+        public=not loopback_only(a.host),
         dispatch=a.dispatch,
         trust_remote_code=a.trust_remote_code,
     )

@@ -106,7 +106,7 @@ def create_app(
             raise ApiError(413, f"request body over {config.max_body_bytes} bytes", code="body_too_large")
 
     def check_admin_request(request: Request) -> None:
-        check_admin(request, config.admin_token or None, config.api_keys)
+        check_admin(request, config.admin_token or None, config.api_keys, config.public)
 
     app.add_middleware(Guard, rules=[("/v1/", check_v1), ("/admin/", check_admin_request)])
     app.add_middleware(RequestIds)  # outermost: refusals carry the id too
@@ -129,7 +129,7 @@ def create_app(
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
         if config.admin_token:  # with an admin token configured, metrics need it too
-            check_admin(request, config.admin_token, config.api_keys)
+            check_admin(request, config.admin_token, config.api_keys, config.public)
         return Response(metrics.exposition(registry), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

@@ -1,9 +1,11 @@
 """Process plumbing shared by the worker and the orchestrator (dependency-free, like `picking`):
-free loopback ports, children that die with their parent, signals that ask for a stop."""
+free loopback ports, whether an address is loopback only, children that die with their parent,
+signals that ask for a stop."""
 
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
 import signal
 import socket
@@ -65,3 +67,13 @@ def stop_on_signals() -> threading.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     return stop
+
+
+def loopback_only(host: str) -> bool:
+    """Whether listening on `host` reaches this machine's loopback interface alone."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "0.0.0.0" is not loopback; a name may resolve anywhere

@@ -28,7 +28,9 @@ PROFILES = [
     "values-cpu-tiny.yaml",
 ]
 K8S = "1.33"
-"""The Kubernetes version the chart is validated for."""
+"""The newest Kubernetes version the chart is validated for..."""
+K8S_VERSIONS = ("1.29", "1.30", "1.31", K8S)
+"""...and every one it supports."""
 LWS_SCHEMA = Path(__file__).with_name("lws-v0.10.0.schema.json")
 CRD_KINDS = {
     ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"),
@@ -68,8 +70,8 @@ def strict(schema):
 LWS_VALIDATOR = jsonschema.Draft7Validator(strict(json.loads(LWS_SCHEMA.read_text())["schema"]))
 
 
-def validate(obj: dict) -> None:
-    """Raise if `obj` is not a valid object of a known kind for Kubernetes K8S."""
+def validate(obj: dict, version: str = K8S) -> None:
+    """Raise if `obj` is not a valid object of a known kind for Kubernetes `version`."""
     key = (obj["apiVersion"], obj["kind"])
     if key == ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"):
         errors = sorted(LWS_VALIDATOR.iter_errors(obj), key=str)
@@ -83,7 +85,7 @@ def validate(obj: dict) -> None:
                     "metadata": {"name": "t"},
                     "template": template,
                 }
-                kubernetes_validate.validate(pod, K8S, strict=True)
+                kubernetes_validate.validate(pod, version, strict=True)
         return
     if key == ("monitoring.coreos.com/v1", "ServiceMonitor"):
         assert set(obj) == {"apiVersion", "kind", "metadata", "spec"} and obj["spec"]["endpoints"]
@@ -92,7 +94,7 @@ def validate(obj: dict) -> None:
         assert set(obj) == {"apiVersion", "kind", "metadata", "spec"} and obj["spec"]["podMetricsEndpoints"]
         return
     # An unknown or removed apiVersion raises SchemaNotFoundError here: a failure, not a warning.
-    kubernetes_validate.validate(obj, K8S, strict=True)
+    kubernetes_validate.validate(obj, version, strict=True)
 
 
 def test_lint_is_strict_and_clean_for_the_defaults_and_every_profile():
@@ -107,8 +109,10 @@ def test_every_rendered_object_validates(profile):
     objs = render(*([profile] if profile else []), sets=("serviceMonitor.enabled=true",))
     kinds = {(o["apiVersion"], o["kind"]) for o in objs}
     assert ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet") in kinds and ("apps/v1", "Deployment") in kinds
-    for obj in objs:
-        validate(obj)
+    assert ("networking.k8s.io/v1", "NetworkPolicy") in kinds and ("v1", "Secret") in kinds
+    for version in K8S_VERSIONS:
+        for obj in objs:
+            validate(obj, version)
 
 
 def test_unknown_and_removed_api_versions_fail_validation():

@@ -144,6 +144,7 @@ def test_every_rendered_sglang_command_parses_and_resolves_with_sglang_s_own_cod
             where
         )
         assert (facts["nnodes"], facts["node_rank"]) == (r["nodes"], 0 if r["part"] == "leader" else 1), where
+        assert facts["dist_timeout"] == 1800, where  # 18 pods start unevenly: not SGLang's default
         if r["nodes"] > 1:
             assert facts["dist_init_addr"] == f"{LEADER.format(role=r['role'])}:29500", where
         if r["role"] == "prefill":

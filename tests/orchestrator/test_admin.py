@@ -16,8 +16,8 @@ from orchestrator.http.app import create_app
 KEY, ADMIN = "user-key", "admin-token"
 
 
-def make_app(ds_dir, admin_token: str = ""):
-    config = ApiConfig(ds_dir, "tiny", frozenset({KEY}), admin_token=admin_token)
+def make_app(ds_dir, admin_token: str = "", public: bool = False):
+    config = ApiConfig(ds_dir, "tiny", frozenset({KEY}), admin_token=admin_token, public=public)
     registry = Registry()
     membership = create_membership(
         "static",
@@ -96,3 +96,25 @@ def test_a_static_pool_cannot_scale_and_unknown_names_are_404(ds_dir):
 def test_bad_targets_are_named(tokens, error):
     with pytest.raises(ValueError, match=error):
         parse_targets(tokens)
+
+
+def test_listening_beyond_loopback_the_admin_api_needs_its_token_even_from_loopback(ds_dir):
+    """Issue 26: behind a sidecar proxy (Istio connects from 127.0.0.6) every client looks local,
+    so a server on 0.0.0.0 without an admin token answers no admin request; /metrics likewise."""
+    app, _ = make_app(ds_dir, public=True)
+    for client in (("127.0.0.6", 1234), ("127.0.0.1", 1234)):
+        r = call(app, "GET", "/admin/instances", client=client)
+        assert r.status_code == 403 and "needs --admin-token" in r.json()["error"]["message"]
+    app, _ = make_app(ds_dir, ADMIN, public=True)
+    assert (
+        call(app, "GET", "/admin/instances", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+    )
+    app, _ = make_app(ds_dir)  # loopback only: loopback clients are trusted as before
+    assert call(app, "GET", "/admin/instances").status_code == 200
+
+
+def test_serve_knows_which_hosts_are_loopback_only():
+    from services.common.process import loopback_only
+
+    assert all(loopback_only(h) for h in ("127.0.0.1", "127.0.0.6", "::1", "localhost"))
+    assert not any(loopback_only(h) for h in ("0.0.0.0", "::", "10.0.0.5", "moeserve.example.com"))

@@ -26,7 +26,8 @@ FACTS = (
     "smg_grpc_mode", "disaggregation_mode", "disaggregation_transfer_backend",
     "disaggregation_bootstrap_port",
     "load_balance_method", "moe_a2a_backend", "deepep_mode", "enable_metrics", "kv_events_config",
-    "ep_num_redundant_experts", "init_expert_location", "enable_eplb", "page_size", "host", "port",
+    "dist_timeout", "ep_num_redundant_experts", "init_expert_location", "enable_eplb", "page_size", "host",
+    "port",
 )  # fmt: skip
 
 
