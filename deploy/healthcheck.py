@@ -22,7 +22,9 @@ def main() -> int:
         from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
         stub = pb_grpc.SglangSchedulerStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        return 0 if stub.HealthCheck(pb.HealthCheckRequest(), timeout=3).healthy else 1
+        token = os.environ.get("MOESERVE_GRPC_TOKEN", "")  # the workers' shared token, if set
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        return 0 if stub.HealthCheck(pb.HealthCheckRequest(), timeout=3, metadata=metadata).healthy else 1
     except Exception as e:  # any failure is unhealthy; say why in the health log
         print(f"unhealthy: {e}", file=sys.stderr)
         return 1

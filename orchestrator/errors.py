@@ -9,6 +9,7 @@ import grpc
 # gRPC status from a worker -> (HTTP status, OpenAI error type); anything else is a 502.
 GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (503, "service_unavailable"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),

@@ -9,6 +9,7 @@ breaker state, running and waiting requests, KV tokens in use and in total.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from orchestrator.errors import ApiError
 from orchestrator.events import TokenEvent
 from orchestrator.fleet.autoscaler import SIGNALS
 from orchestrator.fleet.breaker import BreakerState
@@ -44,7 +46,9 @@ E2E = Histogram(
     buckets=LATENCY_BUCKETS, registry=REGISTRY,
 )  # fmt: skip
 REQUESTS = Counter(
-    "moeserve_requests", "Requests by outcome: success, error, cancelled (client left), rejected, invalid.",
+    "moeserve_requests",
+    "Requests by outcome: ok, cancelled (the client left), rejected (a 4xx: the request's own fault), "
+    "throttled (429), error (this service's failure: 5xx, or a stream cut by an instance).",
     ["model", "outcome"], registry=REGISTRY,
 )  # fmt: skip
 RETRIES = Counter(
@@ -90,15 +94,23 @@ async def timed(
                     SIGNALS.inter_token(gap)
                 last = now
             if event.finish_reason is not None:
-                outcome = "success"
+                outcome = "ok"
                 e2e.observe(now - start)
             yield event
-    except GeneratorExit:  # closed by its consumer: after the last token, or the client left
-        outcome = "success" if outcome == "success" else "cancelled"
+    except (GeneratorExit, asyncio.CancelledError):  # closed or cancelled: the client left (or done)
+        outcome = "ok" if outcome == "ok" else "cancelled"
+        raise
+    except ApiError as e:
+        outcome = outcome_of(e.status)
         raise
     finally:
         REQUESTS.labels(model, outcome).inc()
         _log_finished(request_id, outcome, event, first, time.monotonic() - start)
+
+
+def outcome_of(status: int) -> str:
+    """The outcome of a request answered with an error `status`."""
+    return "throttled" if status == 429 else "rejected" if 400 <= status < 500 else "error"
 
 
 @functools.cache

@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from secrets import token_hex
 from typing import Annotated
 
 import grpc
@@ -31,6 +32,7 @@ from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
 from orchestrator.config import env_keys, read_keys
 from orchestrator.dispatch.policies import DEFAULT as DEFAULT_POLICY
+from services.common import wire
 from services.common.logs import setup_logging
 from services.common.process import port_in_use, spawn_env, stop_on_signals
 from services.common.typer_main import (
@@ -93,14 +95,18 @@ class Cluster:
                     proc.wait()
 
 
-def wait_worker(cluster: Cluster, address: str, timeout: float) -> None:
+def wait_worker(cluster: Cluster, address: str, timeout: float, token: str | None = None) -> None:
+    """Until the worker at `address` answers HealthCheck healthy (sending `token`, default this
+    process's gRPC token)."""
     stub = pb_grpc.SglangSchedulerStub(grpc.insecure_channel(address))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (why := cluster.dead()) is not None:
             raise RuntimeError(why)
         try:
-            if stub.HealthCheck(pb.HealthCheckRequest(), timeout=1.0).healthy:
+            if stub.HealthCheck(
+                pb.HealthCheckRequest(), timeout=1.0, metadata=wire.auth_metadata(token)
+            ).healthy:
                 return
         except grpc.RpcError:
             time.sleep(0.3)
@@ -209,6 +215,9 @@ def run(a: argparse.Namespace) -> int:
         # Secrets go to the orchestrator through its environment: a command line shows in `ps`.
         keys = [*a.api_key, *read_keys(a.api_key_file), *env_keys()]
         secrets = {"MOESERVE_API_KEYS": ",".join(keys), "MOESERVE_ADMIN_TOKEN": a.admin_token}
+        # The workers' gRPC takes no API key: one token of this cluster's own (or the caller's)
+        # guards it; the orchestrator gives it to the workers it starts.
+        secrets[wire.TOKEN_ENV] = wire.grpc_token() or token_hex(16)
         cluster.spawn("orchestrator", serve, env=secrets)
         wait_http(cluster, f"http://{a.host}:{a.port}/ready", a.ready_timeout)
         print(

@@ -15,6 +15,7 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
 from orchestrator.up import Cluster, wait_http, wait_worker
+from services.common import wire
 from services.common.process import free_port, port_in_use
 
 READY_TIMEOUT_S = 120.0
@@ -35,7 +36,7 @@ class LocalCluster:
         args = ["-m", "services.worker", "--role", role, "--model", str(model), "--port", str(port), *extra]
         self.procs[name] = self.cluster.spawn(name, args, env=env, output=output)
         address = f"127.0.0.1:{port}"
-        wait_worker(self.cluster, address, READY_TIMEOUT_S)
+        wait_worker(self.cluster, address, READY_TIMEOUT_S, (env or {}).get(wire.TOKEN_ENV))
         self.addresses[name] = address
         return address
 
@@ -132,6 +133,7 @@ class LocalCluster:
         *extra: str,
         output: Path | None = None,
         name: str = "orchestrator",
+        env: dict | None = None,
     ) -> str:
         port = free_port()
         args = [
@@ -147,7 +149,7 @@ class LocalCluster:
             *decode,
             *extra,
         ]
-        self.procs[name] = self.cluster.spawn(name, args, output=output)
+        self.procs[name] = self.cluster.spawn(name, args, env=env, output=output)
         url = f"http://127.0.0.1:{port}"
         wait_http(self.cluster, f"{url}/ready", READY_TIMEOUT_S)
         return url

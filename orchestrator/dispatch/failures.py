@@ -26,9 +26,9 @@ class InstanceFailed(Exception):
     def __init__(self, blame: Instance, error: ApiError):
         self.blame, self.error = blame, error
 
-    def charge(self, avoid: set[str]) -> None:
-        """Count it against the instance's breaker and keep the request away from it."""
-        self.blame.breaker.failure()
+    def charge(self, avoid: set[str], request_id: str) -> None:
+        """Count it against the instance's breaker (once per request) and keep the request away from it."""
+        self.blame.breaker.failure(request_id)
         avoid.add(self.blame.id)
 
 

@@ -18,6 +18,7 @@ from orchestrator.errors import ApiError
 from orchestrator.events import TokenEvent
 
 MAX_ATTEMPTS = 3
+"""Tries of one segment: its retries (2) stay under a breaker's threshold (3 distinct requests)."""
 RETRY_BUDGET_S = 30.0
 BACKOFF_S = 0.05
 MAX_MIGRATIONS = 2
@@ -56,7 +57,9 @@ async def generate(
         segment_id = request_id if not migration else f"{request_id}-m{migration}"
         base = len(generated)  # tokens sent before this segment; its worker counts from zero
         try:
-            segment = _with_retries(router, [*prompt_ids, *generated], part, segment_id, avoid, logprobs)
+            segment = _with_retries(
+                router, [*prompt_ids, *generated], part, segment_id, avoid, logprobs, request_id
+            )
             async for event in segment:
                 generated += event.token_ids
                 yield TokenEvent(
@@ -65,7 +68,7 @@ async def generate(
                 )  # fmt: skip
             return
         except MidStream as moved:
-            moved.charge(avoid)
+            moved.charge(avoid, request_id)
             if migration == MAX_MIGRATIONS:
                 raise moved.error from None
             metrics.MIGRATIONS.inc()
@@ -78,8 +81,10 @@ async def _with_retries(
     request_id: str,
     avoid: set[str],
     logprobs: int | None,
+    origin: str,
 ) -> AsyncIterator[TokenEvent]:
-    """One segment of a request, retried on fresh pairs until its first token."""
+    """One segment of a request (`origin`: the client's request, which breakers count once),
+    retried on fresh pairs until its first token."""
     deadline = time.monotonic() + RETRY_BUDGET_S
     last: ApiError | None = None
     for tries in range(MAX_ATTEMPTS):
@@ -98,7 +103,7 @@ async def _with_retries(
                 yield event
             return
         except BeforeFirstToken as failed:
-            failed.charge(avoid)
+            failed.charge(avoid, origin)
             last = failed.error
             metrics.RETRIES.inc()
             if tries + 1 == MAX_ATTEMPTS or time.monotonic() > deadline:

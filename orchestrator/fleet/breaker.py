@@ -1,10 +1,13 @@
 """A circuit breaker per instance: consecutive failures stop its traffic; a probe lets it back.
 
-    closed --(threshold failures in a row)--> open --(cooldown)--> half-open
+    closed --(failures of `threshold` distinct requests in a row)--> open --(cooldown)--> half-open
     half-open --(its one probe request succeeds)--> closed;  --(fails)--> open again
 
 Only requests that reach their first token count as successes; a failure is a request this
-instance made fail before then (refused, unreachable, a failed hand-off).
+instance made fail before then (refused, unreachable, a failed hand-off). Failures count per
+request: one request retried, or charging the same instance twice, is one failure, so no single
+request (a poison one the workers cannot tell from their own fault) opens a breaker. Failures
+the request itself caused (INVALID_ARGUMENT, OUT_OF_RANGE) are never charged at all.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ class Breaker:
     threshold: int = THRESHOLD
     cooldown_s: float = COOLDOWN_S
     failures: int = 0
+    """Distinct requests that failed here since the last success."""
     opened_at: float | None = None
     probing: bool = False
     """A half-open breaker's one request is out."""
     opened: int = field(default=0)
     """How many times it opened (for metrics and tests)."""
+    _failed: set[str] = field(default_factory=set, repr=False)
 
     @property
     def state(self) -> BreakerState:
@@ -52,9 +57,14 @@ class Breaker:
 
     def success(self) -> None:
         self.failures, self.opened_at, self.probing = 0, None, False
+        self._failed.clear()
 
-    def failure(self) -> None:
-        self.failures += 1
+    def failure(self, request_id: str) -> None:
+        if self.state != BreakerState.HALF_OPEN and request_id in self._failed:
+            return  # the same request again: one failure
+        self._failed.add(request_id)
+        self.failures = len(self._failed)
         if self.state == BreakerState.HALF_OPEN or self.failures >= self.threshold:
             self.opened_at, self.probing = time.monotonic(), False
             self.opened += 1
+            self._failed.clear()

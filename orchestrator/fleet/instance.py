@@ -19,6 +19,7 @@ import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
+from orchestrator.fleet import grpc_auth
 from orchestrator.fleet import worker_facts as facts
 from orchestrator.fleet.breaker import Breaker
 from orchestrator.fleet.first_token_stream import FirstTokenFeed
@@ -119,7 +120,7 @@ class Instance:
 
     def _connect(self) -> grpc.aio.Channel:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.address)
+            self._channel = grpc_auth.channel(self.address)
             self._stub = pb_grpc.SglangSchedulerStub(self._channel)
         return self._channel
 

@@ -8,6 +8,7 @@ Routes only; a completion request goes parse → admit → generate → text →
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -43,6 +44,7 @@ from orchestrator.http.ratelimit import TokenBuckets, charged
 from orchestrator.http.remote_tokenizer import load_tokenizer
 from orchestrator.http.responses import respond
 
+log = logging.getLogger(__name__)
 SETTLE_S = 0.5
 """At shutdown, how long ended requests' aborts may still take before the channels close."""
 
@@ -83,13 +85,30 @@ def create_app(
         await membership.stop()
         await registry.stop()
 
-    app = FastAPI(title="moeserve", lifespan=lifespan)
+    # The API's description names the admin routes: only for a server nobody else can reach.
+    open_ = not (config.api_keys or config.admin_token or config.public)
+    app = FastAPI(
+        title="moeserve",
+        lifespan=lifespan,
+        docs_url="/docs" if open_ else None,
+        redoc_url="/redoc" if open_ else None,
+        openapi_url="/openapi.json" if open_ else None,
+    )
     app.state.router, app.state.admission, app.state.membership = router, admission, membership
     add_admin_routes(app, registry, membership, autoscaler)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        """A failure of this server, not the request's: the OpenAI error shape, no traceback (it
+        goes to the log with the request id)."""
+        log.exception("request %s failed", getattr(request.state, "request_id", "-"))
+        return error_response(
+            ApiError(500, "internal error; retry, and report it if it persists", "api_error")
+        )
 
     def check_v1(request: Request) -> None:
         if config.api_keys:
@@ -116,15 +135,19 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/ready")
-    async def ready() -> JSONResponse:
-        workers = {i.address: i.healthy for i in registry.all}
+    async def ready(request: Request) -> JSONResponse:
+        try:  # the workers' addresses only for whoever may use the admin API
+            check_admin(request, config.admin_token or None, config.api_keys, config.public)
+            workers: dict[str, bool] | None = {i.address: i.healthy for i in registry.all}
+        except ApiError:
+            workers = None
         if admission.closing:
-            return JSONResponse({"status": "shutting down", "workers": workers}, status_code=503)
+            return JSONResponse(_ready("shutting down", workers), status_code=503)
         if (problem := membership.problem()) is not None:
-            return JSONResponse({"status": f"membership: {problem}", "workers": workers}, status_code=503)
+            return JSONResponse(_ready(f"membership: {problem}", workers), status_code=503)
         if registry.ready:
-            return JSONResponse({"status": "ready", "workers": workers})
-        return JSONResponse({"status": "not ready", "workers": workers}, status_code=503)
+            return JSONResponse(_ready("ready", workers))
+        return JSONResponse(_ready("not ready", workers), status_code=503)
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
@@ -155,7 +178,7 @@ def create_app(
                 buckets.admit(key, len(prompt))
             slot = await admission.enter()
         except ApiError as e:
-            metrics.REQUESTS.labels(model, "rejected" if e.status in (429, 503) else "invalid").inc()
+            metrics.REQUESTS.labels(model, metrics.outcome_of(e.status)).inc()
             raise
         metrics.QUEUE_TIME.labels(model).observe(slot.waited)
         rid = request.state.request_id
@@ -195,3 +218,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 def error_response(err: ApiError) -> JSONResponse:
     """An ApiError as the JSON response OpenAI clients parse."""
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _ready(status: str, workers: dict[str, bool] | None) -> dict[str, Any]:
+    return {"status": status} if workers is None else {"status": status, "workers": workers}

@@ -8,10 +8,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_TOP_LOGPROBS = 20
 """The most alternatives per token a request may ask for (`top_logprobs`, completions' `logprobs`)."""
+INT32_MAX = (1 << 31) - 1
+"""The largest count the workers' protocol carries (`max_new_tokens`, `top_k`)."""
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
+"""Seeds are 64-bit signed integers, as OpenAI documents them."""
+STRICT = ConfigDict(strict=True, extra="allow")
+"""No coercion (`"10"` is not 10, `true` is not 1, `"yes"` is not true), as OpenAI's API answers;
+unknown OpenAI fields are accepted and ignored."""
 
 
 class StreamOptions(BaseModel):
     """`stream_options`: whether a streamed response ends with a usage chunk."""
+
+    model_config = STRICT
 
     include_usage: bool = False
 
@@ -35,19 +44,19 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 class _Sampling(BaseModel):
     """Fields shared by both endpoints: the model id, sampling and streaming."""
 
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored
+    model_config = STRICT
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     # Sampling left unset (None) takes the model's generation_config.json, else OpenAI's defaults
     # (`parsing.SamplingDefaults`).
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -81,7 +90,7 @@ class _Sampling(BaseModel):
 class ChatMessage(BaseModel):
     """One chat message; content is a string or a list of text parts."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -90,6 +99,9 @@ class ChatMessage(BaseModel):
     def _content(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content (got null)")
+        for part in self.content if isinstance(self.content, list) else ():
+            if part.get("type") == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"a text part's text must be a string, got {part.get('text')!r:.40}")
         return self
 
     def text(self) -> str:
@@ -109,7 +121,7 @@ class ChatCompletionRequest(_Sampling):
     """The body of POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import struct_pb2
 from pydantic import ValidationError
@@ -34,6 +35,10 @@ def parse_request(body: bytes, kind: Kind, config: ApiConfig) -> OpenAIRequest:
         raw = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raw = None  # nested past the parser's own limit: refused below
+    if raw is None or too_deep(raw, MAX_DEPTH):
+        raise ApiError(400, f"request body is nested deeper than {MAX_DEPTH} levels", code="invalid_json")
     if not isinstance(raw, dict):
         raise ApiError(400, "request body must be a JSON object")
     try:  # JSON may escape half a surrogate pair ("\ud800"); no tokenizer can take that
@@ -59,6 +64,22 @@ def parse_request(body: bytes, kind: Kind, config: ApiConfig) -> OpenAIRequest:
             param="model",
         )
     return req
+
+
+MAX_DEPTH = 32
+"""The deepest nesting a request body may have (an OpenAI body needs 5)."""
+
+
+def too_deep(value: Any, limit: int) -> bool:
+    """Whether `value` nests containers more than `limit` deep (iterative: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def prompt_ids(req: OpenAIRequest, tokenizer: ChatTokenizer) -> list[int]:
@@ -133,7 +154,7 @@ def sampling_params(
     """SGLang's sampling parameters for `req`; `limit` is the model's context (0: not known yet, no check).
 
     max_tokens defaults to what is left of the context; unset sampling parameters to `defaults`;
-    a seed travels in `custom_params`.
+    a seed travels in `custom_params`, as decimal text.
     """
     if limit and prompt_len >= limit:
         raise ApiError(
@@ -163,6 +184,8 @@ def sampling_params(
         stop_token_ids=() if req.ignore_eos else defaults.stop_token_ids,
         n=1,
     )
-    if req.seed is not None:
-        sp.custom_params.CopyFrom(struct_pb2.Struct(fields={"seed": struct_pb2.Value(number_value=req.seed)}))
+    if req.seed is not None:  # as text: a double would round seeds past 2^53
+        sp.custom_params.CopyFrom(
+            struct_pb2.Struct(fields={"seed": struct_pb2.Value(string_value=str(req.seed))})
+        )
     return sp

@@ -9,11 +9,18 @@ the router avoids the right instance. With `TOKEN_FEED` (the router's feed id) t
 sends the request's first token on the router's FirstTokens stream as soon as it is sampled
 (`kv_handoff.proto`). Workers that serve it say so in GetServerInfo's server_args
 (`SERVER_ARG` = true); the router uses it only when both sides of a pair do, and dual dispatch
-otherwise (SGLang workers). Dependency-free: both sides import it.
+otherwise (SGLang workers).
+
+Workers' gRPC takes no API key, so it has a shared token of its own: with `TOKEN_ENV` set, a
+moeserve worker refuses (UNAUTHENTICATED) every call without `authorization: Bearer <token>`,
+and every moeserve client of a worker (the orchestrator, a decode forwarding to its prefill, the
+CLIs, the image's health check) sends it. Dependency-free: both sides import it.
 """
 
 from __future__ import annotations
 
+import hmac
+import os
 from collections.abc import Iterable
 
 FORWARD = "moeserve-forward-prefill"
@@ -21,6 +28,26 @@ TOKEN_FEED = "moeserve-token-feed"
 ANY_RANK = "any"
 FAILED_PEER = "moeserve-failed-peer"
 SERVER_ARG = "moeserve_decode_first"
+TOKEN_ENV = "MOESERVE_GRPC_TOKEN"
+AUTH_KEY = "authorization"
+
+
+def grpc_token() -> str:
+    """The workers' shared gRPC token ("" when none is set: calls need none)."""
+    return os.environ.get(TOKEN_ENV, "")
+
+
+def auth_metadata(token: str | None = None) -> tuple[tuple[str, str], ...]:
+    """The call metadata carrying `token` (default: this process's), or nothing without one."""
+    token = grpc_token() if token is None else token
+    return ((AUTH_KEY, f"Bearer {token}"),) if token else ()
+
+
+def authorized(metadata: Iterable[tuple[str, str | bytes]] | None, token: str) -> bool:
+    """Whether a call's metadata carries `token` (compared in constant time)."""
+    given = next((v for k, v in metadata or () if k == AUTH_KEY), "")
+    given = given.decode() if isinstance(given, bytes) else given
+    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
 
 def forward_metadata(prefill_rank: int | None, feed: str = "") -> tuple[tuple[str, str], ...]:

@@ -108,7 +108,7 @@ def draw_seed(params: SamplingParams, fallback: torch.Generator) -> int | None:
     if params.greedy:
         return None
     if params.seed is not None:
-        return params.seed
+        return params.seed & SEED_MASK  # the device's int64 noise counters take any integer this way
     return int(torch.randint(0, 2**62, (1,), generator=fallback))
 
 

@@ -23,6 +23,7 @@ from typing import Annotated
 
 import typer
 
+from services.common import wire
 from services.common.typer_main import run_app
 
 app = typer.Typer(name="eplb", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -42,7 +43,8 @@ def dump(
     try:
         with grpc.insecure_channel(instance) as channel:
             # grpc_tools generates the stub class without annotations
-            res = ctl_grpc.WorkerControlStub(channel).GetExpertLoad(ctl.GetExpertLoadRequest(), timeout=30)  # type: ignore[no-untyped-call]
+            stub = ctl_grpc.WorkerControlStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
+            res = stub.GetExpertLoad(ctl.GetExpertLoadRequest(), timeout=30, metadata=wire.auth_metadata())
     except grpc.RpcError as e:
         print(f"error: {instance} answered {e.code().name}: {e.details()}", file=sys.stderr)
         raise typer.Exit(1) from None
@@ -154,11 +156,13 @@ def rebalance(
             stub = ctl_grpc.WorkerControlStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
             request = ctl.RebalanceRequest(tolerance=tolerance)
             if placement is not None:
-                now = stub.GetExpertLoad(ctl.GetExpertLoadRequest(), timeout=30)
+                now = stub.GetExpertLoad(
+                    ctl.GetExpertLoadRequest(), timeout=30, metadata=wire.auth_metadata()
+                )
                 layers = len(now.layers)
                 rows = read_placement(placement, layers, now.num_experts, now.ep_size)
                 request.phy2log.extend(rows.flatten().tolist())
-            res = stub.Rebalance(request, timeout=120)
+            res = stub.Rebalance(request, timeout=120, metadata=wire.auth_metadata())
     except PlacementFileError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2) from None

@@ -52,12 +52,28 @@ def sampling_from_proto(
     )
 
 
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
+
+
 def _seed(sp: pb.SamplingParams) -> int | None:
-    if sp.HasField("custom_params") and "seed" in sp.custom_params.fields:
-        value = sp.custom_params.fields["seed"]
-        if value.WhichOneof("kind") == "number_value":
-            return int(value.number_value)
-    return None
+    """`custom_params.seed`: a 64-bit integer, as decimal text (exact) or a whole number; anything
+    else is the request's fault (INVALID_ARGUMENT), never the worker's."""
+    if not (sp.HasField("custom_params") and "seed" in sp.custom_params.fields):
+        return None
+    value = sp.custom_params.fields["seed"]
+    kind = value.WhichOneof("kind")
+    try:
+        if kind == "string_value":
+            seed = int(value.string_value)
+        elif kind == "number_value" and float(value.number_value).is_integer():
+            seed = int(value.number_value)
+        else:
+            raise ValueError(kind)
+    except (ValueError, OverflowError):
+        raise InvalidRequestError(f"seed must be an integer, got {value!s:.60}") from None
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise InvalidRequestError(f"seed must be a 64-bit signed integer, got {str(seed)[:40]}")
+    return seed
 
 
 def chunk(out: RequestOutput, cached_tokens: int | None = None) -> pb.GenerateResponse:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 
@@ -15,6 +16,10 @@ from tests.deploy.test_helm import CHART, args_of, orchestrator_args, pools, ren
 
 DS = "values-deepseek-v3.yaml"
 DS_SGLANG = "values-deepseek-v3-sglang.yaml"
+MONITORED = (
+    "serviceMonitor.enabled=true",
+    "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
+)
 
 
 def part(lws: dict, name: str) -> dict | None:
@@ -30,21 +35,20 @@ def worker(spec: dict) -> dict:
 def test_a_group_s_leader_is_probed_for_a_long_start_and_its_followers_are_not():
     lws = pools(render(DS, sets=("probes.startupSeconds=5400",)))["decode"]
     leader, follower = worker(part(lws, "leaderTemplate")), worker(part(lws, "workerTemplate"))
-    assert leader["startupProbe"] == {
-        "tcpSocket": {"port": "grpc"},
-        "periodSeconds": 10,
-        "failureThreshold": 540,
-    }
-    assert leader["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
-    assert leader["livenessProbe"]["failureThreshold"] == 6
-    # moeserve workers: the image's HealthCheck client, told the role and port.
-    assert leader["readinessProbe"]["exec"]["command"] == ["python3", "/opt/moeserve/healthcheck.py"]
+    # moeserve workers bind their port before loading: every probe asks HealthCheck (every rank of
+    # the group answers it only once loaded), through the image's client, told the role and port.
+    check = {"exec": {"command": ["python3", "/opt/moeserve/healthcheck.py"]}, "periodSeconds": 10}
+    check["timeoutSeconds"] = 10
+    assert leader["startupProbe"] == {**check, "failureThreshold": 540}
+    assert leader["livenessProbe"] == {**check, "failureThreshold": 6}
+    assert leader["readinessProbe"] == check
     env = {e["name"]: e.get("value") for e in leader["env"]}
     assert (env["MOESERVE_ROLE"], env["MOESERVE_PORT"]) == ("decode", "30001")
     assert not {"startupProbe", "readinessProbe", "livenessProbe"} & set(follower)
     # SGLang's servicer runs the standard gRPC health service; a one-pod group's only pod leads.
     sglang = worker(part(pools(render(DS_SGLANG))["prefill"], "leaderTemplate"))
-    assert sglang["readinessProbe"]["grpc"] == {"port": 30001}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert sglang[probe]["grpc"] == {"port": 30001}
     single = worker(part(pools(render())["prefill"], "workerTemplate"))
     assert single["startupProbe"]["failureThreshold"] == 360 and "readinessProbe" in single
 
@@ -86,7 +90,7 @@ def test_gpu_workers_run_as_rdma_needs_and_nothing_else_gets_privileges():
 
 def test_rdma_networking_and_gang_scheduling_knobs_reach_every_pod_and_validate():
     sets = (
-        "decode.hostNetwork=true", "decode.infiniband=true",
+        "decode.hostNetwork=true", "decode.infiniband=true", "networkPolicy.nodeCIDRs[0]=10.0.0.0/16",
         "decode.podAnnotations.k8s\\.v1\\.cni\\.cncf\\.io/networks=rdma-net",
         "decode.schedulerName=volcano", "decode.priorityClassName=serving-high",
         "decode.exclusiveTopology=topology.kubernetes.io/rack", "decode.subGroupSize=2",
@@ -113,6 +117,8 @@ def test_rdma_networking_and_gang_scheduling_knobs_reach_every_pod_and_validate(
         mounts = {m["name"]: m["mountPath"] for m in worker(spec)["volumeMounts"]}
         assert (mounts["infiniband"], mounts["cache"]) == ("/dev/infiniband", "/cache")
         assert [c["name"] for c in spec["containers"]] == ["worker", "sidecar"]
+        # Without a device plugin only a privileged container may open the host's uverbs devices.
+        assert worker(spec)["securityContext"] == {"runAsUser": 0, "privileged": True}
     prefill = part(pools(objs)["prefill"], "leaderTemplate")
     assert "hostNetwork" not in prefill and "schedulerName" not in prefill  # per pool
 
@@ -157,10 +163,19 @@ def test_worker_ports_are_fenced_to_the_release_and_the_api_is_open():
     }
     assert api["ingress"] == [{"ports": [{"port": "http"}]}]
     assert not [o for o in render(sets=("networkPolicy.enabled=false",)) if o["kind"] == "NetworkPolicy"]
+    # A pool on the host network connects from node addresses: they must be named, and are admitted.
+    r = run_helm("template", "ms", str(CHART), "--set", "decode.hostNetwork=true")
+    assert r.returncode != 0 and "set networkPolicy.nodeCIDRs" in r.stderr, r.stderr
+    objs = render(sets=("decode.hostNetwork=true", "networkPolicy.nodeCIDRs[0]=10.0.0.0/16"))
+    (workers,) = [o["spec"] for o in objs if o["metadata"]["name"] == "ms-workers"]
+    assert workers["ingress"][0]["from"][1] == {"ipBlock": {"cidr": "10.0.0.0/16"}}
+    # Monitors the policy would leave timing out are refused until it admits Prometheus.
+    r = run_helm("template", "ms", str(CHART), "--set", "serviceMonitor.enabled=true")
+    assert r.returncode != 0 and "set networkPolicy.metricsFrom" in r.stderr, r.stderr
 
 
 def test_keys_are_generated_unless_named_and_prometheus_scrapes_with_the_admin_token():
-    objs = render(sets=("serviceMonitor.enabled=true", "serviceMonitor.labels.release=kube-prometheus-stack"))
+    objs = render(sets=(*MONITORED, "serviceMonitor.labels.release=kube-prometheus-stack"))
     (secret,) = [o for o in objs if o["kind"] == "Secret"]
     assert secret["metadata"]["name"] == "ms-keys"
     assert secret["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
@@ -174,7 +189,17 @@ def test_keys_are_generated_unless_named_and_prometheus_scrapes_with_the_admin_t
     assert env == {
         "MOESERVE_API_KEYS": {"name": "ms-keys", "key": "api-keys"},
         "MOESERVE_ADMIN_TOKEN": {"name": "ms-keys", "key": "admin-token"},
+        "MOESERVE_GRPC_TOKEN": {"name": "ms-keys", "key": "grpc-token", "optional": True},
     }
+    assert len(keys["grpc-token"]) == 48
+    # moeserve workers get the same gRPC token (and their readiness probe sends it); SGLang's don't
+    # check one, and have none.
+    for lws in pools(objs).values():
+        spec = part(lws, "workerTemplate")
+        worker_env = {e["name"]: e.get("valueFrom") for e in worker(spec)["env"]}
+        assert worker_env["MOESERVE_GRPC_TOKEN"] == {"secretKeyRef": env["MOESERVE_GRPC_TOKEN"]}
+    sglang = worker(part(pools(render(DS_SGLANG))["decode"], "leaderTemplate"))
+    assert "MOESERVE_GRPC_TOKEN" not in {e["name"] for e in sglang["env"]}
     monitors = {o["metadata"]["name"]: o for o in objs if o["kind"] in ("ServiceMonitor", "PodMonitor")}
     assert all(m["metadata"]["labels"]["release"] == "kube-prometheus-stack" for m in monitors.values())
     (endpoint,) = monitors["ms"]["spec"]["endpoints"]
@@ -210,7 +235,7 @@ def test_the_notes_say_what_the_release_holds_and_what_one_more_group_needs(prof
     assert r.returncode == 0, r.stderr
     notes = r.stdout.split("NOTES:", 1)[1]
     assert f"this release holds {holds}" in notes
-    assert "--wait --timeout 1800" in notes
+    assert "--wait --timeout 5400" in notes
 
 
 def test_serve_gets_per_role_ports_from_the_chart():
@@ -229,17 +254,27 @@ def test_an_hf_model_is_downloaded_once_per_volume_and_the_orchestrator_takes_it
     spec = part(pools(objs)["decode"], "leaderTemplate")
     init = init_of(spec)
     assert init["command"][:2] == ["python3", "-c"]
-    assert init["command"][3:] == ["deepseek-ai/DeepSeek-V3", "e815299", "/models/DeepSeek-V3", "0"]
+    assert init["command"][3:] == ["deepseek-ai/DeepSeek-V3", "e815299", "/models/DeepSeek-V3", "0", "0"]
     assert init["env"] == [
         {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
     ]
-    assert init["securityContext"] == worker(spec)["securityContext"]
+    # A root-owned volume: the download runs as root with only what writing takes, then hands the
+    # files to the worker's user (root on GPUs, 10001 on CPUs and for the orchestrator).
+    assert init["securityContext"]["runAsUser"] == 0
+    caps = init["securityContext"]["capabilities"]
+    assert caps == {"drop": ["ALL"], "add": ["CHOWN", "DAC_OVERRIDE", "FOWNER"]}
+    cpu = part(pools(render("values-cpu-tiny.yaml", sets=(sets[0],)))["decode"], "workerTemplate")
+    assert init_of(cpu)["command"][-1] == "10001"
+    sglang = part(pools(render(DS_SGLANG, sets=sets))["decode"], "leaderTemplate")
+    assert init_of(sglang)["image"] == "lmsysorg/sglang:v0.5.23"  # no moeserve image on SGLang pools
     volume = next(v for v in spec["volumes"] if v["name"] == "models")
     assert volume == {"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": False}}
     assert "--model=/models/DeepSeek-V3" in args_of(pools(objs)["decode"])
     (deploy,) = [o for o in objs if o["kind"] == "Deployment"]
     pod = deploy["spec"]["template"]["spec"]
-    assert init_of(pod)["command"][3:] == ["deepseek-ai/DeepSeek-V3", "e815299", "/models/DeepSeek-V3", "1"]
+    assert init_of(pod)["command"][3:] == [
+        "deepseek-ai/DeepSeek-V3", "e815299", "/models/DeepSeek-V3", "1", "10001"
+    ]  # fmt: skip
     assert next(v for v in pod["volumes"] if v["name"] == "models") == {"name": "models", "emptyDir": {}}
     assert "--model=/models/DeepSeek-V3" in pod["containers"][0]["command"]
     # The script itself, against a stand-in for huggingface_hub that records what it is asked.
@@ -255,7 +290,7 @@ def test_an_hf_model_is_downloaded_once_per_volume_and_the_orchestrator_takes_it
     env = {"PYTHONPATH": str(hub), "CALLS": str(calls), "PATH": "/usr/bin:/bin"}
 
     def run(command: list[str]) -> None:
-        command = [sys.executable, *command[1:3], command[3], command[4], str(dest), command[6]]
+        command = [sys.executable, *command[1:3], *command[3:5], str(dest), command[6], str(os.getuid())]
         r = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
 

@@ -29,7 +29,7 @@ PROFILES = [
 ]
 K8S = "1.33"
 """The newest Kubernetes version the chart is validated for..."""
-K8S_VERSIONS = ("1.29", "1.30", "1.31", K8S)
+K8S_VERSIONS = ("1.29", "1.30", "1.31", "1.32", K8S)
 """...and every one it supports."""
 LWS_SCHEMA = Path(__file__).with_name("lws-v0.10.0.schema.json")
 CRD_KINDS = {
@@ -106,7 +106,11 @@ def test_lint_is_strict_and_clean_for_the_defaults_and_every_profile():
 
 @pytest.mark.parametrize("profile", [None, *PROFILES])
 def test_every_rendered_object_validates(profile):
-    objs = render(*([profile] if profile else []), sets=("serviceMonitor.enabled=true",))
+    monitored = (
+        "serviceMonitor.enabled=true",
+        "networkPolicy.metricsFrom[0].podSelector.matchLabels.app=prometheus",
+    )
+    objs = render(*([profile] if profile else []), sets=monitored)
     kinds = {(o["apiVersion"], o["kind"]) for o in objs}
     assert ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet") in kinds and ("apps/v1", "Deployment") in kinds
     assert ("networking.k8s.io/v1", "NetworkPolicy") in kinds and ("v1", "Secret") in kinds
@@ -222,7 +226,7 @@ def test_moeserve_command_lines_start_our_workers_with_the_same_topology():
 
 
 def test_the_pod_monitor_scrapes_the_leaders_metrics_port():
-    objs = render(sets=("serviceMonitor.enabled=true",))
+    objs = render(sets=("serviceMonitor.enabled=true", "networkPolicy.enabled=false"))
     (monitor,) = [o for o in objs if o["kind"] == "PodMonitor" and o["metadata"]["name"] == "ms-workers"]
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert selector["leaderworkerset.sigs.k8s.io/worker-index"] == "0"  # only leaders serve it

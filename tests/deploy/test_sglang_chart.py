@@ -197,8 +197,8 @@ def test_sglang_pods_expose_their_metrics_where_sglang_serves_them_and_are_scrap
         grpc_port = ports["grpc"]
         # gRPC mode: the HTTP sidecar on --port + 1; another node: its health server on --port.
         assert ports["metrics"] == (grpc_port + 1 if r["part"] == "leader" else grpc_port)
-    monitors = [o for o in render("values-deepseek-v3-sglang.yaml", sets=("serviceMonitor.enabled=true",))
-                if o["kind"] == "PodMonitor"]  # fmt: skip
+    sets = ("serviceMonitor.enabled=true", "networkPolicy.enabled=false")
+    monitors = [o for o in render("values-deepseek-v3-sglang.yaml", sets=sets) if o["kind"] == "PodMonitor"]
     sglang = [
         m for m in monitors if m["spec"]["selector"]["matchLabels"].get("moeserve.io/engine") == "sglang"
     ]

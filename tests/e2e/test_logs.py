@@ -52,7 +52,7 @@ def test_request_id_travels_to_both_workers_and_back(logged, ds_dir):
         assert line["logger"] == "moeserve.requests" and line["role"] == role
         assert line["prompt_tokens"] > 0 and line["level"] == "info"
     (line,) = wait_for_lines(logs / "orchestrator.log", "trace-42")
-    assert line["outcome"] == "success" and line["completion_tokens"] == 3 and line["ttft_s"] > 0
+    assert line["outcome"] == "ok" and line["completion_tokens"] == 3 and line["ttft_s"] > 0
 
     fresh = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
     rid = fresh.headers["x-request-id"]

@@ -89,7 +89,7 @@ def test_metrics_parse_and_move_under_load(flaky):
     assert moved("moeserve_time_to_first_token_seconds_count") == 6
     assert moved("moeserve_e2e_request_latency_seconds_count") == 6
     assert moved("moeserve_inter_token_latency_seconds_count") >= 6 * 3
-    assert moved("moeserve_requests_total", (model, ("outcome", "success"))) == 6
+    assert moved("moeserve_requests_total", (model, ("outcome", "ok"))) == 6
     assert after[("moeserve_retries_total", ())] >= REFUSALS  # the refusals of the first test
     instances = {dict(k[1]).get("instance") for k in after if k[0] == "moeserve_instance_state"}
     assert {"prefill-1", "prefill-2", "decode-3"} <= instances

@@ -124,9 +124,10 @@ def test_unknown_context_limit_checks_nothing(config):
     assert sampling_params(req, 10**6, 0).max_new_tokens == 10**6
 
 
-def test_seed_travels_in_custom_params(config):
-    sp = sampling_params(parse_request(body(seed=1234), "chat", config), 10, 4096)
-    assert sp.custom_params.fields["seed"].number_value == 1234
+def test_seed_travels_in_custom_params_exactly(config):
+    for seed in (1234, 2**63 - 1, -(2**63), 2**53 + 1):  # a double would round the last one
+        sp = sampling_params(parse_request(body(seed=seed), "chat", config), 10, 4096)
+        assert sp.custom_params.fields["seed"].string_value == str(seed)
 
 
 def test_stop_is_always_a_list(config):

@@ -18,6 +18,17 @@
 {{- .Values.orchestrator.secretName | default (printf "%s-keys" (include "moeserve.name" .)) -}}
 {{- end -}}
 
+{{/* The workers' shared gRPC token (worker gRPC takes no API key): moeserve workers refuse calls
+     without it, and the orchestrator sends it. Optional in a Secret of the operator's own. */}}
+{{- define "moeserve.grpcTokenEnv" -}}
+- name: MOESERVE_GRPC_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "moeserve.secretName" . }}
+      key: grpc-token
+      optional: true
+{{- end -}}
+
 {{- define "moeserve.labels" -}}
 app.kubernetes.io/name: moeserve
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -194,6 +205,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- $pool := index .root.Values .role -}}
 {{- if $pool.securityContext -}}
 {{ toYaml $pool.securityContext }}
+{{- else if $pool.infiniband -}}
+# /dev/infiniband from the host: without a device plugin, only a privileged container may open
+# its uverbs devices (the namespace must admit privileged pods)
+runAsUser: 0
+privileged: true
 {{- else if .root.Values.gpu -}}
 runAsUser: 0
 runAsNonRoot: false
@@ -223,11 +239,25 @@ seccompProfile:
 {{- $v := .root.Values -}}
 {{- if or (eq $kind "hf") (eq $kind "tiny") }}
 - name: model
-  image: {{ include "moeserve.image" .root }}
+  image: {{ .image | default (include "moeserve.image" .root) }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
+  {{- if eq $kind "hf" }}
+  # The model volume may be a root-owned host path or PVC: the download runs as root with only
+  # what writing it takes, then hands the files to the worker's user (`owner`).
+  securityContext:
+    runAsUser: 0
+    runAsNonRoot: false
+    allowPrivilegeEscalation: false
+    capabilities:
+      drop: [ALL]
+      add: [CHOWN, DAC_OVERRIDE, FOWNER]
+    seccompProfile:
+      type: RuntimeDefault
+  {{- else }}
   {{- with .securityContext }}
   securityContext:
     {{- . | nindent 4 }}
+  {{- end }}
   {{- end }}
   {{- if eq $kind "tiny" }}
   command: [moeserve, make-tiny-model, {{ include "moeserve.modelPath" .root | quote }}, --arch, {{ index (splitList "://" $v.model.source) 1 | quote }}]
@@ -239,7 +269,7 @@ seccompProfile:
     - |
       import fcntl, os, sys
       from huggingface_hub import snapshot_download
-      repo, revision, dest, only_tokenizer = sys.argv[1], sys.argv[2] or None, sys.argv[3], sys.argv[4] == "1"
+      repo, revision, dest, only_tokenizer, owner = sys.argv[1], sys.argv[2] or None, sys.argv[3], sys.argv[4] == "1", int(sys.argv[5])
       os.makedirs(dest, exist_ok=True)
       done = os.path.join(dest, ".moeserve-complete")
       with open(dest.rstrip("/") + ".lock", "w") as lock:
@@ -249,10 +279,14 @@ seccompProfile:
               snapshot_download(repo, revision=revision, local_dir=dest, allow_patterns=patterns)
               if not only_tokenizer:
                   open(done, "w").write(repr((repo, revision)))
+          for root, dirs, files in os.walk(dest):  # the worker's user reads (and may refresh) them
+              for name in [root, *(os.path.join(root, f) for f in dirs + files)]:
+                  os.chown(name, owner, owner)
     - {{ index (splitList "@" $repo) 0 | quote }}
     - {{ if contains "@" $repo }}{{ index (splitList "@" $repo) 1 | quote }}{{ else }}""{{ end }}
     - {{ include "moeserve.modelPath" .root | quote }}
     - {{ if .tokenizer }}"1"{{ else }}"0"{{ end }}
+    - {{ if hasKey . "owner" }}{{ .owner | quote }}{{ else }}"10001"{{ end }}
   {{- with $v.model.hfTokenSecret }}
   env:
     - name: HF_TOKEN

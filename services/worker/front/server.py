@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
+from services.common import wire
 from services.engine import Engine
 from services.proto.moeserve.v1 import kv_handoff_pb2_grpc as kvpb_grpc
 from services.proto.moeserve.v1 import worker_control_pb2_grpc as ctl_grpc
@@ -44,10 +45,38 @@ class CallCounter(grpc.ServerInterceptor):
         return continuation(handler_call_details)
 
 
+class TokenCheck(grpc.ServerInterceptor):
+    """Refuses every call that lacks the workers' shared token (`wire.TOKEN_ENV`) with UNAUTHENTICATED."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+        def deny(request: Any, context: grpc.ServicerContext) -> None:
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"this worker needs its gRPC token: send metadata {wire.AUTH_KEY}: Bearer <{wire.TOKEN_ENV}>",
+            )
+
+        self._deny: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        if wire.authorized(handler_call_details.invocation_metadata, self.token):
+            return continuation(handler_call_details)
+        return self._deny
+
+
 def bind_server(config: WorkerConfig) -> tuple[grpc.Server, CallCounter, int]:
-    """The instance's gRPC server bound to config.host:config.port, before anything else takes the port."""
+    """The instance's gRPC server bound to config.host:config.port, before anything else takes the
+    port; with a gRPC token set (`wire.TOKEN_ENV`), calls without it are refused."""
     counter = CallCounter()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_RPC_THREADS), interceptors=[counter])
+    token = wire.grpc_token()
+    interceptors: list[grpc.ServerInterceptor] = [TokenCheck(token)] if token else []
+    interceptors.append(counter)  # (a refused call is not counted)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_RPC_THREADS), interceptors=interceptors)
     address = f"{config.host}:{config.port}"
     port = server.add_insecure_port(address)
     if port == 0:

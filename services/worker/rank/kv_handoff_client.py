@@ -43,7 +43,7 @@ class GrpcAttachClient:
         on_done: Callable[[AttachResult | CallError], None],
     ) -> Callable[[], bool]:
         future: grpc.Future[kvpb.AttachResponse] = self._stub(prefill).Attach.future(
-            proto_convert.attach_to_proto(spec), timeout=timeout
+            proto_convert.attach_to_proto(spec), timeout=timeout, metadata=wire.auth_metadata()
         )
 
         def done(f: grpc.Future[kvpb.AttachResponse]) -> None:
@@ -65,7 +65,9 @@ class GrpcAttachClient:
     def release(self, prefill: str, room: int, reason: str) -> bool:
         try:
             self._stub(prefill).Release(
-                kvpb.ReleaseRequest(room=room, reason=reason), timeout=RELEASE_TIMEOUT_S
+                kvpb.ReleaseRequest(room=room, reason=reason),
+                timeout=RELEASE_TIMEOUT_S,
+                metadata=wire.auth_metadata(),
             )
         except grpc.RpcError as e:
             # Unreachable: the prefill is gone and writes nothing. Anything else: it could not confirm.
