@@ -77,12 +77,16 @@ class KvEventTap:
 
     def __init__(self, addresses: list[str]):
         self.batches: dict[str, list[common_pb2.KvEventBatch]] = {a: [] for a in addresses}
-        self.calls = []
+        self.calls, self.threads, self.channels = [], [], []
         for address in addresses:
-            stub = pb_grpc.SglangSchedulerStub(grpc.insecure_channel(address))
-            call = stub.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest())
+            channel = grpc.insecure_channel(address)
+            call = pb_grpc.SglangSchedulerStub(channel).SubscribeKvEvents(
+                common_pb2.SubscribeKvEventsRequest()
+            )
             self.calls.append(call)
-            threading.Thread(target=self._read, args=(address, call), daemon=True).start()
+            self.channels.append(channel)
+            self.threads.append(threading.Thread(target=self._read, args=(address, call), daemon=True))
+            self.threads[-1].start()
 
     def _read(self, address: str, call) -> None:
         with contextlib.suppress(grpc.RpcError):
@@ -90,8 +94,14 @@ class KvEventTap:
                 self.batches[address].append(batch)
 
     def close(self) -> None:
+        """Cancel the streams and wait for their readers: a thread still inside gRPC's C core when
+        the interpreter exits can abort it."""
         for call in self.calls:
             call.cancel()
+        for thread in self.threads:
+            thread.join(timeout=10)
+        for channel in self.channels:
+            channel.close()
 
 
 @pytest.fixture(scope="module")

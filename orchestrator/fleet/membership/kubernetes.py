@@ -51,6 +51,8 @@ CALL_TIMEOUT_S = 15.0
 BACKOFF_S = (1.0, 30.0)
 """After a failed watch or list: wait the first, doubling up to the second (with jitter)."""
 STALE_AFTER_S = 120.0
+STOP_WAIT_S = 2.0
+"""How long `stop` waits for the watch thread (a daemon: one blocked in a read is left behind)."""
 READY_TIMEOUT_S = 1800.0
 """Large groups take long to start (weights over many nodes); past this a starting one is failed."""
 
@@ -134,6 +136,8 @@ class Backend(Membership):
         self._stop.set()
         if self._task is not None:
             self._task.cancel()
+        if self._thread is not None:  # between reads it sees the stop at once; inside one, it is left
+            await asyncio.to_thread(self._thread.join, STOP_WAIT_S)
 
     # -- scaling -----------------------------------------------------------------------------------
 

@@ -86,3 +86,15 @@ def test_logprobs_out_of_range_are_refused():
         SamplingParams(logprobs=21)
     with pytest.raises(SamplingParamsError, match="logprobs must be"):
         SamplingParams(logprobs=-1)
+
+
+def test_any_64_bit_seed_samples_and_the_same_seed_reproduces(ds_dir):
+    """Issue 27: a seed past 2^63 (or negative) once reached the engine's int64 noise counters and
+    failed the whole step; seeds are taken modulo 2^63."""
+    engine = Engine.from_pretrained(ds_dir)
+    outs = {}
+    for seed in (2**64 - 1, -1, 2**63 + 5, 5):
+        p = SamplingParams(max_tokens=6, temperature=1.0, seed=seed, ignore_eos=True)
+        outs[seed] = engine.generate([PROMPT], p)[0].output_token_ids
+        assert len(outs[seed]) == 6
+    assert outs[2**63 + 5] == outs[5]  # the same seed modulo 2^63
