@@ -38,6 +38,7 @@ BENCHES = {  # name: (arguments after the script, baseline of its ratios)
     "prefix": ([], "the same cluster with the prefix cache off"),
     "eplb": ([], "DeepSeek EPLB's algorithm (rebuilt), and an upper bound"),
     "planner": ([], "the published figures (DeepSeek's day-6 overview, LMSYS's 96xH100 blog)"),
+    "chaos": ([], "an undisturbed run of the same greedy requests (their texts)"),
 }
 SCRIPTS = {"router_sglang": "router"}
 """A block that another benchmark's script writes (with other arguments); the rest are `bench/NAME.py`."""
