@@ -24,7 +24,8 @@ def main() -> int:
         stub = pb_grpc.SglangSchedulerStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         token = os.environ.get("MOESERVE_GRPC_TOKEN", "")  # the workers' shared token, if set
         metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        return 0 if stub.HealthCheck(pb.HealthCheckRequest(), timeout=3, metadata=metadata).healthy else 1
+        # (the worker waits up to 8 s for its ranks; the probes give this 10 s)
+        return 0 if stub.HealthCheck(pb.HealthCheckRequest(), timeout=9, metadata=metadata).healthy else 1
     except Exception as e:  # any failure is unhealthy; say why in the health log
         print(f"unhealthy: {e}", file=sys.stderr)
         return 1

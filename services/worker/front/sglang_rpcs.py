@@ -27,6 +27,11 @@ from services.worker.front.cache_rpcs import PrefixCacheRpcs
 from services.worker.front.dp_controller import DPController
 from services.worker.front.info_rpcs import INFO_TIMEOUT_S, CallCounts, InstanceInfo
 
+HEALTH_ASK_S = 8.0
+"""How long HealthCheck waits for every rank's answer. A rank answers between engine steps, and on
+a loaded host those can take seconds: 2 s once failed healthy instances under load. This stays
+under the orchestrator's HealthCheck deadline (25 s) and the image's health check (9 s)."""
+
 
 def abort_with(context: grpc.ServicerContext, e: CallError) -> NoReturn:
     """End the RPC with the rank's status (and whose failure it is, when another instance's)."""
@@ -106,7 +111,7 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):  # type: ignore[misc] 
         self, request: pb.HealthCheckRequest, context: grpc.ServicerContext
     ) -> pb.HealthCheckResponse:
         try:
-            health = self.ctl.ask_all("health", timeout=2.0)
+            health = self.ctl.ask_all("health", timeout=HEALTH_ASK_S)
         except CallError as e:
             return pb.HealthCheckResponse(healthy=False, message=e.message)
         for rank, h in enumerate(health):
