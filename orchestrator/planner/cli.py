@@ -5,16 +5,22 @@
                   [--ttft-ms T] [--itl-ms T] [--prefill-ep P] [--decode-ep D]
                   [--output table|json] [--plot FILE.svg]
 
-JSON (`--output json`), for scripts:
-    {"layouts": [{"prefill_ep", "decode_ep", "prefill_groups", "decode_groups", "gpus",
+JSON (`--output json`), for scripts (docs/planner.md, "JSON contract"):
+    {"version": 2, "inputs": {"model", "model_arg", "gpu", "gpus_per_node", "traffic", "prefill_eps",
+                              "decode_eps"},
+     "layouts": [{"prefill_ep", "decode_ep", "prefill_groups", "decode_groups", "gpus",
                   "input_tokens_per_s_per_node", "output_tokens_per_s_per_node", "ttft_ms",
-                  "itl_ms", "usd_per_million_output_tokens"}, ...],
-     "recommendation": {same fields}, "why": str, "crossover_request_rate": number | null,
-     "skipped": [why a width was left out, ...]}
+                  "itl_ms", "usd_per_million_output_tokens", "decode_batch_per_gpu",
+                  "decode_step_ms", "prefill_chunk_per_gpu", "prefill_utilization"}, ...],
+     "recommendation": {same fields}, "why": str,
+     "reason": {"rule", "layouts_compared", "ttft_ms_target", "itl_ms_target", "runner_up"},
+     "crossover_request_rate": number | null,
+     "skipped": [{"code", "role", "ep", "message"}, ...]}
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -26,6 +32,9 @@ if TYPE_CHECKING:
     from orchestrator.planner.plan import Traffic
 
 Opt = typer.Option
+JSON_VERSION = 2
+"""Of `--output json`: 2 added `version`, `inputs`, `reason`, the per-GPU operating point of each
+layout and `skipped` as objects with a `code`."""
 
 
 def plan_command(
@@ -74,8 +83,15 @@ def plan_command(
 
         plot.write_text(cost_curves(spec, hardware, traffic, prefill_eps, decode_eps))
     if output == "json":
-        body = {**result, "layouts": [x.as_json() for x in result["layouts"]]}
+        inputs = {
+            "model": spec.name, "model_arg": model, "gpu": hardware.name,
+            "gpus_per_node": hardware.gpus_per_node, "traffic": dataclasses.asdict(traffic),
+            "prefill_eps": list(prefill_eps), "decode_eps": list(decode_eps),
+        }  # fmt: skip
+        body = {"version": JSON_VERSION, "inputs": inputs, **result}
+        body["layouts"] = [x.as_json() for x in result["layouts"]]
         body["recommendation"] = result["recommendation"].as_json()
+        body["skipped"] = [e.as_json() for e in result["skipped"]]
         print(json.dumps(body, indent=2))
         return
     _table(result, spec.name, hardware.name, traffic)

@@ -64,6 +64,13 @@ class Layout:
     ttft_ms: float
     itl_ms: float
     usd_per_million_output_tokens: float
+    decode_batch_per_gpu: int = 0
+    """Requests one decode GPU runs at once at its operating point (HBM and the ITL target bound it)."""
+    decode_step_ms: float = 0.0
+    prefill_chunk_per_gpu: int = 0
+    """New tokens one prefill GPU takes a step."""
+    prefill_utilization: float = 0.0
+    """The share of its capacity prefill runs at, so that queueing stays within the TTFT target."""
     notes: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
@@ -73,7 +80,18 @@ class Layout:
 
 
 class Infeasible(ValueError):
-    """A layout that cannot meet the targets (or hold the model) at all; the message says why."""
+    """A layout that cannot meet the targets (or hold the model) at all; the message says why, and
+    `code` (does_not_fit, no_kv_room, itl_unreachable, ttft_unreachable, nothing_serves), `role`
+    and `ep` say it to a program."""
+
+    def __init__(
+        self, message: str, code: str = "nothing_serves", role: str | None = None, ep: int | None = None
+    ):
+        super().__init__(message)
+        self.code, self.role, self.ep = code, role, ep
+
+    def as_json(self) -> dict[str, Any]:
+        return {"code": self.code, "role": self.role, "ep": self.ep, "message": str(self)}
 
 
 def evaluate(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_ep: int, decode_ep: int,
@@ -84,8 +102,9 @@ def evaluate(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_ep: int, 
     dec = Group(model, gpu, decode_ep, balancedness=t.balancedness, eff=eff)
     for role, g in (("prefill", pre), ("decode", dec)):
         if not g.fits():
-            raise Infeasible(f"{model.name} does not fit on {gpu.name} at {role} EP{g.ep}: "
-                             f"{g.weight_bytes() / GB:.0f} GB of weights per GPU")  # fmt: skip
+            message = (f"{model.name} does not fit on {gpu.name} at {role} EP{g.ep}: "
+                       f"{g.weight_bytes() / GB:.0f} GB of weights per GPU")  # fmt: skip
+            raise Infeasible(message, "does_not_fit", role, g.ep)
     context_decode = t.input_len + t.output_len / 2  # KV per output token (what DeepSeek reports)
     batch, step = decode_batch(dec, t, context_decode)
     decode_capacity = decode_ep * batch / step  # output tokens/s per group
@@ -117,7 +136,9 @@ def evaluate(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_ep: int, 
         prefill_ep, decode_ep, prefill_groups, decode_groups, gpus,
         input_tokens_per_s_per_node=prefill_capacity / (1 - t.cache_hit) / prefill_ep * per_node,
         output_tokens_per_s_per_node=decode_capacity / decode_ep * per_node,
-        ttft_ms=ttft * 1e3, itl_ms=itl * 1e3, usd_per_million_output_tokens=usd, notes=notes,
+        ttft_ms=ttft * 1e3, itl_ms=itl * 1e3, usd_per_million_output_tokens=usd,
+        decode_batch_per_gpu=batch, decode_step_ms=step * 1e3, prefill_chunk_per_gpu=chunk,
+        prefill_utilization=rho, notes=notes,
     )  # fmt: skip
 
 
@@ -125,13 +146,19 @@ def decode_batch(group: Group, t: Traffic, context: float) -> tuple[int, float]:
     """(requests per rank, step seconds): the most that fit in HBM and the ITL target."""
     limit = group.decode_batch_limit(t.input_len + t.output_len, BATCH_CAP)
     if limit < 1:
-        raise Infeasible(f"decode EP{group.ep}: no room for one request's KV beside the weights")
+        raise Infeasible(
+            f"decode EP{group.ep}: no room for one request's KV beside the weights",
+            "no_kv_room",
+            "decode",
+            group.ep,
+        )
     lo, hi = 1, limit
     if group.decode_step_seconds(1, context) * 1e3 > t.itl_ms:
         step = group.decode_step_seconds(1, context) * 1e3
         raise Infeasible(
-            f"decode EP{group.ep}: one request alone takes {step:.0f} ms a step (ITL {t.itl_ms:.0f})"
-        )
+            f"decode EP{group.ep}: one request alone takes {step:.0f} ms a step (ITL {t.itl_ms:.0f})",
+            "itl_unreachable", "decode", group.ep,
+        )  # fmt: skip
     while lo < hi:  # the largest batch within the ITL target (step time grows with the batch)
         mid = (lo + hi + 1) // 2
         if group.decode_step_seconds(mid, context) * 1e3 <= t.itl_ms:
@@ -155,7 +182,8 @@ def _prefill_operating_point(group: Group, context: float, budget_s: float) -> t
                 best = (chunk / step * rho, chunk, rho, step)
         chunk //= 2
     if best is None:
-        raise Infeasible(f"prefill EP{group.ep}: even a 256-token step misses the TTFT target")
+        message = f"prefill EP{group.ep}: even a 256-token step misses the TTFT target"
+        raise Infeasible(message, "ttft_unreachable", "prefill", group.ep)
     return best[1], best[2], best[3]
 
 
@@ -169,38 +197,45 @@ def _ratio(prefill_rate: float, decode_rate: float) -> tuple[int, int]:
 
 def plan(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_eps: Sequence[int] = PREFILL_WIDTHS,
          decode_eps: Sequence[int] = DECODE_WIDTHS, eff: Efficiency = FITTED) -> dict[str, Any]:  # fmt: skip
-    """{"layouts", "recommendation", "why", "crossover_request_rate", "skipped"}: every feasible
-    layout of the given widths at `traffic`, the cheapest per output token that meets the
-    targets, and the request rate above which a wider layout becomes the cheapest."""
+    """{"layouts", "recommendation", "why", "reason", "crossover_request_rate", "skipped"}: every
+    feasible layout of the given widths at `traffic`, the cheapest per output token that meets
+    the targets (`why` in words, `reason` for programs), the request rate above which a wider
+    layout becomes the cheapest, and the widths left out (Infeasible, each with its code)."""
     layouts, skipped = _feasible(model, gpu, traffic, prefill_eps, decode_eps, eff)
     if not layouts:
-        raise Infeasible("no layout can serve this: " + "; ".join(skipped))
+        raise Infeasible("no layout can serve this: " + "; ".join(map(str, skipped)))
     best = _cheapest(layouts)
     ranked = sorted(layouts, key=lambda x: x.usd_per_million_output_tokens)
     why = (f"cheapest per output token among {len(layouts)} layouts meeting TTFT <= {traffic.ttft_ms:.0f} ms "
            f"and ITL <= {traffic.itl_ms:.0f} ms")  # fmt: skip
+    reason: dict[str, Any] = {"rule": "cheapest_per_output_token", "layouts_compared": len(layouts),
+                              "ttft_ms_target": traffic.ttft_ms, "itl_ms_target": traffic.itl_ms,
+                              "runner_up": None}  # fmt: skip
     if len(ranked) > 1:
         runner = ranked[1]
         extra = runner.usd_per_million_output_tokens / best.usd_per_million_output_tokens - 1
         why += f"; next: prefill EP{runner.prefill_ep} / decode EP{runner.decode_ep}, {extra:+.0%} per token"
+        reason["runner_up"] = {"prefill_ep": runner.prefill_ep, "decode_ep": runner.decode_ep,
+                               "extra_cost": round(extra, 4)}  # fmt: skip
     crossover = None
     if len(prefill_eps) * len(decode_eps) > 1:
         crossover = crossover_rate(model, gpu, traffic, prefill_eps, decode_eps, eff)
-    return {"layouts": layouts, "recommendation": best, "why": why, "crossover_request_rate": crossover,
-            "skipped": skipped}  # fmt: skip
+    return {"layouts": layouts, "recommendation": best, "why": why, "reason": reason,
+            "crossover_request_rate": crossover, "skipped": skipped}  # fmt: skip
 
 
 def _feasible(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_eps: Sequence[int],
-              decode_eps: Sequence[int], eff: Efficiency) -> tuple[list[Layout], list[str]]:  # fmt: skip
+              decode_eps: Sequence[int],
+              eff: Efficiency) -> tuple[list[Layout], list[Infeasible]]:  # fmt: skip
     layouts: list[Layout] = []
-    skipped: list[str] = []
+    skipped: list[Infeasible] = []
     for p in prefill_eps:
         for d in decode_eps:
             try:
                 layouts.append(evaluate(model, gpu, traffic, p, d, eff))
             except Infeasible as e:
-                if str(e) not in skipped:
-                    skipped.append(str(e))
+                if str(e) not in map(str, skipped):
+                    skipped.append(e)
     return layouts, skipped
 
 

@@ -16,7 +16,9 @@ from orchestrator.planner.specs import GPUS, MODELS, from_config, model_spec
 
 MOESERVE = str(Path(sys.executable).with_name("moeserve"))
 FIELDS = {"prefill_ep", "decode_ep", "prefill_groups", "decode_groups", "gpus", "input_tokens_per_s_per_node",
-          "output_tokens_per_s_per_node", "ttft_ms", "itl_ms", "usd_per_million_output_tokens"}  # fmt: skip
+          "output_tokens_per_s_per_node", "ttft_ms", "itl_ms", "usd_per_million_output_tokens",
+          "decode_batch_per_gpu", "decode_step_ms", "prefill_chunk_per_gpu",
+          "prefill_utilization"}  # fmt: skip
 
 
 def moeserve_plan(*args: str) -> dict:
@@ -144,3 +146,26 @@ def test_plot_writes_an_svg_with_a_curve_per_width(tmp_path):
 def test_bad_requests_are_clear_errors(args, message):
     run = subprocess.run([MOESERVE, "plan", *args], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and message in run.stderr, run.stderr
+
+
+def test_the_json_contract_is_versioned_echoes_its_inputs_and_gives_reasons_to_programs():
+    """Issue 28: a version, the inputs echoed, each layout's per-GPU operating point, and why
+    (chosen, left out) as codes a program can read, beside the words."""
+    args = ["--model", "deepseek-v3", "--gpu", "h800", "--request-rate", "50", "--itl-ms", "40"]
+    out = moeserve_plan(*args)
+    assert out["version"] == 2
+    inputs = out["inputs"]
+    assert (inputs["model"], inputs["model_arg"], inputs["gpu"], inputs["gpus_per_node"]) == (
+        "DeepSeek-V3", "deepseek-v3", "H800", 8,
+    )  # fmt: skip
+    assert inputs["traffic"]["request_rate"] == 50 and inputs["traffic"]["itl_ms"] == 40
+    assert inputs["prefill_eps"] == [8, 16, 32, 64] and 144 in inputs["decode_eps"]
+    best = out["recommendation"]
+    assert best["decode_batch_per_gpu"] >= 1 and 0 < best["decode_step_ms"] <= 40
+    assert best["prefill_chunk_per_gpu"] >= 256 and 0 < best["prefill_utilization"] <= 0.95
+    reason = out["reason"]
+    assert reason["rule"] == "cheapest_per_output_token" and reason["layouts_compared"] == len(out["layouts"])
+    assert reason["itl_ms_target"] == 40 and reason["runner_up"]["extra_cost"] >= 0
+    codes = {(s["code"], s["role"]) for s in out["skipped"]}
+    assert ("does_not_fit", "prefill") in codes  # DeepSeek-V3 FP8 does not fit EP8 on 80 GB
+    assert all(set(s) == {"code", "role", "ep", "message"} and s["message"] for s in out["skipped"])
