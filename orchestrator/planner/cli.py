@@ -1,13 +1,13 @@
 """`moeserve plan`: which EP width per role, how many groups, at what latency and cost.
 
-    moeserve plan --model deepseek-v3|deepseek-r1|kimi-k2|qwen3-235b|DIR --gpu h800|h100|h200|b200
+    moeserve plan --model deepseek-v3|deepseek-r1|kimi-k2|qwen3-235b|DIR --gpu h800|h100|h200|b200|FILE.json
                   [--request-rate R] [--input-len I] [--output-len O] [--cache-hit F]
                   [--ttft-ms T] [--itl-ms T] [--prefill-ep P] [--decode-ep D]
                   [--output table|json] [--plot FILE.svg]
 
 JSON (`--output json`), for scripts (docs/planner.md, "JSON contract"):
-    {"version": 2, "inputs": {"model", "model_arg", "gpu", "gpus_per_node", "traffic", "prefill_eps",
-                              "decode_eps"},
+    {"version": 2, "inputs": {"model", "model_arg", "gpu", "gpus_per_node", "nvlink_domain", "traffic",
+                              "prefill_eps", "decode_eps"},
      "layouts": [{"prefill_ep", "decode_ep", "prefill_groups", "decode_groups", "gpus",
                   "input_tokens_per_s_per_node", "output_tokens_per_s_per_node", "ttft_ms",
                   "itl_ms", "usd_per_million_output_tokens", "decode_batch_per_gpu",
@@ -39,7 +39,9 @@ layout and `skipped` as objects with a `code`."""
 
 def plan_command(
     model: Annotated[str, Opt(help="deepseek-v3, deepseek-r1, kimi-k2, qwen3-235b, or a checkpoint dir")],
-    gpu: Annotated[str, Opt(help="h800, h100, h200 or b200")],
+    gpu: Annotated[
+        str, Opt(help="h800, h100, h200, b200, or a JSON spec file (docs/planner.md: GPU spec files)")
+    ],
     request_rate: Annotated[
         float | None, Opt(help="requests/s to serve (default: each layout at its full load)", min=0.0001)
     ] = None,
@@ -85,7 +87,8 @@ def plan_command(
     if output == "json":
         inputs = {
             "model": spec.name, "model_arg": model, "gpu": hardware.name,
-            "gpus_per_node": hardware.gpus_per_node, "traffic": dataclasses.asdict(traffic),
+            "gpus_per_node": hardware.gpus_per_node, "nvlink_domain": hardware.domain,
+            "traffic": dataclasses.asdict(traffic),
             "prefill_eps": list(prefill_eps), "decode_eps": list(decode_eps),
         }  # fmt: skip
         body = {"version": JSON_VERSION, "inputs": inputs, **result}

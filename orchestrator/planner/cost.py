@@ -70,7 +70,8 @@ class Group:
 
     @property
     def nodes(self) -> float:
-        return max(1.0, self.ep / self.gpu.gpus_per_node)
+        """NVLink domains the group spans: a node, or a whole NVL72 rack (`GpuSpec.domain`)."""
+        return max(1.0, self.ep / self.gpu.domain)
 
     def weight_bytes(self) -> float:
         """FP8 weights one rank holds."""

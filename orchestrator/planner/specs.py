@@ -118,6 +118,16 @@ class GpuSpec:
     nic_gb_s: float
     """What a GPU sends to other nodes (its share of the node's NICs), one direction."""
     gpus_per_node: int = 8
+    """GPUs per node: the unit throughput per node is reported in."""
+    nvlink_domain: int = 0
+    """GPUs one NVLink domain joins (0: the node). An NVL72 rack joins 72 GPUs over 18 trays of 4:
+    traffic inside the domain goes over NVLink, beyond it over the NICs."""
+    source: str = ""
+    """Where the figures come from."""
+
+    @property
+    def domain(self) -> int:
+        return self.nvlink_domain or self.gpus_per_node
 
 
 # Model configs: the checkpoints' own config.json files on Hugging Face.
@@ -212,7 +222,44 @@ def from_config(raw: dict[str, Any], name: str) -> ModelSpec:
     )  # fmt: skip
 
 
+GPU_SPEC_FIELDS = {
+    "name": str, "hbm_gb": float, "hbm_tb_s": float, "fp8_tflops": float, "bf16_tflops": float,
+    "nvlink_gb_s": float, "nic_gb_s": float, "gpus_per_node": int, "nvlink_domain": int, "source": str,
+}  # fmt: skip
+"""A `--gpu-spec` file's keys (JSON), with their types; all but the last three are required."""
+
+
 def gpu_spec(name: str) -> GpuSpec:
-    if name not in GPUS:
-        raise SpecError(f"unknown GPU {name!r}: name one of {', '.join(GPUS)}")
-    return GPUS[name]
+    """A built-in GPU (h800, h100, h200, b200), or a JSON spec file (`GPU_SPEC_FIELDS`)."""
+    if name in GPUS:
+        return GPUS[name]
+    path = Path(name)
+    if not path.suffix == ".json":
+        raise SpecError(f"unknown GPU {name!r}: name one of {', '.join(GPUS)}, or a .json spec file")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SpecError(f"cannot read the GPU spec {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a GPU spec is a JSON object")
+    unknown = set(raw) - set(GPU_SPEC_FIELDS)
+    missing = set(GPU_SPEC_FIELDS) - {"gpus_per_node", "nvlink_domain", "source"} - set(raw)
+    if unknown or missing:
+        raise SpecError(f"{path}: unknown keys {sorted(unknown)}, missing {sorted(missing)}")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        kind = GPU_SPEC_FIELDS[key]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = isinstance(value, str) if kind is str else number and value >= 0
+        if not ok:
+            raise SpecError(
+                f"{path}: {key} must be {'text' if kind is str else 'a number >= 0'}, not {value!r}"
+            )
+        values[key] = kind(value)
+    spec = GpuSpec(**values)
+    if (
+        min(spec.hbm_gb, spec.hbm_tb_s, spec.fp8_tflops, spec.nvlink_gb_s, spec.nic_gb_s, spec.gpus_per_node)
+        <= 0
+    ):
+        raise SpecError(f"{path}: memory, bandwidths, FLOPs and gpus_per_node must be positive")
+    return spec

@@ -4,6 +4,7 @@ its JSON contract, its plot and its errors, run as a user would."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -169,3 +170,66 @@ def test_the_json_contract_is_versioned_echoes_its_inputs_and_gives_reasons_to_p
     codes = {(s["code"], s["role"]) for s in out["skipped"]}
     assert ("does_not_fit", "prefill") in codes  # DeepSeek-V3 FP8 does not fit EP8 on 80 GB
     assert all(set(s) == {"code", "role", "ep", "message"} and s["message"] for s in out["skipped"])
+
+
+RACK = {  # B200's figures (specs.py) in trays of 4 joined into one 72-GPU NVLink domain
+    "name": "B200 in an NVL72 rack", "hbm_gb": 180, "hbm_tb_s": 8.0, "fp8_tflops": 4500, "bf16_tflops": 2250,
+    "nvlink_gb_s": 900, "nic_gb_s": 50, "gpus_per_node": 4, "nvlink_domain": 72, "source": "test",
+}  # fmt: skip
+
+
+def test_a_gpu_spec_file_describes_an_nvlink_domain_apart_from_the_node(tmp_path):
+    """Issue 28: NVLink reach and the per-node reporting unit are two figures. In a 72-GPU
+    domain an EP72 decode group exchanges tokens over NVLink alone; in trays of 4 on their own it
+    goes over the NICs, and the same GPUs deliver less."""
+    rack, trays = tmp_path / "nvl72.json", tmp_path / "trays.json"
+    rack.write_text(json.dumps(RACK))
+    trays.write_text(json.dumps({**RACK, "nvlink_domain": 0}))
+    args = ["--model", "deepseek-v3", "--prefill-ep", "16", "--decode-ep", "72", "--request-rate", "20"]
+    in_rack, apart = moeserve_plan(*args, "--gpu", str(rack)), moeserve_plan(*args, "--gpu", str(trays))
+    assert (in_rack["inputs"]["gpus_per_node"], in_rack["inputs"]["nvlink_domain"]) == (4, 72)
+    assert apart["inputs"]["nvlink_domain"] == 4
+    rack_best, trays_best = in_rack["recommendation"], apart["recommendation"]
+    for best in (rack_best, trays_best):
+        assert all(math.isfinite(v) for v in best.values() if isinstance(v, float))
+    assert rack_best["output_tokens_per_s_per_node"] > trays_best["output_tokens_per_s_per_node"]
+    # An 8-GPU node's spec as a file plans exactly as the built-in does.
+    h800 = tmp_path / "h800.json"
+    fields = (
+        "name",
+        "hbm_gb",
+        "hbm_tb_s",
+        "fp8_tflops",
+        "bf16_tflops",
+        "nvlink_gb_s",
+        "nic_gb_s",
+        "gpus_per_node",
+    )
+    h800.write_text(json.dumps({f: getattr(GPUS["h800"], f) for f in fields}))
+    base = ["--model", "deepseek-v3", "--request-rate", "20"]
+    assert (
+        moeserve_plan(*base, "--gpu", str(h800))["layouts"]
+        == moeserve_plan(*base, "--gpu", "h800")["layouts"]
+    )
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({k: v for k, v in RACK.items() if k != "hbm_gb"}, "missing ['hbm_gb']"),
+        ({**RACK, "hbm": 1}, "unknown keys ['hbm']"),
+        ({**RACK, "nic_gb_s": -1}, "nic_gb_s must be a number >= 0"),
+        ({**RACK, "fp8_tflops": "lots"}, "fp8_tflops must be a number"),
+        ({**RACK, "gpus_per_node": 0}, "must be positive"),
+    ],
+)
+def test_a_bad_gpu_spec_file_is_a_clear_error(tmp_path, spec, message):
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(spec))
+    run = subprocess.run(
+        [MOESERVE, "plan", "--model", "deepseek-v3", "--gpu", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and message in run.stderr, run.stderr
