@@ -3,6 +3,7 @@
     moeserve plan --model deepseek-v3|deepseek-r1|kimi-k2|qwen3-235b|DIR --gpu h800|h100|h200|b200|FILE.json
                   [--request-rate R] [--input-len I] [--output-len O] [--cache-hit F]
                   [--ttft-ms T] [--itl-ms T] [--prefill-ep P] [--decode-ep D]
+                  [--current-layout P/D] [--margin 0.10]
                   [--output table|json] [--plot FILE.svg]
 
 JSON (`--output json`), for scripts (docs/planner.md, "JSON contract"):
@@ -13,7 +14,8 @@ JSON (`--output json`), for scripts (docs/planner.md, "JSON contract"):
                   "itl_ms", "usd_per_million_output_tokens", "decode_batch_per_gpu",
                   "decode_step_ms", "prefill_chunk_per_gpu", "prefill_utilization"}, ...],
      "recommendation": {same fields}, "why": str,
-     "reason": {"rule", "layouts_compared", "ttft_ms_target", "itl_ms_target", "runner_up"},
+     "reason": {"rule", "layouts_compared", "ttft_ms_target", "itl_ms_target", "runner_up", "margin",
+                "kept"},
      "crossover_request_rate": number | null,
      "skipped": [{"code", "role", "ep", "message"}, ...]}
 """
@@ -59,6 +61,12 @@ def plan_command(
         float, Opt(help="EPLB balancedness (mean / max rank load)", min=0.1, max=1)
     ] = 0.85,
     usd_per_gpu_hour: Annotated[float, Opt(help="price of one GPU-hour", min=0)] = 2.0,
+    current_layout: Annotated[
+        str | None, Opt(help="the layout in use, PREFILL_EP/DECODE_EP: kept while within --margin")
+    ] = None,
+    margin: Annotated[
+        float, Opt(help="how much more per token the layout in use may cost than the cheapest", min=0, max=1)
+    ] = 0.10,
     output: Annotated[str, Opt(help="table or json")] = "table",
     plot: Annotated[
         Path | None, Opt(help="write cost per million output tokens against request rate (.svg)")
@@ -75,9 +83,15 @@ def plan_command(
                       balancedness, usd_per_gpu_hour)  # fmt: skip
     prefill_eps = (prefill_ep,) if prefill_ep else PREFILL_WIDTHS
     decode_eps = (decode_ep,) if decode_ep else DECODE_WIDTHS
+    keep = None
+    if current_layout is not None:
+        p, _, d = current_layout.partition("/")
+        if not (p.isdigit() and d.isdigit()):
+            _fail(f"--current-layout is PREFILL_EP/DECODE_EP, e.g. 32/144, not {current_layout!r}")
+        keep = (int(p), int(d))
     try:
         spec, hardware = model_spec(model), gpu_spec(gpu)
-        result = plan(spec, hardware, traffic, prefill_eps, decode_eps)
+        result = plan(spec, hardware, traffic, prefill_eps, decode_eps, keep=keep, margin=margin)
     except (SpecError, Infeasible) as e:
         _fail(str(e))
     if plot is not None:

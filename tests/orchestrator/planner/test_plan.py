@@ -75,11 +75,20 @@ def test_narrow_at_low_load_wide_at_high_load_and_the_crossover():
     assert high["recommendation"]["decode_ep"] >= 72
     crossover = low["crossover_request_rate"]
     assert crossover == high["crossover_request_rate"] and 1 < crossover < 2000
-    # either side of the crossover, the recommendation is narrow, then wide
+    # A regime change: walking the rates up with hysteresis, the recommendation is narrow just below
+    # the crossover and wide from it on, at every rate up to 2000/s.
     model, gpu = MODELS["deepseek-v3"], GPUS["h800"]
-    below = plan(model, gpu, Traffic(request_rate=crossover * 0.9, cache_hit=0.563))["recommendation"]
-    above = plan(model, gpu, Traffic(request_rate=crossover * 1.1, cache_hit=0.563))["recommendation"]
-    assert below.decode_ep == low["recommendation"]["decode_ep"] and above.decode_ep > below.decode_ep
+    narrow = (low["recommendation"]["prefill_ep"], low["recommendation"]["decode_ep"])
+    keep, walked = narrow, []
+    for k in range(-16, 27):
+        rate = 10 ** (k / 8)
+        rec = plan(model, gpu, Traffic(request_rate=rate, cache_hit=0.563), keep=keep)["recommendation"]
+        keep = (rec.prefill_ep, rec.decode_ep)
+        walked.append((rate, rec.decode_ep > narrow[1] or rec.prefill_ep > narrow[0]))
+    assert [wide for rate, wide in walked if rate >= crossover] == [True] * sum(
+        r >= crossover for r, _ in walked
+    )
+    assert [wide for rate, wide in walked if rate < crossover][-1] is False
     args = ["--model", "deepseek-v3", "--gpu", "h800", "--request-rate", "1"]
     table = subprocess.run([MOESERVE, "plan", *args], capture_output=True, text=True, timeout=60)
     assert (
@@ -233,3 +242,26 @@ def test_a_bad_gpu_spec_file_is_a_clear_error(tmp_path, spec, message):
         timeout=60,
     )
     assert run.returncode == 2 and message in run.stderr, run.stderr
+
+
+def test_a_3_percent_rate_step_flips_the_recommendation_only_past_the_margin():
+    """Issue 28: between 65 and 2,900 requests/s in 3% steps the cheapest layout changed 57 times
+    (whole-group rounding, costs within a few percent). With the layout in use kept while it costs
+    within the margin, a step changes it only when it has fallen further behind than that."""
+    model, gpu = MODELS["deepseek-v3"], GPUS["h800"]
+    rate, keep, flips, cheapest_changes, last_cheapest = 65.0, None, 0, 0, None
+    while rate <= 2900:
+        out = plan(model, gpu, Traffic(request_rate=rate), keep=keep)  # the default margin, 10%
+        rec, layouts = out["recommendation"], out["layouts"]
+        cheapest = min(layouts, key=lambda x: x.usd_per_million_output_tokens)
+        if keep is not None and (rec.prefill_ep, rec.decode_ep) != keep:
+            flips += 1
+            held = next((x for x in layouts if (x.prefill_ep, x.decode_ep) == keep), None)
+            assert (
+                held is None
+                or held.usd_per_million_output_tokens > 1.05 * cheapest.usd_per_million_output_tokens
+            )
+        key = (cheapest.prefill_ep, cheapest.decode_ep)
+        cheapest_changes += last_cheapest is not None and key != last_cheapest
+        keep, last_cheapest, rate = (rec.prefill_ep, rec.decode_ep), key, rate * 1.03
+    assert flips <= 10 and cheapest_changes > 50, (flips, cheapest_changes)
