@@ -3,7 +3,7 @@
     moeserve plan --model deepseek-v3|deepseek-r1|kimi-k2|qwen3-235b|DIR --gpu h800|h100|h200|b200|FILE.json
                   [--request-rate R] [--input-len I] [--output-len O] [--cache-hit F]
                   [--ttft-ms T] [--itl-ms T] [--prefill-ep P] [--decode-ep D]
-                  [--current-layout P/D] [--margin 0.10]
+                  [--kv-cache bf16|fp8] [--experts fp8|fp4] [--current-layout P/D] [--margin 0.10]
                   [--output table|json] [--plot FILE.svg]
 
 JSON (`--output json`), for scripts (docs/planner.md, "JSON contract"):
@@ -61,6 +61,8 @@ def plan_command(
         float, Opt(help="EPLB balancedness (mean / max rank load)", min=0.1, max=1)
     ] = 0.85,
     usd_per_gpu_hour: Annotated[float, Opt(help="price of one GPU-hour", min=0)] = 2.0,
+    kv_cache: Annotated[str, Opt(help="the KV cache's precision: bf16 or fp8")] = "bf16",
+    experts: Annotated[str, Opt(help="the routed experts' precision: fp8 or fp4 (NVFP4)")] = "fp8",
     current_layout: Annotated[
         str | None, Opt(help="the layout in use, PREFILL_EP/DECODE_EP: kept while within --margin")
     ] = None,
@@ -72,6 +74,7 @@ def plan_command(
         Path | None, Opt(help="write cost per million output tokens against request rate (.svg)")
     ] = None,
 ) -> None:
+    from orchestrator.planner.cost import Precision
     from orchestrator.planner.plan import DECODE_WIDTHS, PREFILL_WIDTHS, Infeasible, Traffic, plan
     from orchestrator.planner.specs import SpecError, gpu_spec, model_spec
 
@@ -79,8 +82,12 @@ def plan_command(
         _fail(f"--output must be table or json, not {output!r}")
     if plot is not None and plot.suffix.lower() != ".svg":
         _fail(f"--plot writes SVG: give a file ending in .svg, not {plot.name!r}")
+    try:
+        precision = Precision(kv_cache, experts)
+    except ValueError as e:
+        _fail(str(e))
     traffic = Traffic(request_rate, input_len, output_len, cache_hit, length_cv, ttft_ms, itl_ms,
-                      balancedness, usd_per_gpu_hour)  # fmt: skip
+                      balancedness, usd_per_gpu_hour, precision)  # fmt: skip
     prefill_eps = (prefill_ep,) if prefill_ep else PREFILL_WIDTHS
     decode_eps = (decode_ep,) if decode_ep else DECODE_WIDTHS
     keep = None

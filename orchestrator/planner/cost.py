@@ -54,6 +54,32 @@ FITTED = Efficiency()
 
 
 @dataclass(frozen=True)
+class Precision:
+    """What the KV cache and the routed experts are stored in; the rest stays FP8 weights and a
+    BF16 attention core. Sources: NVIDIA's NVFP4 (4-bit values with one FP8 scale per 16:
+    4.5 bits a weight); SGLang's and vLLM's `--kv-cache-dtype fp8_e4m3` (1 byte a value)."""
+
+    kv_cache: str = "bf16"
+    """bf16 or fp8."""
+    experts: str = "fp8"
+    """fp8 or fp4 (NVFP4): half the bytes, and the GPU's FP4 peak where it has one."""
+
+    def __post_init__(self) -> None:
+        if self.kv_cache not in ("bf16", "fp8") or self.experts not in ("fp8", "fp4"):
+            raise ValueError(f"KV cache bf16|fp8 and experts fp8|fp4, not {self.kv_cache}/{self.experts}")
+
+    @property
+    def kv_scale(self) -> float:
+        """KV bytes against BF16's (`ModelSpec.kv_bytes_per_token` counts BF16)."""
+        return 0.5 if self.kv_cache == "fp8" else 1.0
+
+    @property
+    def expert_bytes(self) -> float:
+        """Bytes of one routed-expert weight."""
+        return 4.5 / 8 if self.experts == "fp4" else 1.0
+
+
+@dataclass(frozen=True)
 class Group:
     """One EP group of a role: `ep` ranks, `slots` routed-expert slots over them."""
 
@@ -63,6 +89,18 @@ class Group:
     redundant: int = 32
     balancedness: float = 0.85
     eff: Efficiency = FITTED
+    precision: Precision = Precision()
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        return self.model.kv_bytes_per_token * self.precision.kv_scale
+
+    @property
+    def _expert_peak(self) -> float:
+        """FLOP/s of the routed-expert GEMMs before efficiency: FP4's peak for FP4 experts on a GPU
+        that has one, else FP8's (FP4 weights then only save memory)."""
+        fp4 = self.precision.experts == "fp4" and self.gpu.fp4_tflops > 0
+        return (self.gpu.fp4_tflops if fp4 else self.gpu.fp8_tflops) * T
 
     @property
     def slots_per_rank(self) -> int:
@@ -74,9 +112,10 @@ class Group:
         return max(1.0, self.ep / self.gpu.domain)
 
     def weight_bytes(self) -> float:
-        """FP8 weights one rank holds."""
+        """Weights one rank holds: FP8, the routed experts in their own precision."""
         m = self.model
-        return m.replicated_params + self.slots_per_rank * m.moe_layers * m.expert_params
+        experts = self.slots_per_rank * m.moe_layers * m.expert_params * self.precision.expert_bytes
+        return m.replicated_params + experts
 
     def fits(self) -> bool:
         return self.kv_bytes_free() > 0
@@ -116,7 +155,7 @@ class Group:
         tokens on average."""
         m, g, e = self.model, self.gpu, self.eff
         dense = m.linear_flops() / (g.fp8_tflops * T * e.gemm)
-        routed = m.routed_flops() / (g.fp8_tflops * T * e.gemm) / self.balancedness
+        routed = m.routed_flops() / (self._expert_peak * e.gemm) / self.balancedness
         attention = _prefill_attention_flops(m, context) / (g.bf16_tflops * T * e.attention_prefill)
         compute = dense + routed + attention
         comm = self._a2a_seconds_per_token(dedup_nodes=True)
@@ -134,10 +173,12 @@ class Group:
         m, g, e = self.model, self.gpu, self.eff
         hbm = g.hbm_tb_s * T * e.hbm
         replicated = max(m.replicated_params / hbm, batch * m.linear_flops() / (g.fp8_tflops * T * e.gemm))
-        experts_bytes = self.slots_per_rank * m.moe_layers * m.expert_params / hbm
-        experts_flops = batch * m.routed_flops() / (g.fp8_tflops * T * e.gemm) / self.balancedness
+        experts_bytes = (
+            self.slots_per_rank * m.moe_layers * m.expert_params * self.precision.expert_bytes / hbm
+        )
+        experts_flops = batch * m.routed_flops() / (self._expert_peak * e.gemm) / self.balancedness
         experts = max(experts_bytes, experts_flops)
-        kv_read = batch * context * m.kv_bytes_per_token / hbm
+        kv_read = batch * context * self.kv_bytes_per_token / hbm
         attn = batch * m.attention_flops(context) / (g.bf16_tflops * T * e.attention_decode)
         compute = replicated + experts + kv_read + attn
         comm = batch * self._a2a_seconds_per_token(dedup_nodes=False)
@@ -147,7 +188,7 @@ class Group:
         """Requests per rank that fit: their whole KV (prompt + output) in the free HBM, and at
         most `cap` (the low-latency all-to-all's per-rank token buffer, SGLang's default graph)."""
         return max(
-            0, min(cap, int(self.kv_bytes_free() // (kv_tokens_per_request * self.model.kv_bytes_per_token)))
+            0, min(cap, int(self.kv_bytes_free() // (kv_tokens_per_request * self.kv_bytes_per_token)))
         )
 
 

@@ -1,8 +1,7 @@
 """Layouts for a traffic profile: how many groups of which EP width per role, what they deliver,
 what they cost, and which to run.
 
-A layout is (prefill EP width, decode EP width); at a request rate each role gets the fewest
-whole groups that carry the load within the latency targets:
+A layout is (prefill EP, decode EP); at a request rate each role gets the fewest whole groups:
 
 - decode: every rank holds `batch` requests (at most what its free HBM holds for their whole KV,
   at most the all-to-all's 256-token buffer, and few enough that a step stays under the ITL
@@ -24,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from orchestrator.planner.cost import FITTED, GB, Efficiency, Group
+from orchestrator.planner.cost import FITTED, GB, Efficiency, Group, Precision
 from orchestrator.planner.specs import GpuSpec, ModelSpec
 
 PREFILL_WIDTHS = (8, 16, 32, 64)
@@ -54,6 +53,7 @@ class Traffic:
     itl_ms: float = 100
     balancedness: float = 0.85
     usd_per_gpu_hour: float = 2.0  # DeepSeek's assumption for an H800 (day-6 overview)
+    precision: Precision = field(default_factory=Precision)  # of the KV cache and the experts
 
 
 @dataclass
@@ -102,8 +102,8 @@ def evaluate(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_ep: int, 
              eff: Efficiency = FITTED) -> Layout:  # fmt: skip
     """One layout at `traffic`; raises Infeasible when it cannot serve it."""
     t = traffic
-    pre = Group(model, gpu, prefill_ep, balancedness=t.balancedness, eff=eff)
-    dec = Group(model, gpu, decode_ep, balancedness=t.balancedness, eff=eff)
+    pre = Group(model, gpu, prefill_ep, balancedness=t.balancedness, eff=eff, precision=t.precision)
+    dec = Group(model, gpu, decode_ep, balancedness=t.balancedness, eff=eff, precision=t.precision)
     for role, g in (("prefill", pre), ("decode", dec)):
         if not g.fits():
             message = (f"{model.name} does not fit on {gpu.name} at {role} EP{g.ep}: "
@@ -116,7 +116,7 @@ def evaluate(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_ep: int, 
     # a new token attends its request's cached prefix and half its new part; over requests of
     # varying length that weighs long ones more: E[len^2] / E[len] = mean (1 + cv^2)
     context_prefill = (t.input_len * t.cache_hit + new / 2) * (1 + t.length_cv**2)
-    handoff = step + new * model.kv_bytes_per_token / (gpu.nic_gb_s * GB)  # KV transfer + first step
+    handoff = step + new * dec.kv_bytes_per_token / (gpu.nic_gb_s * GB)  # KV transfer + first step
     chunk, rho, prefill_step = _prefill_operating_point(pre, context_prefill, t.ttft_ms / 1e3 - handoff)
     prefill_capacity = prefill_ep * chunk / prefill_step * rho  # new tokens/s per group, within TTFT
     notes = [f"decode: {batch} requests per GPU, {step * 1e3:.0f} ms a step",

@@ -119,6 +119,8 @@ class GpuSpec:
     """What a GPU sends to other nodes (its share of the node's NICs), one direction."""
     gpus_per_node: int = 8
     """GPUs per node: the unit throughput per node is reported in."""
+    fp4_tflops: float = 0.0
+    """Dense FP4 tensor-core throughput (0: none; FP4 weights then compute at FP8)."""
     nvlink_domain: int = 0
     """GPUs one NVLink domain joins (0: the node). An NVL72 rack joins 72 GPUs over 18 trays of 4:
     traffic inside the domain goes over NVLink, beyond it over the NICs."""
@@ -156,7 +158,8 @@ MODELS["deepseek-r1"] = MODELS["deepseek-v3"]
 # 989 dense TFLOPS — the sheet's figures are with sparsity, halved here —, NVLink 900 GB/s both
 # directions: 450 one way), nvidia.com/en-us/data-center/h200 (141 GB, 4.8 TB/s, H100's compute),
 # nvidia.com/en-us/data-center/dgx-b200 (8 GPUs: 1,440 GB, 64 TB/s, 72 PFLOPS FP8 training = 4.5
-# dense per GPU, NVLink 5 1.8 TB/s both directions). H800: H100 compute and memory with NVLink cut to
+# dense per GPU, 144 PFLOPS FP4 inference = 9 dense per GPU, NVLink 5 1.8 TB/s both directions).
+# H800: H100 compute and memory with NVLink cut to
 # 400 GB/s; DeepSeek-V3 technical report (arXiv 2412.19437, section 3.2.2) measures 160 GB/s NVLink
 # and 50 GB/s InfiniBand per GPU. NICs: one 400 Gb/s ConnectX-7 per GPU (DGX H100/B200 sheets and
 # DeepSeek's H800 nodes) = 50 GB/s.
@@ -164,7 +167,7 @@ GPUS: dict[str, GpuSpec] = {
     "h800": GpuSpec("H800", 80, 3.35, 1979, 989, nvlink_gb_s=160, nic_gb_s=50),
     "h100": GpuSpec("H100", 80, 3.35, 1979, 989, nvlink_gb_s=450, nic_gb_s=50),
     "h200": GpuSpec("H200", 141, 4.8, 1979, 989, nvlink_gb_s=450, nic_gb_s=50),
-    "b200": GpuSpec("B200", 180, 8.0, 4500, 2250, nvlink_gb_s=900, nic_gb_s=50),
+    "b200": GpuSpec("B200", 180, 8.0, 4500, 2250, nvlink_gb_s=900, nic_gb_s=50, fp4_tflops=9000),
 }
 
 
@@ -225,8 +228,9 @@ def from_config(raw: dict[str, Any], name: str) -> ModelSpec:
 GPU_SPEC_FIELDS = {
     "name": str, "hbm_gb": float, "hbm_tb_s": float, "fp8_tflops": float, "bf16_tflops": float,
     "nvlink_gb_s": float, "nic_gb_s": float, "gpus_per_node": int, "nvlink_domain": int, "source": str,
+    "fp4_tflops": float,
 }  # fmt: skip
-"""A `--gpu-spec` file's keys (JSON), with their types; all but the last three are required."""
+"""A `--gpu FILE.json`'s keys, with their types; all but the last four are required."""
 
 
 def gpu_spec(name: str) -> GpuSpec:
@@ -243,7 +247,7 @@ def gpu_spec(name: str) -> GpuSpec:
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a GPU spec is a JSON object")
     unknown = set(raw) - set(GPU_SPEC_FIELDS)
-    missing = set(GPU_SPEC_FIELDS) - {"gpus_per_node", "nvlink_domain", "source"} - set(raw)
+    missing = set(GPU_SPEC_FIELDS) - {"gpus_per_node", "nvlink_domain", "source", "fp4_tflops"} - set(raw)
     if unknown or missing:
         raise SpecError(f"{path}: unknown keys {sorted(unknown)}, missing {sorted(missing)}")
     values: dict[str, Any] = {}

@@ -265,3 +265,32 @@ def test_a_3_percent_rate_step_flips_the_recommendation_only_past_the_margin():
         cheapest_changes += last_cheapest is not None and key != last_cheapest
         keep, last_cheapest, rate = (rec.prefill_ep, rec.decode_ep), key, rate * 1.03
     assert flips <= 10 and cheapest_changes > 50, (flips, cheapest_changes)
+
+
+def test_fp4_experts_and_an_fp8_kv_cache_are_expressed_and_move_the_answer_their_way():
+    """Issue 28: FP4 (NVFP4) experts take 4.5 bits a weight (and a GPU's FP4 peak where it has
+    one); an FP8 KV cache halves the KV bytes. Both are command-line inputs, echoed, with finite
+    answers. On H100s: the FP8 KV cache doubles what a decode GPU holds (71 -> 142 requests) and
+    cuts the cost; FP4 experts free HBM for more still."""
+    base = ["--model", "deepseek-v3", "--gpu", "h100", "--request-rate", "50", "--decode-ep", "32"]
+    plain = moeserve_plan(*base)
+    fp8_kv = moeserve_plan(*base, "--kv-cache", "fp8")
+    both = moeserve_plan(*base, "--kv-cache", "fp8", "--experts", "fp4")
+    assert both["inputs"]["traffic"]["precision"] == {"kv_cache": "fp8", "experts": "fp4"}
+    for out in (plain, fp8_kv, both):
+        assert all(math.isfinite(v) for x in out["layouts"] for v in x.values() if isinstance(v, float))
+
+    def at(out: dict) -> dict:
+        return next(x for x in out["layouts"] if (x["prefill_ep"], x["decode_ep"]) == (16, 32))
+
+    assert at(fp8_kv)["decode_batch_per_gpu"] >= 2 * at(plain)["decode_batch_per_gpu"] - 1
+    assert at(fp8_kv)["usd_per_million_output_tokens"] < at(plain)["usd_per_million_output_tokens"]
+    assert at(both)["decode_batch_per_gpu"] > at(fp8_kv)["decode_batch_per_gpu"]
+    on_b200 = moeserve_plan(
+        "--model", "deepseek-v3", "--gpu", "b200", "--experts", "fp4", "--request-rate", "50"
+    )
+    assert on_b200["recommendation"]["usd_per_million_output_tokens"] > 0
+    run = subprocess.run(
+        [MOESERVE, "plan", *base, "--experts", "int2"], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 2 and "experts fp8|fp4" in run.stderr
