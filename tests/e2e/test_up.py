@@ -64,6 +64,18 @@ def greedy_reference(
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+def wait_up(proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Until `moeserve up` (stdout piped, text) says it is up; fails if it exits first."""
+    deadline, line = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline and "moeserve is up" not in line:
+        line = proc.stdout.readline()
+        assert line or proc.poll() is None, "moeserve up exited early"
+
+
+def up_client(port: int) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+
+
 def start_streams(url: str, model: str, n: int) -> tuple[list[list[str]], list[threading.Thread]]:
     """`n` long SSE completions, each read line by line into its own list; returns once all stream."""
     lines: list[list[str]] = [[] for _ in range(n)]
@@ -115,9 +127,7 @@ def test_up_serves_the_tiny_model_and_stops_cleanly(tmp_path):
         kids = descendants_of(proc.pid)
         assert len(kids) >= 3 + 4  # ...and the EP2 + EP2 rank processes under the two workers
 
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60
-        )
+        client = up_client(port)
         model = client.models.list().data[0].id
         assert model == "tiny-deepseek_v3"
         res = client.chat.completions.create(
@@ -236,10 +246,7 @@ def test_keys_from_a_file_reach_the_orchestrator_without_a_command_line(tmp_path
         text=True,
     )
     try:
-        deadline, line = time.monotonic() + 240, ""
-        while time.monotonic() < deadline and "moeserve is up" not in line:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "moeserve up exited early"
+        wait_up(proc)
         for pid in descendants_of(proc.pid):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             assert b"k-two" not in cmdline and b"adm-s3cret" not in cmdline, cmdline
@@ -276,13 +283,8 @@ def test_up_serves_a_kimi_shaped_model_whose_tokenizer_is_code(tmp_path):
     args += ["--prefill-ep", "1", "--decode-ep", "1"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        deadline, line = time.monotonic() + 240, ""
-        while time.monotonic() < deadline and "moeserve is up" not in line:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "moeserve up exited early"
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60
-        )
+        wait_up(proc)
+        client = up_client(port)
         messages = [{"role": "user", "content": "the answer"}]
         res = client.chat.completions.create(
             model="tiny-kimi", messages=messages, max_tokens=6, temperature=0
@@ -305,13 +307,8 @@ def test_up_serves_both_families_in_bf16(tmp_path, arch):
     args += ["--worker-arg=--dtype=bfloat16"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        deadline, line = time.monotonic() + 240, ""
-        while time.monotonic() < deadline and "moeserve is up" not in line:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "moeserve up exited early"
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60
-        )
+        wait_up(proc)
+        client = up_client(port)
         prompt = [5, 17, 42, 8, 99, 3]
         res = client.completions.create(
             model=f"tiny-{arch}", prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
