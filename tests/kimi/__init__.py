@@ -12,18 +12,10 @@ import shutil
 from pathlib import Path
 
 from services.tools.tiny import make_tiny_model
+from tests.kimi.tokenization_tinykimi import SPECIALS  # the tokenizer's own list (it ships alone)
 
 HERE = Path(__file__).resolve().parent
 RANKS = [bytes([b]) for b in range(256)] + [b"th", b"he", b"in", b"e ", b" t", b"the", b"er", b"an"]
-SPECIALS = (
-    "[BOS]",
-    "[EOS]",
-    "<|im_end|>",
-    "<|im_user|>",
-    "<|im_assistant|>",
-    "<|im_system|>",
-    "<|im_middle|>",
-)
 IDS = {t: len(RANKS) + i for i, t in enumerate(SPECIALS)}
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_{{ m['role'] }}|>{{ m['role'] }}<|im_middle|>{{ m['content'] }}<|im_end|>"
