@@ -4,6 +4,7 @@
                   [--request-rate R] [--input-len I] [--output-len O] [--cache-hit F]
                   [--ttft-ms T] [--itl-ms T] [--prefill-ep P] [--decode-ep D]
                   [--kv-cache bf16|fp8] [--experts fp8|fp4] [--current-layout P/D] [--margin 0.10]
+                  [--sensitivity]
                   [--output table|json] [--plot FILE.svg]
 
 JSON (`--output json`), for scripts (docs/planner.md, "JSON contract"):
@@ -17,7 +18,9 @@ JSON (`--output json`), for scripts (docs/planner.md, "JSON contract"):
      "reason": {"rule", "layouts_compared", "ttft_ms_target", "itl_ms_target", "runner_up", "margin",
                 "kept"},
      "crossover_request_rate": number | null,
-     "skipped": [{"code", "role", "ep", "message"}, ...]}
+     "skipped": [{"code", "role", "ep", "message"}, ...],
+     "sensitivity": [{"knob", "value", "default", "why", "layout", "cost_ratio",
+                      "output_per_node_ratio"}, ...]  (with --sensitivity)}
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ def plan_command(
     current_layout: Annotated[
         str | None, Opt(help="the layout in use, PREFILL_EP/DECODE_EP: kept while within --margin")
     ] = None,
+    sensitivity: Annotated[
+        bool, Opt("--sensitivity", help="also how far each unpublished knob moves the answer")
+    ] = False,
     margin: Annotated[
         float, Opt(help="how much more per token the layout in use may cost than the cheapest", min=0, max=1)
     ] = 0.10,
@@ -101,6 +107,11 @@ def plan_command(
         result = plan(spec, hardware, traffic, prefill_eps, decode_eps, keep=keep, margin=margin)
     except (SpecError, Infeasible) as e:
         _fail(str(e))
+    rows = None
+    if sensitivity:
+        from orchestrator.planner.sensitivity import sensitivity as knobs
+
+        rows = knobs(spec, hardware, traffic, prefill_eps, decode_eps)
     if plot is not None:
         from orchestrator.planner.plot import cost_curves
 
@@ -116,9 +127,21 @@ def plan_command(
         body["layouts"] = [x.as_json() for x in result["layouts"]]
         body["recommendation"] = result["recommendation"].as_json()
         body["skipped"] = [e.as_json() for e in result["skipped"]]
+        if rows is not None:
+            body["sensitivity"] = rows
         print(json.dumps(body, indent=2))
         return
     _table(result, spec.name, hardware.name, traffic)
+    for row in rows or ():
+        cost = "-" if row["cost_ratio"] is None else f"{row['cost_ratio']:.2f}x cost"
+        output = (
+            ""
+            if row["output_per_node_ratio"] is None
+            else f", {row['output_per_node_ratio']:.2f}x output/node"
+        )
+        mark = " (default)" if row["default"] else ""
+        layout = row["layout"] or "nothing serves"
+        print(f"sensitivity: {row['knob']}={row['value']:g}{mark}: {layout}, {cost}{output}")
     if plot is not None:
         print(f"wrote {plot}")
 

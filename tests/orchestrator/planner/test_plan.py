@@ -294,3 +294,24 @@ def test_fp4_experts_and_an_fp8_kv_cache_are_expressed_and_move_the_answer_their
         [MOESERVE, "plan", *base, "--experts", "int2"], capture_output=True, text=True, timeout=60
     )
     assert run.returncode == 2 and "experts fp8|fp4" in run.stderr
+
+
+def test_the_sensitivity_table_shows_how_far_each_unstated_knob_moves_the_answer():
+    """Issue 28: every knob no publication states, at each value tried, against the defaults."""
+    out = moeserve_plan("--model", "deepseek-v3", "--gpu", "h800", "--request-rate", "100", "--sensitivity")
+    rows = out["sensitivity"]
+    assert {r["knob"] for r in rows} == {
+        "length_cv",
+        "balancedness",
+        "cache_hit",
+        "overlap_decode",
+        "memory_fraction",
+    }
+    best = out["recommendation"]
+    for r in (r for r in rows if r["default"]):  # the defaults reproduce the answer
+        assert r["layout"] == f"{best['prefill_ep']}/{best['decode_ep']}" and r["cost_ratio"] == 1.0, r
+    cost = {(r["knob"], r["value"]): r["cost_ratio"] for r in rows}
+    assert cost[("balancedness", 0.55)] > 1.1  # what the EPLB bench measures at s = 1.0 costs more
+    assert cost[("length_cv", 2.0)] > 1.1 and cost[("cache_hit", 0.563)] < 0.9
+    assert all(set(r) == {"knob", "value", "default", "why", "layout", "cost_ratio", "output_per_node_ratio"}
+               for r in rows)  # fmt: skip
