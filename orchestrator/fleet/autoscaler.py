@@ -52,7 +52,11 @@ class AutoscalerConfig:
     itl_ms: float = 100.0
     model: str = ""
     gpu: str = ""
+    """A built-in GPU or a spec file (`moeserve plan --gpu`)."""
     decode_ep: int = 0
+    kv_cache: str = "bf16"
+    experts: str = "fp8"
+    """The KV cache's and the routed experts' precisions, as `moeserve plan` takes them."""
 
     @classmethod
     def parse(cls, spec: str) -> AutoscalerConfig:
@@ -74,6 +78,12 @@ class AutoscalerConfig:
         config = cls(**values)
         if not 0 <= config.min <= config.max or not 0 < config.down_utilization < config.utilization <= 1:
             raise ValueError("--autoscale needs 0 <= min <= max and 0 < down-utilization < utilization <= 1")
+        from orchestrator.planner.cost import Precision
+
+        try:
+            Precision(config.kv_cache, config.experts)
+        except ValueError as e:
+            raise ValueError(f"--autoscale: {e}") from None
         return config
 
 
@@ -264,13 +274,14 @@ def _planned_capacity(config: AutoscalerConfig) -> dict[Role, int]:
     target x EP width), when `model=`, `gpu=` and `decode-ep=` are set."""
     if not (config.model and config.gpu and config.decode_ep):
         return {}
-    from orchestrator.planner.cost import Group
+    from orchestrator.planner.cost import Group, Precision
     from orchestrator.planner.plan import Traffic, decode_batch
     from orchestrator.planner.specs import gpu_spec, model_spec
 
-    traffic = Traffic(itl_ms=config.itl_ms)
+    traffic = Traffic(itl_ms=config.itl_ms, precision=Precision(config.kv_cache, config.experts))
     group = Group(
-        model_spec(config.model), gpu_spec(config.gpu), config.decode_ep, balancedness=traffic.balancedness
-    )
+        model_spec(config.model), gpu_spec(config.gpu), config.decode_ep, balancedness=traffic.balancedness,
+        precision=traffic.precision,
+    )  # fmt: skip
     batch, _ = decode_batch(group, traffic, traffic.input_len + traffic.output_len / 2)
     return {"decode": batch * config.decode_ep}

@@ -36,6 +36,11 @@ def test_decode_capacity_from_the_cost_model():
     assert _planned_capacity(config) == {"decode": batch * 144} and batch == 116 and step < 0.1
     tighter = _planned_capacity(AutoscalerConfig.parse("model=deepseek-v3,gpu=h800,decode-ep=144,itl-ms=40"))
     assert 0 < tighter["decode"] < batch * 144  # a tighter ITL target fits fewer requests per GPU
+    # The planner's model, precisions included: an FP8 KV cache holds more requests per GPU.
+    fp8 = _planned_capacity(AutoscalerConfig.parse("model=deepseek-v3,gpu=h800,decode-ep=144,kv-cache=fp8"))
+    assert fp8["decode"] > batch * 144
+    with pytest.raises(ValueError, match=r"experts fp8\|fp4"):
+        AutoscalerConfig.parse("model=deepseek-v3,gpu=h800,decode-ep=144,experts=int4")
 
 
 def test_signals_keep_a_window():
