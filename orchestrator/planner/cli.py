@@ -1,6 +1,6 @@
 """`moeserve plan`: which EP width per role, how many groups, at what latency and cost.
 
-    moeserve plan --model deepseek-v3|deepseek-r1|kimi-k2|qwen3-235b|DIR --gpu h800|h100|h200|b200|FILE.json
+    moeserve plan --model deepseek-v3|deepseek-r1|kimi-k2|qwen3-235b|DIR --gpu h800|...|mi355x|FILE.json
                   [--request-rate R] [--input-len I] [--output-len O] [--cache-hit F]
                   [--ttft-ms T] [--itl-ms T] [--prefill-ep P] [--decode-ep D]
                   [--kv-cache bf16|fp8] [--experts fp8|fp4] [--current-layout P/D] [--margin 0.10]
@@ -45,7 +45,11 @@ layout and `skipped` as objects with a `code`."""
 def plan_command(
     model: Annotated[str, Opt(help="deepseek-v3, deepseek-r1, kimi-k2, qwen3-235b, or a checkpoint dir")],
     gpu: Annotated[
-        str, Opt(help="h800, h100, h200, b200, or a JSON spec file (docs/planner.md: GPU spec files)")
+        str,
+        Opt(
+            help="h800, h100, h200, b200, b300, h20, gb200-nvl72, gb300-nvl72, mi300x, mi355x, or a JSON "
+            "spec file (docs/planner.md: GPU spec files)"
+        ),
     ],
     request_rate: Annotated[
         float | None, Opt(help="requests/s to serve (default: each layout at its full load)", min=0.0001)

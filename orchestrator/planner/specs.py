@@ -168,7 +168,34 @@ GPUS: dict[str, GpuSpec] = {
     "h100": GpuSpec("H100", 80, 3.35, 1979, 989, nvlink_gb_s=450, nic_gb_s=50),
     "h200": GpuSpec("H200", 141, 4.8, 1979, 989, nvlink_gb_s=450, nic_gb_s=50),
     "b200": GpuSpec("B200", 180, 8.0, 4500, 2250, nvlink_gb_s=900, nic_gb_s=50, fp4_tflops=9000),
-}
+    # The rest: no vendor page was reachable offline, so third-party copies of the vendors' tables;
+    # each `source` says where, and what was derived. Dense figures throughout (sparse ones halved).
+    "h20": GpuSpec("H20", 96, 4.0, 296, 148, nvlink_gb_s=450, nic_gb_s=50, source=(
+        "NVIDIA publishes no H20 datasheet; willitrunai.com/es/gpus/h20-96gb and "
+        "zangshuxian.com/new/674733024499207168 (148 TFLOPS dense FP16); FP8 = its 296 INT8 TOPS; "
+        "NIC assumed one 400G per GPU")),
+    "b300": GpuSpec("B300", 270, 7.7, 4500, 2250, nvlink_gb_s=900, nic_gb_s=100, fp4_tflops=13500, source=(
+        "nvidia.com/en-us/data-center/hgx (HGX B300: 2.1 TB, FP4 108 PF dense, FP8 72 and BF16 36 PF "
+        "sparse, 1.8 TB/s NVLink, ConnectX-8 800G per GPU), per GPU = /8; glennklockwood.com/garden/"
+        "processors/B300 (7.7 TB/s)")),
+    "gb200-nvl72": GpuSpec("GB200 NVL72", 186, 8.0, 5000, 2500, nvlink_gb_s=900, nic_gb_s=50,
+                           fp4_tflops=10000, gpus_per_node=4, nvlink_domain=72, source=(
+        "NVIDIA's GB200 NVL72 table (FP4 1,440, FP8 720, BF16 360 PF, sparse, per rack) / 72 / 2; "
+        "zdszero.github.io (186 GB, 8 TB/s per GPU); MLCommons inference v6.1 Crusoe GB200 system "
+        "(4 GPUs and 4 ConnectX-7 per tray)")),
+    "gb300-nvl72": GpuSpec("GB300 NVL72", 279, 8.0, 5000, 2500, nvlink_gb_s=900, nic_gb_s=100,
+                           fp4_tflops=15000, gpus_per_node=4, nvlink_domain=72, source=(
+        "vendordeep.com (GB300 NVL72: FP4 1,080 PF dense, FP8 720 PF sparse, ConnectX-8 800G per "
+        "GPU) / 72; docs.nvidia.com NVL72 AI factory reference architecture (4 GPUs per tray)")),
+    "mi300x": GpuSpec("MI300X", 192, 5.3, 2614.9, 1307.4, nvlink_gb_s=448, nic_gb_s=50, source=(
+        "AMD's MI300X figures as copied in github.com/alpharomercoma/MI300X-vs-H200 (dense); Infinity "
+        "Fabric 7 x 128 GB/s both ways (emergentmind.com), halved; NIC assumed one 400G per GPU")),
+    "mi355x": GpuSpec("MI355X", 288, 8.0, 5000, 2500, nvlink_gb_s=537.6, nic_gb_s=50, fp4_tflops=10000,
+                      source=(
+        "AMD's MI355X table as copied (FP8 5.0, BF16 2.5, MXFP4 10 PF dense); rocm.docs.amd.com SGLang "
+        "distributed guide (one 400G Pollara NIC per GPU); Infinity Fabric 7 x 153.6 GB/s both ways "
+        "(humeconsulting.co), halved")),
+}  # fmt: skip
 
 
 def model_spec(name_or_dir: str) -> ModelSpec:
@@ -234,7 +261,7 @@ GPU_SPEC_FIELDS = {
 
 
 def gpu_spec(name: str) -> GpuSpec:
-    """A built-in GPU (h800, h100, h200, b200), or a JSON spec file (`GPU_SPEC_FIELDS`)."""
+    """A built-in GPU (`GPUS`), or a JSON spec file (`GPU_SPEC_FIELDS`)."""
     if name in GPUS:
         return GPUS[name]
     path = Path(name)

@@ -109,7 +109,7 @@ def test_latency_targets_hold_and_bind():
 
 def test_every_built_in_model_and_gpu_plans():
     for name in ("deepseek-v3", "kimi-k2", "qwen3-235b"):
-        for gpu in ("h800", "h100", "h200", "b200"):
+        for gpu in GPUS:  # the Hopper four, and the data-only ones (B300, H20, NVL72 racks, MI3xx)
             best = plan(MODELS[name], GPUS[gpu], Traffic(request_rate=100))["recommendation"]
             assert best.gpus > 0 and best.usd_per_million_output_tokens > 0
     b200 = plan(MODELS["deepseek-v3"], GPUS["b200"], Traffic(request_rate=100))["recommendation"]
@@ -315,3 +315,14 @@ def test_the_sensitivity_table_shows_how_far_each_unstated_knob_moves_the_answer
     assert cost[("length_cv", 2.0)] > 1.1 and cost[("cache_hit", 0.563)] < 0.9
     assert all(set(r) == {"knob", "value", "default", "why", "layout", "cost_ratio", "output_per_node_ratio"}
                for r in rows)  # fmt: skip
+
+
+def test_the_built_in_gpus_name_their_sources_and_the_racks_their_domain():
+    for key, spec in GPUS.items():
+        assert spec.source or key in ("h800", "h100", "h200", "b200"), (
+            key
+        )  # those four: the comment above GPUS
+        assert spec.fp8_tflops > spec.bf16_tflops > 0 and spec.hbm_gb > 0
+    for rack in ("gb200-nvl72", "gb300-nvl72"):
+        assert (GPUS[rack].domain, GPUS[rack].gpus_per_node) == (72, 4)
+    assert GPUS["h800"].domain == 8 and GPUS["mi300x"].fp4_tflops == 0 and GPUS["mi355x"].fp4_tflops > 0
