@@ -21,10 +21,12 @@ def main() -> int:
         from smg_grpc_proto import sglang_scheduler_pb2 as pb
         from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
+        from services.common import wire  # installed in the image with moeserve
+
         stub = pb_grpc.SglangSchedulerStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        token = os.environ.get("MOESERVE_GRPC_TOKEN", "")  # the workers' shared token, if set
-        metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        # (the worker waits up to 8 s for its ranks; the probes give this 10 s)
+        # The workers' shared gRPC token, if set. (The worker waits up to 8 s for its ranks; the
+        # probes give this 10 s.)
+        metadata = wire.auth_metadata()
         return 0 if stub.HealthCheck(pb.HealthCheckRequest(), timeout=9, metadata=metadata).healthy else 1
     except Exception as e:  # any failure is unhealthy; say why in the health log
         print(f"unhealthy: {e}", file=sys.stderr)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,6 +26,7 @@ from orchestrator.errors import ApiError
 from orchestrator.fleet.autoscaler import Autoscaler
 from orchestrator.fleet.membership import Membership, ScaleError
 from orchestrator.fleet.registry import DRAIN_DEADLINE_S, Registry, State
+from services.common.process import loopback_only
 from services.common.roles import ROLES
 
 _tasks: set[asyncio.Task[None]] = set()
@@ -69,12 +69,7 @@ def check_admin(request: Request, token: str | None, api_keys: frozenset[str], p
             "permission_error",
             "forbidden",
         )
-    client = request.client.host if request.client else ""
-    try:
-        loopback = ipaddress.ip_address(client).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not loopback_only(request.client.host if request.client else ""):
         raise ApiError(
             403,
             "the admin API answers loopback clients only unless --admin-token is set",

@@ -47,6 +47,12 @@ def call(app, method: str, path: str, client=("127.0.0.1", 1234), **kw) -> httpx
     return asyncio.run(main())
 
 
+def post_text(app, body: str) -> httpx.Response:
+    """A chat completion whose JSON body is written by hand (what `json=` cannot express)."""
+    headers = {**AUTH, "content-type": "application/json"}
+    return call(app, "POST", "/v1/chat/completions", headers=headers, content=body)
+
+
 def openai_error(r: httpx.Response, status: int) -> dict:
     assert r.status_code == status, r.text
     body = r.json()["error"]
@@ -96,28 +102,14 @@ def test_numbers_past_what_the_workers_carry_are_the_client_s_400(app, field, va
 
 def test_a_seed_of_401_digits_is_a_400_not_a_traceback(app):
     body = json.dumps(CHAT)[:-1] + ', "seed": ' + "9" * 401 + "}"
-    r = call(
-        app,
-        "POST",
-        "/v1/chat/completions",
-        headers={**AUTH, "content-type": "application/json"},
-        content=body,
-    )
-    assert openai_error(r, 400)["param"] == "seed"
+    assert openai_error(post_text(app, body), 400)["param"] == "seed"
 
 
 @pytest.mark.parametrize("depth", [33, 5_000, 100_000])
 def test_deep_nesting_is_refused_while_parsing(app, depth):
     body = '{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "x": ' + "[" * depth
     body += "]" * depth + "}"
-    r = call(
-        app,
-        "POST",
-        "/v1/chat/completions",
-        headers={**AUTH, "content-type": "application/json"},
-        content=body,
-    )
-    assert "nested deeper than 32" in openai_error(r, 400)["message"]
+    assert "nested deeper than 32" in openai_error(post_text(app, body), 400)["message"]
 
 
 def test_a_bug_is_an_openai_shaped_500_without_a_traceback(app, monkeypatch):
