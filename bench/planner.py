@@ -1,11 +1,13 @@
-"""The capacity planner against the published figures it is calibrated on, and how fast it answers.
+"""The capacity planner against published deployments: the rows it is fitted on, the rows held out
+from the fit, and how fast it answers.
 
     .venv/bin/python bench/planner.py [--repeats 5]
 
-Baseline of each ratio: the published figure (DeepSeek's day-6 inference-system overview; LMSYS's
-"large-scale EP on 96 H100 GPUs" blog, May 2025, and its tables of DeepSeek's profile). Rows
-marked "check" are not fitted: they show how far the same constants land from figures measured
-under other conditions. Timing: a full `moeserve plan` search with its crossover, in process
+Baseline of each ratio: the published figure, in the publication's own unit (per node of 8 GPUs
+for Hopper, per GPU for GB200). Fitted rows (Hopper only) set the cost model's three free
+constants (`orchestrator/planner/fit.py`); held-out rows set nothing and show how far the model
+predicts. Each row's conditions are in `orchestrator/planner/publications.py`, with what the
+publication leaves unstated. Timing: a full `moeserve plan` search with its crossover, in process
 (best of `--repeats`) and as the command (one run, with interpreter start-up).
 """
 
@@ -15,47 +17,53 @@ import argparse
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from orchestrator.planner.plan import Traffic, evaluate, plan
+from orchestrator.planner.cost import FITTED, FITTED_FIELDS
+from orchestrator.planner.fit import Landed, fit, landed
+from orchestrator.planner.layout import Traffic
+from orchestrator.planner.plan import plan
 from orchestrator.planner.specs import GPUS, MODELS
 
-DS = Traffic(cache_hit=0.563)
-SG = Traffic(input_len=2000, output_len=100, length_cv=0)
-AS_STATED = Traffic(input_len=2000)  # the issue's command for SGLang's case: other inputs at defaults
-PROFILE = Traffic(input_len=4096, length_cv=0, balancedness=1.0)  # DeepSeek's profile: even load
-CASES = [  # (case, gpu, prefill EP, decode EP, traffic, which, published, fitted)
-    ("DeepSeek production", "h800", 32, 144, DS, "input", 73_700, True),
-    ("DeepSeek production", "h800", 32, 144, DS, "output", 14_800, True),
-    ("SGLang 96xH100, 2K inputs", "h100", 24, 72, SG, "input", 52_300, True),
-    ("SGLang 96xH100, 2K inputs", "h100", 24, 72, SG, "output", 22_300, True),
-    ("SGLang EP32, 1K inputs", "h100", 32, 72, replace(SG, input_len=1000), "input", 57_674, False),
-    ("SGLang EP32, 4K inputs", "h100", 32, 72, replace(SG, input_len=4096), "input", 50_302, False),
-    ("DeepSeek profile, 4K inputs", "h800", 32, 144, PROFILE, "input", 62_713, False),
-    ("SGLang's case as the issue states it", "h100", 24, 72, AS_STATED, "input", 52_300, False),
-    ("SGLang's case as the issue states it", "h100", 24, 72, AS_STATED, "output", 22_300, False),
-]
+
+def table(rows: list[Landed]) -> list[str]:
+    lines = ["| publication | figure | GPU | prefill / decode | predicted | published | ratio |",
+             "|---|---|---|---|---:|---:|---:|"]  # fmt: skip
+    for x in rows:
+        r, p = x.row, x.publication
+        figure = f"{r.phase} {r.metric.replace('_', ' ')}" + (f" ({r.label})" if r.label else "")
+        got = "cannot express" if x.predicted is None else f"{x.predicted:,.0f}"
+        ratio = "-" if x.ratio is None else f"{x.ratio:.2f}"
+        widths = f"{r.traffic.techniques.prefill_parallel.upper()}{r.prefill_width} / EP{r.decode_width}"
+        lines.append(f"| [{p.key}]({p.url}) | {figure} | {GPUS[r.gpu].name} | {widths} | {got} | "
+                     f"{r.published:,.0f} | {ratio} |")  # fmt: skip
+    worst = max(abs((x.ratio or 0) - 1) for x in rows)
+    lines.append(f"\nworst: {worst:.0%} off; mean |error| "
+                 f"{sum(abs((x.ratio or 0) - 1) for x in rows) / len(rows):.0%} over {len(rows)} rows")  # fmt: skip
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args()
+    rows = landed()
+    print("Fitted rows (Hopper; these set the constants)\n")
+    print("\n".join(table([x for x in rows if x.publication.fitted])))
+    print("\nHeld-out rows (checks: no constant is fitted on them)\n")
+    print("\n".join(table([x for x in rows if not x.publication.fitted])))
+    start = time.perf_counter()
+    refit = fit()
+    fit_s = time.perf_counter() - start
+    values = ", ".join(f"{k}={getattr(refit, k)}" for k in FITTED_FIELDS)
+    print(f"\nrefit on the fitted rows: {values} ({'same as' if refit == FITTED else 'DIFFERS from'} FITTED, "
+          f"{fit_s:.1f} s)")  # fmt: skip
     model = MODELS["deepseek-v3"]
-    print("| case | GPU | prefill EP / decode EP | tokens/s per node | published | ratio | |")
-    print("|---|---|---|---:|---:|---:|---|")
-    for case, gpu, p, d, traffic, which, published, fitted in CASES:
-        layout = evaluate(model, GPUS[gpu], traffic, p, d)
-        got = layout.input_tokens_per_s_per_node if which == "input" else layout.output_tokens_per_s_per_node
-        kind = "fitted" if fitted else "check"
-        print(f"| {case}, {which} | {gpu.upper()} | {p} / {d} | {got:,.0f} | {published:,} | "
-              f"{got / published:.2f} | {kind} |")  # fmt: skip
     best = float("inf")
     for _ in range(a.repeats):
         start = time.perf_counter()
-        result = plan(model, GPUS["h800"], replace(DS, request_rate=100))
+        result = plan(model, GPUS["h800"], Traffic(request_rate=100, cache_hit=0.563))
         best = min(best, time.perf_counter() - start)
     start = time.perf_counter()
     cli = Path(sys.executable).with_name("moeserve")

@@ -274,8 +274,10 @@ def _planned_capacity(config: AutoscalerConfig) -> dict[Role, int]:
     target x EP width), when `model=`, `gpu=` and `decode-ep=` are set."""
     if not (config.model and config.gpu and config.decode_ep):
         return {}
-    from orchestrator.planner.cost import Group, Precision
-    from orchestrator.planner.plan import Traffic, decode_batch
+    from orchestrator.planner.cost import Precision
+    from orchestrator.planner.group import Group
+    from orchestrator.planner.layout import Traffic
+    from orchestrator.planner.plan import decode_batch
     from orchestrator.planner.specs import gpu_spec, model_spec
 
     traffic = Traffic(itl_ms=config.itl_ms, precision=Precision(config.kv_cache, config.experts))

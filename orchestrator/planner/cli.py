@@ -3,8 +3,10 @@
     moeserve plan --model deepseek-v3|deepseek-r1|kimi-k2|qwen3-235b|DIR --gpu h800|...|mi355x|FILE.json
                   [--request-rate R] [--input-len I] [--output-len O] [--cache-hit F]
                   [--ttft-ms T] [--itl-ms T] [--prefill-ep P] [--decode-ep D]
-                  [--kv-cache bf16|fp8] [--experts fp8|fp4] [--current-layout P/D] [--margin 0.10]
-                  [--sensitivity]
+                  [--kv-cache bf16|fp8] [--experts fp8|fp4] [--attention bf16|fp8]
+                  [--prefill-parallel ep|tp|dp] [--mtp-draft N --mtp-acceptance A] [--offload-gb G]
+                  [--max-decode-batch B] [--no-two-batch-overlap]
+                  [--current-layout P/D] [--margin 0.10] [--sensitivity]
                   [--output table|json] [--plot FILE.svg]
 
 JSON (`--output json`), for scripts (docs/planner.md, "JSON contract"):
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 if TYPE_CHECKING:
-    from orchestrator.planner.plan import Traffic
+    from orchestrator.planner.layout import Traffic
 
 Opt = typer.Option
 JSON_VERSION = 2
@@ -70,6 +72,23 @@ def plan_command(
     usd_per_gpu_hour: Annotated[float, Opt(help="price of one GPU-hour", min=0)] = 2.0,
     kv_cache: Annotated[str, Opt(help="the KV cache's precision: bf16 or fp8")] = "bf16",
     experts: Annotated[str, Opt(help="the routed experts' precision: fp8 or fp4 (NVFP4)")] = "fp8",
+    attention: Annotated[str, Opt(help="the attention cores' precision: bf16 or fp8")] = "bf16",
+    prefill_parallel: Annotated[
+        str, Opt(help="prefill groups: ep (DP attention + EP MoE), tp (all TP) or dp (DP attention + TP MoE)")
+    ] = "ep",
+    mtp_draft: Annotated[int, Opt(help="tokens the MTP module drafts a decode step (0: no MTP)", min=0)] = 0,
+    mtp_acceptance: Annotated[
+        float, Opt(help="acceptance rate of each drafted token (DeepSeek reports 0.85-0.9)", min=0, max=1)
+    ] = 0.0,
+    offload_gb: Annotated[
+        float, Opt(help="weights per GPU kept in host memory and streamed every step", min=0)
+    ] = 0.0,
+    max_decode_batch: Annotated[
+        int, Opt(help="requests a decode GPU runs at once at most (the largest CUDA graph)", min=1)
+    ] = 256,
+    two_batch_overlap: Annotated[
+        bool, Opt(help="two micro-batches hide the all-to-all behind compute")
+    ] = True,
     current_layout: Annotated[
         str | None, Opt(help="the layout in use, PREFILL_EP/DECODE_EP: kept while within --margin")
     ] = None,
@@ -84,8 +103,9 @@ def plan_command(
         Path | None, Opt(help="write cost per million output tokens against request rate (.svg)")
     ] = None,
 ) -> None:
-    from orchestrator.planner.cost import Precision
-    from orchestrator.planner.plan import DECODE_WIDTHS, PREFILL_WIDTHS, Infeasible, Traffic, plan
+    from orchestrator.planner.cost import Precision, Techniques
+    from orchestrator.planner.layout import Infeasible, Traffic
+    from orchestrator.planner.plan import DECODE_WIDTHS, PREFILL_WIDTHS, plan
     from orchestrator.planner.specs import SpecError, gpu_spec, model_spec
 
     if output not in ("table", "json"):
@@ -93,11 +113,13 @@ def plan_command(
     if plot is not None and plot.suffix.lower() != ".svg":
         _fail(f"--plot writes SVG: give a file ending in .svg, not {plot.name!r}")
     try:
-        precision = Precision(kv_cache, experts)
+        precision = Precision(kv_cache, experts, attention)
+        techniques = Techniques(prefill_parallel, mtp_draft, mtp_acceptance, offload_gb, max_decode_batch,
+                                two_batch_overlap)  # fmt: skip
     except ValueError as e:
         _fail(str(e))
     traffic = Traffic(request_rate, input_len, output_len, cache_hit, length_cv, ttft_ms, itl_ms,
-                      balancedness, usd_per_gpu_hour, precision)  # fmt: skip
+                      balancedness, usd_per_gpu_hour, precision, techniques)  # fmt: skip
     prefill_eps = (prefill_ep,) if prefill_ep else PREFILL_WIDTHS
     decode_eps = (decode_ep,) if decode_ep else DECODE_WIDTHS
     keep = None

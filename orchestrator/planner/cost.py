@@ -1,72 +1,86 @@
-"""The cost model: time of one step of a prefill or a decode rank in a wide-EP group.
+"""What the cost model is given besides the model and the GPU: the achieved fractions of peak
+(`Efficiency`), the precisions (`Precision`) and the serving techniques (`Techniques`).
 
-Every rank runs data-parallel attention and holds the replicated weights (attention, dense MLPs,
-shared experts, embeddings); routed experts are split over the group's `ep` ranks with redundant
-slots. A step's time is the sum of its parts, each the larger of its compute time (FLOPs against
-the GPU's dense peak at an efficiency) and its memory time (bytes against HBM bandwidth at an
-efficiency), plus the dispatch/combine all-to-all of every MoE layer (FP8 dispatch, BF16
-combine; bytes over the NIC for peers on other nodes and over NVLink within the node), which two
-micro-batches hide behind computation up to `overlap`; with node-limited routing a token's copies
-reach at most `group_limit` nodes. Expert load imbalance (EPLB's
-balancedness: mean ÷ max rank load) slows the routed-expert GEMMs and the all-to-all, whose
-slowest rank sets the pace.
-
-The efficiencies are fitted once to the four published figures `calibration.py` checks (one set
-for both publications and all GPUs); `docs/planner.md` gives the formulas and the fit.
+The efficiencies are physical: each is the share of one peak (dense tensor-core FLOPs, HBM,
+NVLink or NIC bandwidth) one kind of kernel reaches, or the share of communication hidden. Three
+are fitted, on Hopper publications only (`publications.py`, `fit.py`); the rest are set from
+kernel measurements that their own projects publish. `group.py` uses them to time a step;
+docs/planner.md gives the formulas.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from orchestrator.planner.specs import GpuSpec, ModelSpec
-
 GB = 1e9
+GIB = 2**30
+"""HBM capacities are binary: an "80 GB" H100 holds 80 GiB (nvidia-smi: 81,559 MiB)."""
 T = 1e12
 
 
 @dataclass(frozen=True)
 class Efficiency:
-    """Achieved fractions of peak (fitted; see docs/planner.md)."""
+    """Achieved fractions of peak. `FITTED_FIELDS` are fitted by `fit.fit` on the Hopper
+    publications; the others are set from the kernels' own published measurements."""
 
-    gemm: float = 0.32
-    """FP8 GEMMs of prefill-sized batches (weights and experts)."""
-    attention_prefill: float = 0.36
-    """Prefill attention core (MLA in its multi-head form, BF16)."""
-    attention_decode: float = 0.54
-    """Decode attention core (MLA with absorbed weights over the latent KV, BF16)."""
+    overlap_prefill: float = 0.27
+    """Share of prefill's all-to-all two micro-batches hide behind its compute (fitted; DeepSeek's
+    overview says "hidden", its profile shows the combine partly exposed)."""
+    attention: float = 0.33
+    """Attention cores, prefill (MLA in multi-head form) and decode (absorbed MLA), against the
+    BF16 (or FP8) dense peak (fitted). FlashMLA reports ~0.67 of H800's BF16 peak when compute-bound."""
+    overlap_decode: float = 0.37
+    """Share of decode's all-to-all two micro-batches hide behind its compute (fitted)."""
+    gemm: float = 0.68
+    """FP8 (or FP4) GEMMs, against the dense tensor-core peak (set: DeepGEMM's launch figure, 1,350+
+    FP8 TFLOPS on H800 = 0.68 of 1,979)."""
     hbm: float = 0.80
-    """HBM streaming (weights and KV reads)."""
+    """HBM streaming (weights, KV reads), against the datasheet bandwidth (set: FlashMLA reaches
+    3,000 of H800's 3,350 GB/s, 0.9, on its own; weight streaming in small GEMMs less)."""
     network: float = 0.78
-    """All-to-all bytes against NIC and NVLink bandwidth (DeepEP reaches ~0.8 of both)."""
-    overlap_prefill: float = 1.0
-    """Share of the all-to-all two micro-batches hide in prefill."""
-    overlap_decode: float = 0.6
-    """The same in decode (smaller batches leave less to hide behind)."""
+    """All-to-all bytes against NIC and NVLink bandwidth (set: DeepEP's README measures 40-46 GB/s
+    of a 50 GB/s NIC and ~153 of H800's 160 GB/s NVLink)."""
+    a2a_nvlink_gb_s: float = 150.0
+    """What the all-to-all kernels move over NVLink per GPU at most, whatever the link (set: they
+    copy with a fixed share of the SMs; DeepEP's README measures 153-158 GB/s on H800, DeepEP issue
+    #394 169 and 135 GB/s on GB200)."""
+    host: float = 0.80
+    """Offloaded weights streamed from host memory, against the host link (PCIe, NVLink-C2C) (set)."""
     memory_fraction: float = 0.9
-    """HBM the engine may use; the rest is the runtime's."""
+    """HBM the engine may use; the rest is the runtime's (SGLang's --mem-fraction-static ~0.8-0.9)."""
     activation_gb: float = 4.0
     """Workspace kept free of weights and KV per rank."""
 
 
+FITTED_FIELDS = ("overlap_prefill", "attention", "overlap_decode")
 FITTED = Efficiency()
+"""What `fit.fit` finds on the fitted (Hopper) rows of `publications.PUBLICATIONS`; a test refits."""
 
 
 @dataclass(frozen=True)
 class Precision:
-    """What the KV cache and the routed experts are stored in; the rest stays FP8 weights and a
-    BF16 attention core. Sources: NVIDIA's NVFP4 (4-bit values with one FP8 scale per 16:
-    4.5 bits a weight); SGLang's and vLLM's `--kv-cache-dtype fp8_e4m3` (1 byte a value)."""
+    """What the KV cache, the routed experts and the attention core run in; the other weights stay
+    FP8. Sources: NVIDIA's NVFP4 (4-bit values with one FP8 scale per 16: 4.5 bits a weight);
+    SGLang's and vLLM's `--kv-cache-dtype fp8_e4m3` (1 byte a value); FP8 attention as in
+    FlashMLA's and TensorRT-LLM's FP8 MLA kernels (the GPU's FP8 peak)."""
 
     kv_cache: str = "bf16"
     """bf16 or fp8."""
     experts: str = "fp8"
-    """fp8 or fp4 (NVFP4): half the bytes, and the GPU's FP4 peak where it has one."""
+    """fp8 or fp4 (NVFP4): 4.5 bits a weight, and the GPU's FP4 peak where it has one."""
+    attention: str = "bf16"
+    """bf16 or fp8: the peak the attention cores run at."""
 
     def __post_init__(self) -> None:
-        if self.kv_cache not in ("bf16", "fp8") or self.experts not in ("fp8", "fp4"):
-            raise ValueError(f"KV cache bf16|fp8 and experts fp8|fp4, not {self.kv_cache}/{self.experts}")
+        if (
+            self.kv_cache not in ("bf16", "fp8")
+            or self.experts not in ("fp8", "fp4")
+            or self.attention not in ("bf16", "fp8")
+        ):
+            raise ValueError(
+                f"KV cache bf16|fp8, experts fp8|fp4 and attention bf16|fp8, not "
+                f"{self.kv_cache}/{self.experts}/{self.attention}"
+            )
 
     @property
     def kv_scale(self) -> float:
@@ -79,121 +93,47 @@ class Precision:
         return 4.5 / 8 if self.experts == "fp4" else 1.0
 
 
+PREFILL_PARALLEL = ("ep", "tp", "dp")
+
+
 @dataclass(frozen=True)
-class Group:
-    """One EP group of a role: `ep` ranks, `slots` routed-expert slots over them."""
+class Techniques:
+    """How the engine serves, beyond the layout's widths.
 
-    model: ModelSpec
-    gpu: GpuSpec
-    ep: int
-    redundant: int = 32
-    balancedness: float = 0.85
-    eff: Efficiency = FITTED
-    precision: Precision = Precision()
+    - `prefill_parallel`: `ep` (data-parallel attention, expert-parallel MoE with the all-to-all:
+      DeepSeek's and SGLang's), `tp` (the whole model tensor-parallel over the group: two
+      all-reduces a layer over NVLink) or `dp` (data-parallel attention, tensor-parallel MoE: an
+      all-gather and a reduce-scatter a MoE layer over NVLink). `tp` and `dp` groups stay inside
+      one NVLink domain.
+    - `mtp_draft`, `mtp_acceptance`: multi-token prediction (DeepSeek's MTP module as a draft
+      model): each decode step verifies `1 + draft` tokens a request and emits `1 + a + ... + a^draft`
+      on average, at acceptance `a` per drafted token (DeepSeek reports 0.85-0.90 for one draft).
+    - `offload_gb`: weights per GPU kept in host memory and streamed over the host link every step
+      (SGLang's --cpu-offload-gb): HBM freed for KV, time added to every step.
+    - `max_decode_batch`: requests a decode GPU runs at once at most (the engine's largest CUDA
+      graph and the low-latency all-to-all's buffer; SGLang's largest default graph is 256).
+    - `two_batch_overlap`: two micro-batches hide the all-to-all behind compute (SGLang's
+      --enable-two-batch-overlap, DeepSeek's design); off, every byte waits.
+    """
+
+    prefill_parallel: str = "ep"
+    mtp_draft: int = 0
+    mtp_acceptance: float = 0.0
+    offload_gb: float = 0.0
+    max_decode_batch: int = 256
+    two_batch_overlap: bool = True
+
+    def __post_init__(self) -> None:
+        if self.prefill_parallel not in PREFILL_PARALLEL:
+            raise ValueError(f"prefill parallelism is ep, tp or dp, not {self.prefill_parallel!r}")
+        if not (0 <= self.mtp_draft <= 8 and 0 <= self.mtp_acceptance <= 1):
+            raise ValueError("MTP drafts 0-8 tokens a step with an acceptance rate between 0 and 1")
+        if self.mtp_draft == 0 and self.mtp_acceptance > 0:
+            raise ValueError("an MTP acceptance rate needs drafted tokens (--mtp-draft N)")
+        if self.offload_gb < 0 or self.max_decode_batch < 1:
+            raise ValueError("offload is >= 0 GB and the decode batch cap >= 1")
 
     @property
-    def kv_bytes_per_token(self) -> float:
-        return self.model.kv_bytes_per_token * self.precision.kv_scale
-
-    @property
-    def _expert_peak(self) -> float:
-        """FLOP/s of the routed-expert GEMMs before efficiency: FP4's peak for FP4 experts on a GPU
-        that has one, else FP8's (FP4 weights then only save memory)."""
-        fp4 = self.precision.experts == "fp4" and self.gpu.fp4_tflops > 0
-        return (self.gpu.fp4_tflops if fp4 else self.gpu.fp8_tflops) * T
-
-    @property
-    def slots_per_rank(self) -> int:
-        return math.ceil((self.model.experts + self.redundant) / self.ep)
-
-    @property
-    def nodes(self) -> float:
-        """NVLink domains the group spans: a node, or a whole NVL72 rack (`GpuSpec.domain`)."""
-        return max(1.0, self.ep / self.gpu.domain)
-
-    def weight_bytes(self) -> float:
-        """Weights one rank holds: FP8, the routed experts in their own precision."""
-        m = self.model
-        experts = self.slots_per_rank * m.moe_layers * m.expert_params * self.precision.expert_bytes
-        return m.replicated_params + experts
-
-    def fits(self) -> bool:
-        return self.kv_bytes_free() > 0
-
-    def kv_bytes_free(self) -> float:
-        usable = self.gpu.hbm_gb * GB * self.eff.memory_fraction - self.eff.activation_gb * GB
-        return usable - self.weight_bytes()
-
-    # ---- the all-to-all ------------------------------------------------------------------
-    def _a2a_seconds_per_token(self, dedup_nodes: bool) -> float:
-        """Dispatch + combine of one token over all MoE layers, on the busiest rank.
-
-        Each of the token's top-k copies lands on a random rank: (ep - 1) / ep of them leave the
-        GPU, and of those a share (nodes - 1) / nodes leaves the node. Prefill's normal kernels
-        send a token once per remote node and fan out over NVLink (`dedup_nodes`); decode's
-        low-latency kernels send every copy straight to its rank."""
-        m, g = self.model, self.gpu
-        per_copy = m.hidden * (1 + 2)  # FP8 dispatch + BF16 combine
-        k, ep, nodes = m.top_k, self.ep, self.nodes
-        remote_share = (nodes - 1) / nodes
-        if dedup_nodes:
-            distinct = nodes * (1 - (1 - 1 / nodes) ** k)  # expected nodes a token's copies reach
-            if m.group_limit:  # node-limited routing: at most that many nodes
-                distinct = min(distinct, m.group_limit)
-            rdma = distinct * remote_share * per_copy
-        else:
-            rdma = k * remote_share * per_copy
-        nvlink = k * (ep - 1) / ep * (1 - remote_share) * per_copy if not dedup_nodes else k * per_copy
-        per_layer = max(rdma / (g.nic_gb_s * GB), nvlink / (g.nvlink_gb_s * GB)) / self.eff.network
-        if ep == 1:
-            per_layer = 0.0
-        return per_layer * m.moe_layers / self.balancedness
-
-    # ---- prefill -------------------------------------------------------------------------
-    def prefill_seconds_per_token(self, context: float) -> float:
-        """One new token through a prefill rank when batches are large, attending `context`
-        tokens on average."""
-        m, g, e = self.model, self.gpu, self.eff
-        dense = m.linear_flops() / (g.fp8_tflops * T * e.gemm)
-        routed = m.routed_flops() / (self._expert_peak * e.gemm) / self.balancedness
-        attention = _prefill_attention_flops(m, context) / (g.bf16_tflops * T * e.attention_prefill)
-        compute = dense + routed + attention
-        comm = self._a2a_seconds_per_token(dedup_nodes=True)
-        return max(compute, comm) + (1 - e.overlap_prefill) * min(compute, comm)
-
-    def prefill_step_seconds(self, tokens_per_rank: float, context: float) -> float:
-        """A prefill step of `tokens_per_rank` new tokens on every rank: streaming the rank's
-        weights once, then the tokens."""
-        stream = self.weight_bytes() / (self.gpu.hbm_tb_s * T * self.eff.hbm)
-        return stream + tokens_per_rank * self.prefill_seconds_per_token(context)
-
-    # ---- decode --------------------------------------------------------------------------
-    def decode_step_seconds(self, batch: float, context: float) -> float:
-        """One decode step of `batch` requests per rank, each attending `context` tokens."""
-        m, g, e = self.model, self.gpu, self.eff
-        hbm = g.hbm_tb_s * T * e.hbm
-        replicated = max(m.replicated_params / hbm, batch * m.linear_flops() / (g.fp8_tflops * T * e.gemm))
-        experts_bytes = (
-            self.slots_per_rank * m.moe_layers * m.expert_params * self.precision.expert_bytes / hbm
-        )
-        experts_flops = batch * m.routed_flops() / (self._expert_peak * e.gemm) / self.balancedness
-        experts = max(experts_bytes, experts_flops)
-        kv_read = batch * context * self.kv_bytes_per_token / hbm
-        attn = batch * m.attention_flops(context) / (g.bf16_tflops * T * e.attention_decode)
-        compute = replicated + experts + kv_read + attn
-        comm = batch * self._a2a_seconds_per_token(dedup_nodes=False)
-        return max(compute, comm) + (1 - e.overlap_decode) * min(compute, comm)
-
-    def decode_batch_limit(self, kv_tokens_per_request: float, cap: int = 256) -> int:
-        """Requests per rank that fit: their whole KV (prompt + output) in the free HBM, and at
-        most `cap` (the low-latency all-to-all's per-rank token buffer, SGLang's default graph)."""
-        return max(
-            0, min(cap, int(self.kv_bytes_free() // (kv_tokens_per_request * self.kv_bytes_per_token)))
-        )
-
-
-def _prefill_attention_flops(m: ModelSpec, context: float) -> float:
-    """Prefill attention core for one new token over `context` tokens: MLA runs in its multi-head
-    form (scores over the nope + rope dims, values over v_head_dim), GQA over head_dim."""
-    per = m.heads * (m.qk_nope_dim + m.qk_rope_dim + m.v_head_dim) if m.mla else m.heads * 2 * m.head_dim
-    return 2.0 * per * context * m.layers
+    def tokens_per_step(self) -> float:
+        """Output tokens a request gains per decode step: 1 + a + a^2 + ... + a^draft."""
+        return sum(self.mtp_acceptance**k for k in range(self.mtp_draft + 1))

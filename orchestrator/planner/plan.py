@@ -4,8 +4,8 @@ what they cost, and which to run.
 A layout is (prefill EP, decode EP); at a request rate each role gets the fewest whole groups:
 
 - decode: every rank holds `batch` requests (at most what its free HBM holds for their whole KV,
-  at most the all-to-all's 256-token buffer, and few enough that a step stays under the ITL
-  target); a group delivers `ep * batch / step` output tokens/s;
+  at most `Techniques.max_decode_batch`, and few enough that a token stays under the ITL target);
+  a group delivers `ep * batch * tokens_per_step / step` output tokens/s (MTP: more than one);
 - prefill: a group computes `ep * chunk / step` new tokens/s (chunk: new tokens per rank per
   step, at most 16,384); a request waits for the step under way and for those queued before it
   (M/D/1: a step's time times 1.5 + rho / (2 (1 - rho)) at utilization rho), then its KV goes to
@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-from orchestrator.planner.cost import FITTED, GB, Efficiency, Group, Precision
+from orchestrator.planner.cost import FITTED, GB, Efficiency
+from orchestrator.planner.group import Group
+from orchestrator.planner.layout import Infeasible, Layout, Traffic
 from orchestrator.planner.specs import GpuSpec, ModelSpec
 
 PREFILL_WIDTHS = (8, 16, 32, 64)
 DECODE_WIDTHS = (8, 16, 32, 64, 72, 144, 256)
 MAX_CHUNK = 16384
-BATCH_CAP = 256
 MARGIN = 0.10
 """Hysteresis: the layout in use (`keep`) stays recommended while it costs at most this much more
 per output token than the cheapest (the model's fitted rows are within 15%; a switch redeploys).
@@ -37,87 +38,50 @@ DeepSeek's traffic on H800s, 65 -> 2,900 requests/s in 3% steps: the cheapest ch
 the kept recommendation 7."""
 
 
-@dataclass(frozen=True)
-class Traffic:
-    """A traffic profile and its targets. Defaults: DeepSeek's published 24-hour service (608B input
-    and 168B output tokens a day, 4,989 tokens of KV per output token: input 4,384 and output
-    1,211 tokens, so input + output / 2 = 4,989), request lengths varying as an exponential
-    distribution does (coefficient of variation 1)."""
-
-    request_rate: float | None = None
-    input_len: float = 4384
-    output_len: float = 1211
-    cache_hit: float = 0.0
-    length_cv: float = 1.0
-    ttft_ms: float = 5000
-    itl_ms: float = 100
-    balancedness: float = 0.85
-    usd_per_gpu_hour: float = 2.0  # DeepSeek's assumption for an H800 (day-6 overview)
-    precision: Precision = field(default_factory=Precision)  # of the KV cache and the experts
-
-
-@dataclass
-class Layout:
-    prefill_ep: int
-    decode_ep: int
-    prefill_groups: int
-    decode_groups: int
-    gpus: int
-    input_tokens_per_s_per_node: float
-    output_tokens_per_s_per_node: float
-    ttft_ms: float
-    itl_ms: float
-    usd_per_million_output_tokens: float
-    decode_batch_per_gpu: int = 0
-    """Requests one decode GPU runs at once at its operating point (HBM and the ITL target bound it)."""
-    decode_step_ms: float = 0.0
-    prefill_chunk_per_gpu: int = 0
-    """New tokens one prefill GPU takes a step."""
-    prefill_utilization: float = 0.0
-    """The share of its capacity prefill runs at, so that queueing stays within the TTFT target."""
-    notes: list[str] = field(default_factory=list)
-
-    def as_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("notes")
-        return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+def groups(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_ep: int, decode_ep: int,
+           eff: Efficiency = FITTED) -> tuple[Group, Group]:  # fmt: skip
+    """The layout's prefill and decode groups; raises Infeasible when either cannot hold the model
+    or a tensor-parallel prefill group would leave its NVLink domain."""
+    t, parallel = traffic, traffic.techniques.prefill_parallel
+    common = dict(balancedness=t.balancedness, eff=eff, precision=t.precision, techniques=t.techniques)
+    pre = Group(model, gpu, prefill_ep, parallel=parallel, **common)  # type: ignore[arg-type]
+    dec = Group(model, gpu, decode_ep, **common)  # type: ignore[arg-type]
+    if parallel != "ep" and prefill_ep > gpu.domain:
+        message = (f"prefill {parallel.upper()}{prefill_ep} spans more than one NVLink domain "
+                   f"({gpu.domain} GPUs): its collectives run over NVLink")  # fmt: skip
+        raise Infeasible(message, "beyond_nvlink_domain", "prefill", prefill_ep)
+    for role, g in (("prefill", pre), ("decode", dec)):
+        if not g.fits():
+            message = (f"{model.name} does not fit on {gpu.name} at {role} {g.parallel.upper()}{g.ep}: "
+                       f"{g.weight_bytes() / GB:.0f} GB of weights per GPU")  # fmt: skip
+            raise Infeasible(message, "does_not_fit", role, g.ep)
+    return pre, dec
 
 
-class Infeasible(ValueError):
-    """A layout that cannot meet the targets (or hold the model) at all; the message says why, and
-    `code` (does_not_fit, no_kv_room, itl_unreachable, ttft_unreachable, nothing_serves), `role`
-    and `ep` say it to a program."""
+def prefill_context(t: Traffic) -> float:
+    """The context a new prompt token attends on average: its request's cached prefix and half its
+    new part; over requests of varying length that weighs long ones more: E[len^2] / E[len] =
+    mean (1 + cv^2)."""
+    return (t.input_len * t.cache_hit + t.input_len * (1 - t.cache_hit) / 2) * (1 + t.length_cv**2)
 
-    def __init__(
-        self, message: str, code: str = "nothing_serves", role: str | None = None, ep: int | None = None
-    ):
-        super().__init__(message)
-        self.code, self.role, self.ep = code, role, ep
 
-    def as_json(self) -> dict[str, Any]:
-        return {"code": self.code, "role": self.role, "ep": self.ep, "message": str(self)}
+def decode_context(t: Traffic) -> float:
+    """KV a decode step reads per request: input + output / 2 (DeepSeek's "average KV length per
+    output token")."""
+    return t.input_len + t.output_len / 2
 
 
 def evaluate(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_ep: int, decode_ep: int,
              eff: Efficiency = FITTED) -> Layout:  # fmt: skip
     """One layout at `traffic`; raises Infeasible when it cannot serve it."""
     t = traffic
-    pre = Group(model, gpu, prefill_ep, balancedness=t.balancedness, eff=eff, precision=t.precision)
-    dec = Group(model, gpu, decode_ep, balancedness=t.balancedness, eff=eff, precision=t.precision)
-    for role, g in (("prefill", pre), ("decode", dec)):
-        if not g.fits():
-            message = (f"{model.name} does not fit on {gpu.name} at {role} EP{g.ep}: "
-                       f"{g.weight_bytes() / GB:.0f} GB of weights per GPU")  # fmt: skip
-            raise Infeasible(message, "does_not_fit", role, g.ep)
-    context_decode = t.input_len + t.output_len / 2  # KV per output token (what DeepSeek reports)
-    batch, step = decode_batch(dec, t, context_decode)
-    decode_capacity = decode_ep * batch / step  # output tokens/s per group
+    pre, dec = groups(model, gpu, t, prefill_ep, decode_ep, eff)
+    tokens = t.techniques.tokens_per_step
+    batch, step = decode_batch(dec, t, decode_context(t))
+    decode_capacity = decode_ep * batch * tokens / step  # output tokens/s per group
     new = t.input_len * (1 - t.cache_hit)
-    # a new token attends its request's cached prefix and half its new part; over requests of
-    # varying length that weighs long ones more: E[len^2] / E[len] = mean (1 + cv^2)
-    context_prefill = (t.input_len * t.cache_hit + new / 2) * (1 + t.length_cv**2)
     handoff = step + new * dec.kv_bytes_per_token / (gpu.nic_gb_s * GB)  # KV transfer + first step
-    chunk, rho, prefill_step = _prefill_operating_point(pre, context_prefill, t.ttft_ms / 1e3 - handoff)
+    chunk, rho, prefill_step = _prefill_operating_point(pre, prefill_context(t), t.ttft_ms / 1e3 - handoff)
     prefill_capacity = prefill_ep * chunk / prefill_step * rho  # new tokens/s per group, within TTFT
     notes = [f"decode: {batch} requests per GPU, {step * 1e3:.0f} ms a step",
              f"prefill: {chunk} tokens per GPU a step, run at {rho:.0%} of capacity"]  # fmt: skip
@@ -130,8 +94,8 @@ def evaluate(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_ep: int, 
         rate = min(prefill_groups * prefill_capacity / new, decode_groups * decode_capacity / t.output_len)
     gpus = prefill_ep * prefill_groups + decode_ep * decode_groups
     # latency at this rate: decode batches hold the requests in flight; prefill queues as it does
-    in_flight = rate * t.output_len / (decode_groups * decode_ep) * step
-    itl = dec.decode_step_seconds(max(1.0, min(batch, in_flight)), context_decode)
+    in_flight = rate * t.output_len / (decode_groups * decode_ep * tokens) * step
+    itl = dec.decode_step_seconds(max(1.0, min(batch, in_flight)), decode_context(t)) / tokens
     load = rate * new / (prefill_groups * prefill_capacity / rho)
     ttft = prefill_step * (1.5 + load / (2 * max(1e-9, 1 - load))) + handoff
     usd = gpus * t.usd_per_gpu_hour / 3600 / max(rate * t.output_len, 1e-12) * 1e6
@@ -147,8 +111,9 @@ def evaluate(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_ep: int, 
 
 
 def decode_batch(group: Group, t: Traffic, context: float) -> tuple[int, float]:
-    """(requests per rank, step seconds): the most that fit in HBM and the ITL target."""
-    limit = group.decode_batch_limit(t.input_len + t.output_len, BATCH_CAP)
+    """(requests per rank, step seconds): the most that fit in HBM and the ITL target (a step
+    emits `tokens_per_step` tokens a request, so the ITL is the step over that)."""
+    limit = group.decode_batch_limit(t.input_len + t.output_len)
     if limit < 1:
         raise Infeasible(
             f"decode EP{group.ep}: no room for one request's KV beside the weights",
@@ -156,16 +121,20 @@ def decode_batch(group: Group, t: Traffic, context: float) -> tuple[int, float]:
             "decode",
             group.ep,
         )
-    lo, hi = 1, limit
-    if group.decode_step_seconds(1, context) * 1e3 > t.itl_ms:
-        step = group.decode_step_seconds(1, context) * 1e3
+    tokens = t.techniques.tokens_per_step
+
+    def itl_ms(batch: int) -> float:
+        return group.decode_step_seconds(batch, context) * 1e3 / tokens
+
+    if itl_ms(1) > t.itl_ms:
         raise Infeasible(
-            f"decode EP{group.ep}: one request alone takes {step:.0f} ms a step (ITL {t.itl_ms:.0f})",
+            f"decode EP{group.ep}: one request alone takes {itl_ms(1):.0f} ms a token (ITL {t.itl_ms:.0f})",
             "itl_unreachable", "decode", group.ep,
         )  # fmt: skip
+    lo, hi = 1, limit
     while lo < hi:  # the largest batch within the ITL target (step time grows with the batch)
         mid = (lo + hi + 1) // 2
-        if group.decode_step_seconds(mid, context) * 1e3 <= t.itl_ms:
+        if itl_ms(mid) <= t.itl_ms:
             lo = mid
         else:
             hi = mid - 1

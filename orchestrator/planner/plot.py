@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from xml.sax.saxutils import escape
 
-from orchestrator.planner.plan import Infeasible, Traffic, evaluate
+from orchestrator.planner.layout import Infeasible, Traffic
+from orchestrator.planner.plan import evaluate
 from orchestrator.planner.specs import GpuSpec, ModelSpec
 
 W, H, PAD = 720, 440, 60

@@ -124,6 +124,9 @@ class GpuSpec:
     nvlink_domain: int = 0
     """GPUs one NVLink domain joins (0: the node). An NVL72 rack joins 72 GPUs over 18 trays of 4:
     traffic inside the domain goes over NVLink, beyond it over the NICs."""
+    host_gb_s: float = 64.0
+    """What a GPU reads from host memory, one direction: PCIe 5.0 x16 (64 GB/s) unless said
+    (NVLink-C2C on Grace racks). Offloaded weights come over it."""
     source: str = ""
     """Where the figures come from."""
 
@@ -179,14 +182,16 @@ GPUS: dict[str, GpuSpec] = {
         "sparse, 1.8 TB/s NVLink, ConnectX-8 800G per GPU), per GPU = /8; glennklockwood.com/garden/"
         "processors/B300 (7.7 TB/s)")),
     "gb200-nvl72": GpuSpec("GB200 NVL72", 186, 8.0, 5000, 2500, nvlink_gb_s=900, nic_gb_s=50,
-                           fp4_tflops=10000, gpus_per_node=4, nvlink_domain=72, source=(
+                           fp4_tflops=10000, gpus_per_node=4, nvlink_domain=72, host_gb_s=225, source=(
+        "NVLink-C2C 900 GB/s both ways per Grace, shared by its 2 GPUs: 225 one way each; "
         "NVIDIA's GB200 NVL72 table (FP4 1,440, FP8 720, BF16 360 PF, sparse, per rack) / 72 / 2; "
         "zdszero.github.io (186 GB, 8 TB/s per GPU); MLCommons inference v6.1 Crusoe GB200 system "
         "(4 GPUs and 4 ConnectX-7 per tray)")),
     "gb300-nvl72": GpuSpec("GB300 NVL72", 279, 8.0, 5000, 2500, nvlink_gb_s=900, nic_gb_s=100,
-                           fp4_tflops=15000, gpus_per_node=4, nvlink_domain=72, source=(
-        "vendordeep.com (GB300 NVL72: FP4 1,080 PF dense, FP8 720 PF sparse, ConnectX-8 800G per "
-        "GPU) / 72; docs.nvidia.com NVL72 AI factory reference architecture (4 GPUs per tray)")),
+                           fp4_tflops=15000, gpus_per_node=4, nvlink_domain=72, host_gb_s=225, source=(
+        "NVLink-C2C as GB200's; vendordeep.com (GB300 NVL72: FP4 1,080 PF dense, FP8 720 PF sparse, "
+        "ConnectX-8 800G per GPU) / 72; docs.nvidia.com NVL72 AI factory reference architecture "
+        "(4 GPUs per tray)")),
     "mi300x": GpuSpec("MI300X", 192, 5.3, 2614.9, 1307.4, nvlink_gb_s=448, nic_gb_s=50, source=(
         "AMD's MI300X figures as copied in github.com/alpharomercoma/MI300X-vs-H200 (dense); Infinity "
         "Fabric 7 x 128 GB/s both ways (emergentmind.com), halved; NIC assumed one 400G per GPU")),
@@ -255,9 +260,10 @@ def from_config(raw: dict[str, Any], name: str) -> ModelSpec:
 GPU_SPEC_FIELDS = {
     "name": str, "hbm_gb": float, "hbm_tb_s": float, "fp8_tflops": float, "bf16_tflops": float,
     "nvlink_gb_s": float, "nic_gb_s": float, "gpus_per_node": int, "nvlink_domain": int, "source": str,
-    "fp4_tflops": float,
+    "fp4_tflops": float, "host_gb_s": float,
 }  # fmt: skip
-"""A `--gpu FILE.json`'s keys, with their types; all but the last four are required."""
+"""A `--gpu FILE.json`'s keys, with their types; all but `OPTIONAL_GPU_FIELDS` are required."""
+OPTIONAL_GPU_FIELDS = {"gpus_per_node", "nvlink_domain", "source", "fp4_tflops", "host_gb_s"}
 
 
 def gpu_spec(name: str) -> GpuSpec:
@@ -274,7 +280,7 @@ def gpu_spec(name: str) -> GpuSpec:
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a GPU spec is a JSON object")
     unknown = set(raw) - set(GPU_SPEC_FIELDS)
-    missing = set(GPU_SPEC_FIELDS) - {"gpus_per_node", "nvlink_domain", "source", "fp4_tflops"} - set(raw)
+    missing = set(GPU_SPEC_FIELDS) - OPTIONAL_GPU_FIELDS - set(raw)
     if unknown or missing:
         raise SpecError(f"{path}: unknown keys {sorted(unknown)}, missing {sorted(missing)}")
     values: dict[str, Any] = {}
