@@ -42,6 +42,7 @@ lint: setup
 	$(BIN)/mypy
 	$(BIN)/python scripts/gen_proto.py --check
 	$(BIN)/python scripts/helm_docs.py --check
+	$(BIN)/python scripts/planner_docs.py --check
 
 fmt: setup
 	$(BIN)/ruff format .

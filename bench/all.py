@@ -37,7 +37,7 @@ BENCHES = {  # name: (arguments after the script, baseline of its ratios)
     "router_sglang": (["--workers", "sglang"], "SGLang's servicers' gRPC without a router; SMG in PD mode"),
     "prefix": ([], "the same cluster with the prefix cache off"),
     "eplb": ([], "DeepSeek EPLB's algorithm (rebuilt), and an upper bound"),
-    "planner": ([], "the published figures (DeepSeek's day-6 overview, LMSYS's 96xH100 blog)"),
+    "planner": ([], "the published figures: 2 fitted Hopper publications, 6 held out (4 on GB200)"),
     "chaos": ([], "an undisturbed run of the same greedy requests (their texts)"),
 }
 SCRIPTS = {"router_sglang": "router"}

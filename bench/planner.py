@@ -21,27 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from orchestrator.planner.cost import FITTED, FITTED_FIELDS
-from orchestrator.planner.fit import Landed, fit, landed
+from orchestrator.planner.fit import fit, landed, markdown
 from orchestrator.planner.layout import Traffic
 from orchestrator.planner.plan import plan
 from orchestrator.planner.specs import GPUS, MODELS
-
-
-def table(rows: list[Landed]) -> list[str]:
-    lines = ["| publication | figure | GPU | prefill / decode | predicted | published | ratio |",
-             "|---|---|---|---|---:|---:|---:|"]  # fmt: skip
-    for x in rows:
-        r, p = x.row, x.publication
-        figure = f"{r.phase} {r.metric.replace('_', ' ')}" + (f" ({r.label})" if r.label else "")
-        got = "cannot express" if x.predicted is None else f"{x.predicted:,.0f}"
-        ratio = "-" if x.ratio is None else f"{x.ratio:.2f}"
-        widths = f"{r.traffic.techniques.prefill_parallel.upper()}{r.prefill_width} / EP{r.decode_width}"
-        lines.append(f"| [{p.key}]({p.url}) | {figure} | {GPUS[r.gpu].name} | {widths} | {got} | "
-                     f"{r.published:,.0f} | {ratio} |")  # fmt: skip
-    worst = max(abs((x.ratio or 0) - 1) for x in rows)
-    lines.append(f"\nworst: {worst:.0%} off; mean |error| "
-                 f"{sum(abs((x.ratio or 0) - 1) for x in rows) / len(rows):.0%} over {len(rows)} rows")  # fmt: skip
-    return lines
 
 
 def main() -> None:
@@ -50,9 +33,9 @@ def main() -> None:
     a = ap.parse_args()
     rows = landed()
     print("Fitted rows (Hopper; these set the constants)\n")
-    print("\n".join(table([x for x in rows if x.publication.fitted])))
+    print("\n".join(markdown([x for x in rows if x.publication.fitted])))
     print("\nHeld-out rows (checks: no constant is fitted on them)\n")
-    print("\n".join(table([x for x in rows if not x.publication.fitted])))
+    print("\n".join(markdown([x for x in rows if not x.publication.fitted])))
     start = time.perf_counter()
     refit = fit()
     fit_s = time.perf_counter() - start

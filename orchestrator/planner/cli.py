@@ -36,7 +36,10 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from orchestrator.planner.layout import Traffic
+    from orchestrator.planner.specs import GpuSpec, ModelSpec
 
 Opt = typer.Option
 JSON_VERSION = 2
@@ -143,19 +146,11 @@ def plan_command(
 
         plot.write_text(cost_curves(spec, hardware, traffic, prefill_eps, decode_eps))
     if output == "json":
-        inputs = {
-            "model": spec.name, "model_arg": model, "gpu": hardware.name,
-            "gpus_per_node": hardware.gpus_per_node, "nvlink_domain": hardware.domain,
-            "traffic": dataclasses.asdict(traffic),
-            "prefill_eps": list(prefill_eps), "decode_eps": list(decode_eps),
-        }  # fmt: skip
-        body = {"version": JSON_VERSION, "inputs": inputs, **result}
-        body["layouts"] = [x.as_json() for x in result["layouts"]]
-        body["recommendation"] = result["recommendation"].as_json()
-        body["skipped"] = [e.as_json() for e in result["skipped"]]
-        if rows is not None:
-            body["sensitivity"] = rows
-        print(json.dumps(body, indent=2))
+        print(
+            json.dumps(
+                json_body(spec, model, hardware, traffic, prefill_eps, decode_eps, result, rows), indent=2
+            )
+        )
         return
     _table(result, spec.name, hardware.name, traffic)
     for row in rows or ():
@@ -170,6 +165,25 @@ def plan_command(
         print(f"sensitivity: {row['knob']}={row['value']:g}{mark}: {layout}, {cost}{output}")
     if plot is not None:
         print(f"wrote {plot}")
+
+
+def json_body(spec: ModelSpec, model_arg: str, hardware: GpuSpec, traffic: Traffic,
+              prefill_eps: Sequence[int], decode_eps: Sequence[int], result: dict[str, Any],
+              sensitivity: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+    """`--output json`'s body (the contract above) for a `plan` result."""
+    inputs = {
+        "model": spec.name, "model_arg": model_arg, "gpu": hardware.name,
+        "gpus_per_node": hardware.gpus_per_node, "nvlink_domain": hardware.domain,
+        "traffic": dataclasses.asdict(traffic),
+        "prefill_eps": list(prefill_eps), "decode_eps": list(decode_eps),
+    }  # fmt: skip
+    body = {"version": JSON_VERSION, "inputs": inputs, **result}
+    body["layouts"] = [x.as_json() for x in result["layouts"]]
+    body["recommendation"] = result["recommendation"].as_json()
+    body["skipped"] = [e.as_json() for e in result["skipped"]]
+    if sensitivity is not None:
+        body["sensitivity"] = sensitivity
+    return body
 
 
 def _table(result: dict[str, Any], model: str, gpu: str, traffic: Traffic) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from orchestrator.planner.cost import FITTED, FITTED_FIELDS, Efficiency
 from orchestrator.planner.layout import Infeasible
 from orchestrator.planner.publications import PUBLICATIONS, Publication, Row, predict
+from orchestrator.planner.specs import GPUS
 
 COARSE = {"overlap_prefill": (0.0, 1.0), "attention": (0.1, 0.9), "overlap_decode": (0.0, 1.0)}
 """The range each fitted constant is searched in: a share, or a fraction of peak."""
@@ -83,3 +84,22 @@ def fit(publications: Sequence[Publication] = PUBLICATIONS, base: Efficiency = F
         for name, (lo, hi) in COARSE.items()
     }
     return grid(fine, 0.01)
+
+
+def markdown(rows: Sequence[Landed]) -> list[str]:
+    """A Markdown table of landed rows, each with its source, and the worst and mean error."""
+    lines = ["| publication | figure | GPU | prefill / decode | predicted | published | ratio |",
+             "|---|---|---|---|---:|---:|---:|"]  # fmt: skip
+    for x in rows:
+        r, p = x.row, x.publication
+        figure = f"{r.phase} {r.metric.replace('_', ' ')}" + (f" ({r.label})" if r.label else "")
+        got = "cannot express" if x.predicted is None else f"{x.predicted:,.0f}"
+        ratio = "-" if x.ratio is None else f"{x.ratio:.2f}"
+        widths = f"{r.traffic.techniques.prefill_parallel.upper()}{r.prefill_width} / EP{r.decode_width}"
+        lines.append(f"| [{p.key}]({p.url}) | {figure} | {GPUS[r.gpu].name} | {widths} | {got} | "
+                     f"{r.published:,.0f} | {ratio} |")  # fmt: skip
+    errors = [abs(x.ratio - 1) if x.ratio is not None else math.inf for x in rows]
+    lines.append(
+        f"\nworst: {max(errors):.0%} off; mean |error| {sum(errors) / len(errors):.0%} over {len(rows)} rows"
+    )
+    return lines

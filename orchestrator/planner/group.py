@@ -151,21 +151,31 @@ class Group:
         return per_token / (self.gpu.nvlink_gb_s * GB * self.eff.network)
 
     # ---- prefill ---------------------------------------------------------------------------
+    def prefill_parts(self, context: float) -> dict[str, float]:
+        """Seconds of one new token through a prefill rank (large batches), by part: `dense`,
+        `routed`, `attention` (compute), `comm` (the all-to-all or the collectives) and `total`."""
+        m, g, e = self.model, self.gpu, self.eff
+        parts = {
+            "dense": m.linear_flops() / (g.fp8_tflops * T * e.gemm),
+            "routed": m.routed_flops() / (self._expert_peak * e.gemm) / self.balance,
+            "attention": _prefill_attention_flops(m, context) / (self._attention_peak * e.attention),
+        }
+        compute = sum(parts.values())
+        if self.parallel == "ep":
+            parts["comm"] = self._a2a_seconds_per_token(dedup_nodes=True)
+        else:
+            parts["comm"] = self._collective_seconds_per_token()
+        comm = parts["comm"]
+        if self.parallel == "tp":  # the all-reduces sit between the layers' GEMMs: not hidden
+            parts["total"] = compute + comm
+        else:
+            parts["total"] = max(compute, comm) + (1 - self._overlap(e.overlap_prefill)) * min(compute, comm)
+        return parts
+
     def prefill_seconds_per_token(self, context: float) -> float:
         """One new token through a prefill rank when batches are large, attending `context`
         tokens on average."""
-        m, g, e = self.model, self.gpu, self.eff
-        dense = m.linear_flops() / (g.fp8_tflops * T * e.gemm)
-        routed = m.routed_flops() / (self._expert_peak * e.gemm) / self.balance
-        attention = _prefill_attention_flops(m, context) / (self._attention_peak * e.attention)
-        compute = dense + routed + attention
-        if self.parallel == "tp":  # the all-reduces sit between the layers' GEMMs: not hidden
-            return compute + self._collective_seconds_per_token()
-        if self.parallel == "dp":
-            comm = self._collective_seconds_per_token()
-        else:
-            comm = self._a2a_seconds_per_token(dedup_nodes=True)
-        return max(compute, comm) + (1 - self._overlap(e.overlap_prefill)) * min(compute, comm)
+        return self.prefill_parts(context)["total"]
 
     def prefill_step_seconds(self, tokens_per_rank: float, context: float) -> float:
         """A prefill step of `tokens_per_rank` new tokens on every rank: streaming the rank's
@@ -188,19 +198,31 @@ class Group:
         return max(step, self._offload_seconds())
 
     def _forward_seconds(self, batch: float, context: float, tokens: int) -> float:
+        return self.decode_parts(batch, context, tokens)["total"]
+
+    def decode_parts(self, batch: float, context: float, tokens: int = 1) -> dict[str, float]:
+        """Seconds of one forward of `batch` requests of `tokens` tokens each, by part: each a
+        roofline (the larger of its bytes over HBM and its FLOPs over the peak): `replicated`
+        weights, `experts`, `attention` (KV read or attention FLOPs); then `compute`, `comm` (the
+        all-to-all) and `total`."""
         m, g, e = self.model, self.gpu, self.eff
         hbm = g.hbm_tb_s * T * e.hbm
         n = batch * tokens  # tokens through the weights this step
-        replicated = max(m.replicated_params / hbm, n * m.linear_flops() / (g.fp8_tflops * T * e.gemm))
-        experts_bytes = (
-            self.slots_per_rank * m.moe_layers * m.expert_params * self.precision.expert_bytes / hbm
-        )
-        experts_flops = n * m.routed_flops() / (self._expert_peak * e.gemm) / self.balance
-        kv_read = batch * context * self.kv_bytes_per_token / hbm
-        attn_flops = n * m.attention_flops(context) / (self._attention_peak * e.attention)
-        compute = replicated + max(experts_bytes, experts_flops) + max(kv_read, attn_flops)
-        comm = n * self._a2a_seconds_per_token(dedup_nodes=False)
-        return max(compute, comm) + (1 - self._overlap(e.overlap_decode)) * min(compute, comm)
+        expert_bytes = self.slots_per_rank * m.moe_layers * m.expert_params * self.precision.expert_bytes
+        parts = {
+            "replicated": max(m.replicated_params / hbm, n * m.linear_flops() / (g.fp8_tflops * T * e.gemm)),
+            "experts": max(
+                expert_bytes / hbm, n * m.routed_flops() / (self._expert_peak * e.gemm) / self.balance
+            ),
+            "attention": max(
+                batch * context * self.kv_bytes_per_token / hbm,
+                n * m.attention_flops(context) / (self._attention_peak * e.attention),
+            ),
+        }
+        compute = parts["compute"] = sum(parts.values())
+        comm = parts["comm"] = n * self._a2a_seconds_per_token(dedup_nodes=False)
+        parts["total"] = max(compute, comm) + (1 - self._overlap(e.overlap_decode)) * min(compute, comm)
+        return parts
 
     def decode_batch_limit(self, kv_tokens_per_request: float) -> int:
         """Requests per rank that fit: their whole KV (prompt + output) in the free HBM, and at

@@ -125,8 +125,7 @@ class GpuSpec:
     """GPUs one NVLink domain joins (0: the node). An NVL72 rack joins 72 GPUs over 18 trays of 4:
     traffic inside the domain goes over NVLink, beyond it over the NICs."""
     host_gb_s: float = 64.0
-    """What a GPU reads from host memory, one direction: PCIe 5.0 x16 (64 GB/s) unless said
-    (NVLink-C2C on Grace racks). Offloaded weights come over it."""
+    """GB/s a GPU reads from host memory, one way: PCIe 5.0 x16 unless said (offloaded weights)."""
     source: str = ""
     """Where the figures come from."""
 
@@ -257,12 +256,11 @@ def from_config(raw: dict[str, Any], name: str) -> ModelSpec:
     )  # fmt: skip
 
 
-GPU_SPEC_FIELDS = {
+GPU_SPEC_FIELDS = {  # a `--gpu FILE.json`'s keys and types; all but OPTIONAL_GPU_FIELDS required
     "name": str, "hbm_gb": float, "hbm_tb_s": float, "fp8_tflops": float, "bf16_tflops": float,
     "nvlink_gb_s": float, "nic_gb_s": float, "gpus_per_node": int, "nvlink_domain": int, "source": str,
     "fp4_tflops": float, "host_gb_s": float,
 }  # fmt: skip
-"""A `--gpu FILE.json`'s keys, with their types; all but `OPTIONAL_GPU_FIELDS` are required."""
 OPTIONAL_GPU_FIELDS = {"gpus_per_node", "nvlink_domain", "source", "fp4_tflops", "host_gb_s"}
 
 

@@ -5,6 +5,7 @@ rows within 15%)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -26,7 +27,9 @@ def test_six_or_more_publications_a_third_held_out_and_blackwell_only_as_checks(
     assert all(p.hopper for p in PUBLICATIONS if p.fitted)
     assert any(not p.hopper for p in held_out)  # Blackwell is checked, never fitted
     assert any(p.hopper for p in held_out)  # and Hopper too: prediction on the fitted generation
-    assert len(FITTED_FIELDS) < sum(len(p.rows) for p in PUBLICATIONS if p.fitted)  # fewer constants than points
+    assert len(FITTED_FIELDS) < sum(
+        len(p.rows) for p in PUBLICATIONS if p.fitted
+    )  # fewer constants than points
     for p in PUBLICATIONS:
         assert p.url.startswith("https://") and p.title and p.date[:4] in ("2025", "2026"), p.key
         assert all(r.gpu in HOPPER for r in p.rows) == p.hopper
@@ -67,7 +70,9 @@ def test_each_stated_technique_moves_its_row_the_physical_way():
     rows = {(p.key, r.phase, r.label): r for p in PUBLICATIONS for r in p.rows}
     h20 = rows[("sglang-h20", "decode", "")]
     mtp = h20.traffic.techniques
-    no_mtp = replace(h20, traffic=replace(h20.traffic, techniques=replace(mtp, mtp_draft=0, mtp_acceptance=0)))
+    no_mtp = replace(
+        h20, traffic=replace(h20.traffic, techniques=replace(mtp, mtp_draft=0, mtp_acceptance=0))
+    )
     # MTP: each request gains 1.85 tokens a step for a dearer step. On the compute-poor H20 the
     # absorbed MLA is compute-bound, so verifying two tokens costs about twice the attention and
     # MTP gains little; where weights and KV reads bind (H100, 16 requests a GPU) it gains most.
@@ -75,8 +80,8 @@ def test_each_stated_technique_moves_its_row_the_physical_way():
     small = replace(h20, gpu="h100", batch=16)
     assert predict(small) > 1.3 * predict(replace(no_mtp, gpu="h100", batch=16))
     gb = rows[("sglang-gb200-1", "decode", "")]
-    overlapped = replace(gb, traffic=replace(gb.traffic, techniques=replace(gb.traffic.techniques,
-                                                                            two_batch_overlap=True)))  # fmt: skip
+    on = replace(gb.traffic.techniques, two_batch_overlap=True)
+    overlapped = replace(gb, traffic=replace(gb.traffic, techniques=on))
     assert predict(overlapped) > predict(gb)
     fp4 = rows[("sglang-gb200-2", "decode", "NVFP4 experts, FP8 KV and attention")]
     fp8 = rows[("sglang-gb200-2", "decode", "FP8 experts, BF16 KV and attention")]
@@ -94,3 +99,19 @@ def test_the_bench_prints_fitted_and_held_out_rows_apart_with_their_sources():
         section = out[fitted:held_out] if p.fitted else out[held_out:]
         assert p.url in section, p.key
     assert "refit on the fitted rows: " in out and "same as FITTED" in out
+
+
+def test_the_docs_quote_the_code_and_a_stale_figure_fails_the_check(tmp_path):
+    """docs/planner.md's figures are generated (scripts/planner_docs.py, run by `make lint`)."""
+    script = [sys.executable, str(ROOT / "scripts/planner_docs.py"), "--check"]
+    doc = tmp_path / "planner.md"
+    text = (ROOT / "docs/planner.md").read_text()
+    doc.write_text(text)
+    assert subprocess.run([*script, "--doc", str(doc)], capture_output=True, timeout=120).returncode == 0
+    block = text.index("<!-- generated:example -->")
+    figure = next(re.finditer(r"\*\*([0-9,]+)\*\*", text[block:]))  # a bold figure of the example
+    stale = text[: block + figure.start()] + "**1**" + text[block + figure.end() :]
+    doc.write_text(stale)
+    run = subprocess.run([*script, "--doc", str(doc)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "out of date" in run.stderr
+    assert f"| `attention` | {FITTED.attention:g} | **fitted** |" in text
