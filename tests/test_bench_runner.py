@@ -38,8 +38,5 @@ def test_every_benchmark_script_is_listed_and_the_document_marks_each(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     text = doc.read_text()
     assert (
-        "\nold\n" not in text
-        and "deepseek-day6" in text
-        and text.startswith("x\n")
-        and text.endswith("y\n")
+        "\nold\n" not in text and "deepseek-day6" in text and text.startswith("x\n") and text.endswith("y\n")
     )

@@ -29,11 +29,14 @@ import math
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.fleet.membership import Membership, ScaleError
 from orchestrator.fleet.registry import Instance, Registry, State
 from services.common.roles import ROLES, Role
+
+if TYPE_CHECKING:
+    from orchestrator.planner.cost import Precision, Techniques
 
 log = logging.getLogger("orchestrator.fleet.autoscaler")
 
@@ -56,7 +59,11 @@ class AutoscalerConfig:
     decode_ep: int = 0
     kv_cache: str = "bf16"
     experts: str = "fp8"
-    """The KV cache's and the routed experts' precisions, as `moeserve plan` takes them."""
+    attention: str = "bf16"
+    mtp_draft: int = 0
+    mtp_acceptance: float = 0.0
+    max_decode_batch: int = 256
+    """Precisions and techniques of the decode instances, as `moeserve plan` takes them."""
 
     @classmethod
     def parse(cls, spec: str) -> AutoscalerConfig:
@@ -78,13 +85,18 @@ class AutoscalerConfig:
         config = cls(**values)
         if not 0 <= config.min <= config.max or not 0 < config.down_utilization < config.utilization <= 1:
             raise ValueError("--autoscale needs 0 <= min <= max and 0 < down-utilization < utilization <= 1")
-        from orchestrator.planner.cost import Precision
-
         try:
-            Precision(config.kv_cache, config.experts)
+            config.precision_and_techniques()
         except ValueError as e:
             raise ValueError(f"--autoscale: {e}") from None
         return config
+
+    def precision_and_techniques(self) -> tuple[Precision, Techniques]:
+        from orchestrator.planner.cost import Precision, Techniques
+
+        techniques = Techniques(mtp_draft=self.mtp_draft, mtp_acceptance=self.mtp_acceptance,
+                                max_decode_batch=self.max_decode_batch)  # fmt: skip
+        return Precision(self.kv_cache, self.experts, self.attention), techniques
 
 
 class Signals:
@@ -274,16 +286,14 @@ def _planned_capacity(config: AutoscalerConfig) -> dict[Role, int]:
     target x EP width), when `model=`, `gpu=` and `decode-ep=` are set."""
     if not (config.model and config.gpu and config.decode_ep):
         return {}
-    from orchestrator.planner.cost import Precision
     from orchestrator.planner.group import Group
     from orchestrator.planner.layout import Traffic
     from orchestrator.planner.plan import decode_batch
     from orchestrator.planner.specs import gpu_spec, model_spec
 
-    traffic = Traffic(itl_ms=config.itl_ms, precision=Precision(config.kv_cache, config.experts))
-    group = Group(
-        model_spec(config.model), gpu_spec(config.gpu), config.decode_ep, balancedness=traffic.balancedness,
-        precision=traffic.precision,
-    )  # fmt: skip
+    precision, techniques = config.precision_and_techniques()
+    traffic = Traffic(itl_ms=config.itl_ms, precision=precision, techniques=techniques)
+    group = Group(model_spec(config.model), gpu_spec(config.gpu), config.decode_ep, precision=precision,
+                  techniques=techniques)  # fmt: skip
     batch, _ = decode_batch(group, traffic, traffic.input_len + traffic.output_len / 2)
     return {"decode": batch * config.decode_ep}

@@ -108,8 +108,10 @@ class Techniques:
     - `mtp_draft`, `mtp_acceptance`: multi-token prediction (DeepSeek's MTP module as a draft
       model): each decode step verifies `1 + draft` tokens a request and emits `1 + a + ... + a^draft`
       on average, at acceptance `a` per drafted token (DeepSeek reports 0.85-0.90 for one draft).
-    - `offload_gb`: weights per GPU kept in host memory and streamed over the host link every step
-      (SGLang's --cpu-offload-gb): HBM freed for KV, time added to every step.
+    - `offload_gb`: weights per prefill GPU kept in host memory and streamed in over the host link
+      every step, while the step computes (SGLang's and vLLM's prefill offload on GB200): a
+      narrower prefill group holds the model. Decode groups never offload: their steps are too
+      short to stream gigabytes.
     - `max_decode_batch`: requests a decode GPU runs at once at most (the engine's largest CUDA
       graph and the low-latency all-to-all's buffer; SGLang's largest default graph is 256).
     - `two_batch_overlap`: two micro-batches hide the all-to-all behind compute (SGLang's

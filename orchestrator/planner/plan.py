@@ -45,6 +45,9 @@ def groups(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_ep: int, de
     t, parallel = traffic, traffic.techniques.prefill_parallel
     common = dict(balancedness=t.balancedness, eff=eff, precision=t.precision, techniques=t.techniques)
     pre = Group(model, gpu, prefill_ep, parallel=parallel, **common)  # type: ignore[arg-type]
+    common["techniques"] = replace(
+        t.techniques, offload_gb=0.0
+    )  # offload is prefill's: decode steps are short
     dec = Group(model, gpu, decode_ep, **common)  # type: ignore[arg-type]
     if parallel != "ep" and prefill_ep > gpu.domain:
         message = (f"prefill {parallel.upper()}{prefill_ep} spans more than one NVLink domain "

@@ -41,6 +41,17 @@ def test_decode_capacity_from_the_cost_model():
     # The planner's model, precisions included: an FP8 KV cache holds more requests per GPU.
     fp8 = _planned_capacity(AutoscalerConfig.parse("model=deepseek-v3,gpu=h800,decode-ep=144,kv-cache=fp8"))
     assert fp8["decode"] > batch * 144
+    # MTP: a step emits 1.85 tokens a request, so at a tight ITL target (where weights, not the
+    # all-to-all, bind) more requests fit; a batch cap binds as it says.
+    tight = "model=deepseek-v3,gpu=h800,decode-ep=144,itl-ms=15"
+    mtp = _planned_capacity(AutoscalerConfig.parse(tight + ",mtp-draft=1,mtp-acceptance=0.85"))
+    assert mtp["decode"] > _planned_capacity(AutoscalerConfig.parse(tight))["decode"] > 0
+    capped = _planned_capacity(
+        AutoscalerConfig.parse("model=deepseek-v3,gpu=h800,decode-ep=144,max-decode-batch=8")
+    )
+    assert capped == {"decode": 8 * 144}
+    with pytest.raises(ValueError, match="needs drafted tokens"):
+        AutoscalerConfig.parse("model=deepseek-v3,gpu=h800,decode-ep=144,mtp-acceptance=0.8")
     with pytest.raises(ValueError, match=r"experts fp8\|fp4"):
         AutoscalerConfig.parse("model=deepseek-v3,gpu=h800,decode-ep=144,experts=int4")
 

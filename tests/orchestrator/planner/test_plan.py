@@ -317,3 +317,43 @@ def test_the_built_in_gpus_name_their_sources_and_the_racks_their_domain():
     for rack in ("gb200-nvl72", "gb300-nvl72"):
         assert (GPUS[rack].domain, GPUS[rack].gpus_per_node) == (72, 4)
     assert GPUS["h800"].domain == 8 and GPUS["mi300x"].fp4_tflops == 0 and GPUS["mi355x"].fp4_tflops > 0
+
+
+def test_the_techniques_are_command_line_inputs_echoed_with_clear_errors():
+    """Issue 28: FP8 attention, TP/DP prefill, MTP, offload, the batch cap and two-batch overlap are
+    inputs, echoed in the JSON, each moving the answer its way; nonsense is a clear error."""
+    rack = moeserve_plan("--model", "deepseek-r1", "--gpu", "gb200-nvl72", "--experts", "fp4", "--kv-cache",
+                         "fp8", "--attention", "fp8", "--request-rate", "100")  # fmt: skip
+    assert rack["inputs"]["nvlink_domain"] == 72 and rack["inputs"]["gpus_per_node"] == 4
+    assert rack["inputs"]["traffic"]["precision"] == {"kv_cache": "fp8", "experts": "fp4", "attention": "fp8"}
+    assert all(math.isfinite(v) for x in rack["layouts"] for v in x.values() if isinstance(v, float))
+    h200 = ["--model", "deepseek-v3", "--gpu", "h200", "--request-rate", "20"]
+    tp = moeserve_plan(*h200, "--prefill-parallel", "tp")
+    assert tp["inputs"]["traffic"]["techniques"]["prefill_parallel"] == "tp"
+    assert {x["prefill_ep"] for x in tp["layouts"]} == {8}  # TP stays inside the 8-GPU NVLink domain
+    assert {(s["code"], s["ep"]) for s in tp["skipped"]} >= {
+        ("beyond_nvlink_domain", w) for w in (16, 32, 64)
+    }
+    one = ["--prefill-ep", "32", "--decode-ep", "72", "--gpu", "h100", "--model", "deepseek-v3"]
+    base = moeserve_plan(*one)["layouts"][0]
+    capped = moeserve_plan(*one, "--max-decode-batch", "16")["layouts"][0]
+    exposed = moeserve_plan(*one, "--no-two-batch-overlap")["layouts"][0]
+    mtp = moeserve_plan(*one, "--mtp-draft", "1", "--mtp-acceptance", "0.85", "--itl-ms", "20")["layouts"][0]
+    plain = moeserve_plan(*one, "--itl-ms", "20")["layouts"][0]
+    # Offload: 50 GB of each prefill GPU's weights in host memory let EP8 prefill hold DeepSeek-V3.
+    narrow = ["--model", "deepseek-v3", "--gpu", "h100", "--prefill-ep", "8", "--decode-ep", "72"]
+    run = subprocess.run([MOESERVE, "plan", *narrow], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "does not fit on H100 at prefill EP8" in run.stderr
+    offload = moeserve_plan(*narrow, "--offload-gb", "50")["layouts"][0]
+    assert offload["prefill_ep"] == 8 and offload["input_tokens_per_s_per_node"] > 0
+    assert capped["decode_batch_per_gpu"] == 16
+    assert exposed["output_tokens_per_s_per_node"] < base["output_tokens_per_s_per_node"]
+    assert mtp["output_tokens_per_s_per_node"] > plain["output_tokens_per_s_per_node"]
+    for args, message in [
+        (["--mtp-acceptance", "0.8"], "needs drafted tokens"),
+        (["--prefill-parallel", "pp"], "ep, tp or dp"),
+        (["--attention", "int8"], "attention bf16|fp8"),
+        (["--prefill-parallel", "tp", "--prefill-ep", "16"], "spans more than one NVLink domain"),
+    ]:
+        run = subprocess.run([MOESERVE, "plan", *h200, *args], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
