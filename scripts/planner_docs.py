@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from orchestrator.planner.cli import json_body
 from orchestrator.planner.cost import FITTED, FITTED_FIELDS, Precision, Techniques
-from orchestrator.planner.fit import landed, markdown
+from orchestrator.planner.fit import fit, landed, markdown
 from orchestrator.planner.group import Group
 from orchestrator.planner.layout import Traffic
 from orchestrator.planner.plan import (
@@ -82,6 +82,26 @@ def publications() -> str:
         kind = "fitted" if p.fitted else "held out"
         out.append(f"- **{p.title}** ({p.date}, {kind}): {p.notes}. Unstated: {p.assumed}.")
     return "\n".join(out)
+
+
+def balancedness() -> str:
+    """The fit and its errors if every publication's (unstated) balancedness were another value."""
+    lines = ["| balancedness at EP144 | fitted constants | worst fitted | worst held-out | mean held-out |",
+             "|---:|---|---:|---:|---:|"]  # fmt: skip
+    for value in (0.55, 0.77, 0.85, 0.95):
+        pubs = tuple(
+            replace(p, rows=tuple(replace(r, traffic=replace(r.traffic, balancedness=value)) for r in p.rows))
+            for p in PUBLICATIONS
+        )
+        eff = fit(pubs)
+        rows = landed(pubs, eff)
+        fitted = [abs((x.ratio or 0) - 1) for x in rows if x.publication.fitted]
+        held = [abs((x.ratio or 0) - 1) for x in rows if not x.publication.fitted]
+        found = ", ".join(f"{k} {getattr(eff, k):g}" for k in FITTED_FIELDS)
+        mark = " (default)" if value == Traffic().balancedness else ""
+        lines.append(f"| {value:g}{mark} | {found} | {max(fitted):.0%} | {max(held):.0%} | "
+                     f"{sum(held) / len(held):.0%} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def gpus() -> str:
@@ -235,7 +255,7 @@ def techniques() -> str:
 BLOCKS: dict[str, Callable[[], str]] = {
     "json": json_example, "constants": constants, "publications": publications, "gpus": gpus,
     "example": worked_example, "sensitivity": sensitivity_table, "stability": stability,
-    "techniques": techniques,
+    "techniques": techniques, "balancedness": balancedness,
 }  # fmt: skip
 
 

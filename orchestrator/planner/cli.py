@@ -71,7 +71,7 @@ def plan_command(
     length_cv: Annotated[float, Opt(help="coefficient of variation of request lengths", min=0)] = 1.0,
     balancedness: Annotated[
         float, Opt(help="EPLB balancedness (mean / max rank load)", min=0.1, max=1)
-    ] = 0.85,
+    ] = 0.77,
     usd_per_gpu_hour: Annotated[float, Opt(help="price of one GPU-hour", min=0)] = 2.0,
     kv_cache: Annotated[str, Opt(help="the KV cache's precision: bf16 or fp8")] = "bf16",
     experts: Annotated[str, Opt(help="the routed experts' precision: fp8 or fp4 (NVFP4)")] = "fp8",

@@ -23,13 +23,13 @@ class Efficiency:
     """Achieved fractions of peak. `FITTED_FIELDS` are fitted by `fit.fit` on the Hopper
     publications; the others are set from the kernels' own published measurements."""
 
-    overlap_prefill: float = 0.27
+    overlap_prefill: float = 0.33
     """Share of prefill's all-to-all two micro-batches hide behind its compute (fitted; DeepSeek's
     overview says "hidden", its profile shows the combine partly exposed)."""
-    attention: float = 0.33
+    attention: float = 0.34
     """Attention cores, prefill (MLA in multi-head form) and decode (absorbed MLA), against the
     BF16 (or FP8) dense peak (fitted). FlashMLA reports ~0.67 of H800's BF16 peak when compute-bound."""
-    overlap_decode: float = 0.37
+    overlap_decode: float = 0.44
     """Share of decode's all-to-all two micro-batches hide behind its compute (fitted)."""
     gemm: float = 0.68
     """FP8 (or FP4) GEMMs, against the dense tensor-core peak (set: DeepGEMM's launch figure, 1,350+

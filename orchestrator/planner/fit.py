@@ -88,14 +88,15 @@ def fit(publications: Sequence[Publication] = PUBLICATIONS, base: Efficiency = F
 
 def markdown(rows: Sequence[Landed]) -> list[str]:
     """A Markdown table of landed rows, each with its source, and the worst and mean error."""
-    lines = ["| publication | figure | GPU | prefill / decode | predicted | published | ratio |",
+    lines = ["| publication | figure | GPU | group | predicted | published | ratio |",
              "|---|---|---|---|---:|---:|---:|"]  # fmt: skip
     for x in rows:
         r, p = x.row, x.publication
         figure = f"{r.phase} {r.metric.replace('_', ' ')}" + (f" ({r.label})" if r.label else "")
         got = "cannot express" if x.predicted is None else f"{x.predicted:,.0f}"
         ratio = "-" if x.ratio is None else f"{x.ratio:.2f}"
-        widths = f"{r.traffic.techniques.prefill_parallel.upper()}{r.prefill_width} / EP{r.decode_width}"
+        parallel = r.traffic.techniques.prefill_parallel.upper() if r.phase == "prefill" else "EP"
+        widths = f"{parallel}{r.prefill_width if r.phase == 'prefill' else r.decode_width}"
         lines.append(f"| [{p.key}]({p.url}) | {figure} | {GPUS[r.gpu].name} | {widths} | {got} | "
                      f"{r.published:,.0f} | {ratio} |")  # fmt: skip
     errors = [abs(x.ratio - 1) if x.ratio is not None else math.inf for x in rows]

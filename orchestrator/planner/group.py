@@ -31,7 +31,7 @@ class Group:
     gpu: GpuSpec
     ep: int
     redundant: int = 32
-    balancedness: float = 0.85
+    balancedness: float = 0.77
     """EPLB's balancedness (mean / max rank load) of a reference group: 144 ranks of 2 slots each
     (DeepSeek's decode, what the EPLB bench measures); `balance` scales it to this group."""
     eff: Efficiency = FITTED

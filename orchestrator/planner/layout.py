@@ -23,7 +23,10 @@ class Traffic:
     length_cv: float = 1.0
     ttft_ms: float = 5000
     itl_ms: float = 100
-    balancedness: float = 0.85
+    balancedness: float = 0.77
+    """EPLB's mean / max rank load at the reference width (decode EP144, 2 slots a rank): what the
+    project's EPLB bench measures there for a Zipf(0.6) expert load (bench/eplb.py); no
+    publication states it."""
     usd_per_gpu_hour: float = 2.0  # DeepSeek's assumption for an H800 (day-6 overview)
     precision: Precision = field(default_factory=Precision)  # of the KV cache, experts, attention
     techniques: Techniques = field(default_factory=Techniques)  # prefill parallelism, MTP, offload, cap

@@ -112,7 +112,7 @@ PUBLICATIONS: tuple[Publication, ...] = (
         (Row("prefill", "input_per_node", 73_700, "deepseek-v3", "h800", 32, 144, DS, "served"),
          Row("decode", "output_per_node", 14_800, "deepseek-v3", "h800", 32, 144, DS, "served")),
         assumed="lengths from the day's totals (608B input, 168B output, 4,989 KV tokens per output "
-        "token: 4,384 and 1,211); ITL 50 ms from users' 20-22 tokens/s; cv 1, balancedness 0.85, "
+        "token: 4,384 and 1,211); ITL 50 ms from users' 20-22 tokens/s; cv 1, balancedness 0.77, "
         "TTFT 5 s, no MTP (none stated)",
         notes="a day's average of a production service, 56.3% of input tokens cache hits",
     ),
@@ -126,7 +126,7 @@ PUBLICATIONS: tuple[Publication, ...] = (
          Row("prefill", "input_per_node", 50_302, "deepseek-v3", "h100", 32, 72,
              replace(SG, input_len=4096), label="4K inputs"),
          Row("decode", "output_per_node", 22_282, "deepseek-v3", "h100", 32, 72, SG, batch=256)),
-        assumed="balancedness 0.85 (EPLB on the benchmark's own distribution)",
+        assumed="balancedness 0.77 (EPLB on the benchmark's own distribution)",
         notes="each phase measured alone on 4 (prefill, EP32) and 9 (decode, EP72) nodes; 16,384 "
         "tokens per GPU a prefill step, 256 requests per GPU in decode; fixed lengths",
     ),
@@ -138,7 +138,7 @@ PUBLICATIONS: tuple[Publication, ...] = (
          Row("decode", "output_per_node", 14_700, "deepseek-v3", "h800", 32, 144,
              Traffic(input_len=4096, output_len=2048, length_cv=0, ttft_ms=1600, itl_ms=50), batch=92,
              redundant=16)),
-        assumed="balancedness 0.85; no MTP (the report implements it but does not say the figures used it)",
+        assumed="balancedness 0.77; no MTP (the report implements it but does not say the figures used it)",
         notes="RoCE; prefill two 4K requests per GPU in 1.5 s (TTFT 1.6 s); decode 13,200 requests "
         "on EP144 (128 + 16 redundant) at the 20 tokens/s-per-user limit",
     ),
@@ -148,7 +148,7 @@ PUBLICATIONS: tuple[Publication, ...] = (
         "2025-07-20", False,
         (Row("prefill", "input_per_node", 56_000, "kimi-k2", "h200", 32, 96, SG),
          Row("decode", "output_per_node", 24_000, "kimi-k2", "h200", 32, 96, SG, batch=480, redundant=96)),
-        assumed="prefill 16,384 tokens per GPU a step (the series' setting); balancedness 0.85",
+        assumed="prefill 16,384 tokens per GPU a step (the series' setting); balancedness 0.77",
         notes="prefill 4 nodes (EP32), decode 12 nodes (EP96, 96 redundant experts, 480 requests "
         "per GPU); 2,000 input and 100 output tokens",
     ),
@@ -161,7 +161,7 @@ PUBLICATIONS: tuple[Publication, ...] = (
          Row("decode", "output_per_node", 5_700, "deepseek-r1", "h20", 8, 16,
              Traffic(input_len=4096, output_len=1536, length_cv=0, precision=Precision("fp8", "fp8", "fp8"),
                      techniques=Techniques(mtp_draft=1, mtp_acceptance=0.85)), batch=48)),
-        assumed="balancedness 0.85; MTP acceptance 0.85 for the reported accept length of 1.8-1.9",
+        assumed="balancedness 0.77; MTP acceptance 0.85 for the reported accept length of 1.8-1.9",
         notes="prefill TP8 on one node; decode EP16 (DP attention) over 2 nodes at 48 requests per "
         "GPU, FP8 KV cache and FP8 MLA, MTP with one draft token",
     ),
@@ -171,7 +171,7 @@ PUBLICATIONS: tuple[Publication, ...] = (
         (Row("decode", "output_per_gpu", 7_583, "deepseek-v3", "gb200-nvl72", 8, 48,
              replace(SG, techniques=Techniques(two_batch_overlap=False))),),
         assumed="decode batch the planner's default cap (256; the post gives it only in a chart); "
-        "output 100 tokens as in the series; BF16 KV; balancedness 0.85",
+        "output 100 tokens as in the series; BF16 KV; balancedness 0.77",
         notes="decode EP48 (12 trays) in one NVL72 rack, 2,000-token inputs, FP8 experts, two-batch "
         "overlap off (the post: NVLink alone made it unneeded)",
     ),
@@ -192,7 +192,7 @@ PUBLICATIONS: tuple[Publication, ...] = (
          Row("decode", "output_per_gpu", 9_087, "deepseek-v3", "gb200-nvl72", 4, 48,
              replace(SG, techniques=GB200_DECODE), label="FP8 experts, BF16 KV and attention")),
         assumed="how much prefill offloads: every other expert's weights (vLLM's published scheme); "
-        "decode batch as many as HBM holds, at most the stated 1,408; output 100 tokens; balancedness 0.85",
+        "decode batch as many as HBM holds, at most the stated 1,408; output 100 tokens; balancedness 0.77",
         notes="prefill 2 (NVFP4) or 4 (FP8) GPUs an instance with weights offloaded to Grace memory; "
         "decode EP48",
     ),
@@ -206,7 +206,7 @@ PUBLICATIONS: tuple[Publication, ...] = (
          Row("decode", "output_per_gpu", 10_100, "deepseek-r1", "gb200-nvl72", 2, 8,
              Traffic(input_len=2000, output_len=2000, length_cv=0, precision=Precision(experts="fp4"),
                      techniques=Techniques(max_decode_batch=4096)))),
-        assumed="BF16 KV and attention (not stated); decode batch as many as HBM holds; balancedness 0.85",
+        assumed="BF16 KV and attention (not stated); decode batch as many as HBM holds; balancedness 0.77",
         notes="prefill 2 GPUs an instance (DP + EP) offloading one of every two MoE GEMM weights; decode "
         "8 GPUs (DP + EP); NVFP4 experts; 2K/2K",
     ),
