@@ -1,6 +1,7 @@
 """`moeserve plan`: which EP width per role, how many groups, at what latency and cost.
 
     moeserve plan --model deepseek-v3|deepseek-r1|kimi-k2|qwen3-235b|DIR --gpu h800|...|mi355x|FILE.json
+                  (or --gpu-spec FILE.json)
                   [--request-rate R] [--input-len I] [--output-len O] [--cache-hit F]
                   [--ttft-ms T] [--itl-ms T] [--prefill-ep P] [--decode-ep D]
                   [--kv-cache bf16|fp8] [--experts fp8|fp4] [--attention bf16|fp8]
@@ -13,7 +14,8 @@ JSON (`--output json`), for scripts (docs/planner.md, "JSON contract"):
     {"version": 2, "inputs": {"model", "model_arg", "gpu", "gpus_per_node", "nvlink_domain", "traffic",
                               "prefill_eps", "decode_eps"},
      "layouts": [{"prefill_ep", "decode_ep", "prefill_groups", "decode_groups", "gpus",
-                  "input_tokens_per_s_per_node", "output_tokens_per_s_per_node", "ttft_ms",
+                  "input_tokens_per_s_per_node", "output_tokens_per_s_per_node",
+                  "input_tokens_per_s_per_gpu", "output_tokens_per_s_per_gpu", "ttft_ms",
                   "itl_ms", "usd_per_million_output_tokens", "decode_batch_per_gpu",
                   "decode_step_ms", "prefill_chunk_per_gpu", "prefill_utilization"}, ...],
      "recommendation": {same fields}, "why": str,
@@ -55,7 +57,10 @@ def plan_command(
             help="h800, h100, h200, b200, b300, h20, gb200-nvl72, gb300-nvl72, mi300x, mi355x, or a JSON "
             "spec file (docs/planner.md: GPU spec files)"
         ),
-    ],
+    ] = "",
+    gpu_spec_file: Annotated[
+        Path | None, Opt("--gpu-spec", help="a JSON GPU spec file (the same as --gpu FILE.json)")
+    ] = None,
     request_rate: Annotated[
         float | None, Opt(help="requests/s to serve (default: each layout at its full load)", min=0.0001)
     ] = None,
@@ -111,6 +116,9 @@ def plan_command(
     from orchestrator.planner.plan import DECODE_WIDTHS, PREFILL_WIDTHS, plan
     from orchestrator.planner.specs import SpecError, gpu_spec, model_spec
 
+    if bool(gpu) == bool(gpu_spec_file):
+        _fail("name the GPU once: --gpu KEY (or FILE.json), or --gpu-spec FILE.json")
+    gpu = gpu or str(gpu_spec_file)
     if output not in ("table", "json"):
         _fail(f"--output must be table or json, not {output!r}")
     if plot is not None and plot.suffix.lower() != ".svg":

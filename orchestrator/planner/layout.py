@@ -51,6 +51,9 @@ class Layout:
     """New tokens one prefill GPU takes a step."""
     prefill_utilization: float = 0.0
     """The share of its capacity prefill runs at, so that queueing stays within the TTFT target."""
+    input_tokens_per_s_per_gpu: float = 0.0
+    output_tokens_per_s_per_gpu: float = 0.0
+    """The per-node figures per GPU: the unit Blackwell publications report in."""
     notes: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:

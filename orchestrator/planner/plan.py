@@ -109,7 +109,8 @@ def evaluate(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_ep: int, 
         output_tokens_per_s_per_node=decode_capacity / decode_ep * per_node,
         ttft_ms=ttft * 1e3, itl_ms=itl * 1e3, usd_per_million_output_tokens=usd,
         decode_batch_per_gpu=batch, decode_step_ms=step * 1e3, prefill_chunk_per_gpu=chunk,
-        prefill_utilization=rho, notes=notes,
+        prefill_utilization=rho, input_tokens_per_s_per_gpu=prefill_capacity / (1 - t.cache_hit) / prefill_ep,
+        output_tokens_per_s_per_gpu=decode_capacity / decode_ep, notes=notes,
     )  # fmt: skip
 
 

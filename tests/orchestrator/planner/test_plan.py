@@ -20,7 +20,7 @@ MOESERVE = str(Path(sys.executable).with_name("moeserve"))
 FIELDS = {"prefill_ep", "decode_ep", "prefill_groups", "decode_groups", "gpus", "input_tokens_per_s_per_node",
           "output_tokens_per_s_per_node", "ttft_ms", "itl_ms", "usd_per_million_output_tokens",
           "decode_batch_per_gpu", "decode_step_ms", "prefill_chunk_per_gpu",
-          "prefill_utilization"}  # fmt: skip
+          "prefill_utilization", "input_tokens_per_s_per_gpu", "output_tokens_per_s_per_gpu"}  # fmt: skip
 
 
 def moeserve_plan(*args: str) -> dict:
@@ -139,6 +139,8 @@ def test_plot_writes_an_svg_with_a_curve_per_width(tmp_path):
         (["--model", "deepseek-v3", "--gpu", "h800", "--itl-ms", "1"], "ITL"),
         (["--model", "deepseek-v3", "--gpu", "h800", "--plot", "x.png"], "SVG"),
         (["--model", "deepseek-v3", "--gpu", "h800", "--output", "yaml"], "table or json"),
+        (["--model", "deepseek-v3"], "name the GPU once"),
+        (["--model", "deepseek-v3", "--gpu", "h800", "--gpu-spec", "x.json"], "name the GPU once"),
     ],
 )
 def test_bad_requests_are_clear_errors(args, message):
@@ -185,6 +187,10 @@ def test_a_gpu_spec_file_describes_an_nvlink_domain_apart_from_the_node(tmp_path
     args = ["--model", "deepseek-v3", "--prefill-ep", "16", "--decode-ep", "72", "--request-rate", "20"]
     in_rack, apart = moeserve_plan(*args, "--gpu", str(rack)), moeserve_plan(*args, "--gpu", str(trays))
     assert (in_rack["inputs"]["gpus_per_node"], in_rack["inputs"]["nvlink_domain"]) == (4, 72)
+    (x,) = in_rack["layouts"]  # per node (a tray of 4) and per GPU: two reporting units
+    assert x["output_tokens_per_s_per_node"] == pytest.approx(4 * x["output_tokens_per_s_per_gpu"], rel=1e-3)
+    by_spec = moeserve_plan(*args, "--gpu-spec", str(rack))  # the spelling of a spec file
+    assert by_spec["layouts"] == in_rack["layouts"]
     assert apart["inputs"]["nvlink_domain"] == 4
     rack_best, trays_best = in_rack["recommendation"], apart["recommendation"]
     for best in (rack_best, trays_best):
