@@ -4,12 +4,13 @@ Under `ep` (the default) every rank runs data-parallel attention and holds the r
 (attention, dense MLPs, shared experts, embeddings); routed experts are split over the group's `ep`
 ranks with redundant slots. Each part of a step is a kernel class on a roofline: the larger of its
 compute time (FLOPs against the GPU's dense peak at that class's efficiency) and its memory time
-(bytes against HBM at `hbm`). The dispatch/combine all-to-all of every MoE layer (FP8 dispatch,
-BF16 combine; over the NIC beyond the NVLink domain, over NVLink within) is hidden behind
-computation by two micro-batches up to `overlap`; with node-limited routing a token's copies reach
-at most `group_limit` nodes. Expert load imbalance (EPLB's balancedness: mean / max rank load)
-slows the routed-expert GEMMs and the all-to-all, whose slowest rank sets the pace. `tp` and `dp`
-prefill (`Techniques.prefill_parallel`) replace the all-to-all with NVLink collectives.
+(bytes against HBM at `hbm`). The dispatch/combine all-to-all of every MoE layer (FP8 or NVFP4
+dispatch, BF16 combine; over the NIC beyond the NVLink domain, over NVLink within, at most what the
+copy kernels move) is hidden behind computation by two micro-batches up to `overlap`; with
+node-limited routing a token's copies reach at most `group_limit` nodes. Expert load imbalance
+(EPLB's balancedness: mean / max rank load) slows the routed-expert GEMMs and the all-to-all,
+whose slowest rank sets the pace. `tp` and `dp` prefill (`Techniques.prefill_parallel`) replace
+the all-to-all with NVLink collectives.
 """
 
 from __future__ import annotations
