@@ -89,7 +89,7 @@ def plan_command(
         float, Opt(help="acceptance rate of each drafted token (DeepSeek reports 0.85-0.9)", min=0, max=1)
     ] = 0.0,
     offload_gb: Annotated[
-        float, Opt(help="weights per GPU kept in host memory and streamed every step", min=0)
+        float, Opt(help="weights per prefill GPU kept in host memory and streamed in every step", min=0)
     ] = 0.0,
     max_decode_batch: Annotated[
         int, Opt(help="requests a decode GPU runs at once at most (the largest CUDA graph)", min=1)

@@ -34,8 +34,7 @@ MAX_CHUNK = 16384
 MARGIN = 0.10
 """Hysteresis: the layout in use (`keep`) stays recommended while it costs at most this much more
 per output token than the cheapest (the model's fitted rows are within 15%; a switch redeploys).
-DeepSeek's traffic on H800s, 65 -> 2,900 requests/s in 3% steps: the cheapest changes 78 times,
-the kept recommendation 7."""
+docs/planner.md ("Stable recommendations") gives how often each changes, generated."""
 
 
 def groups(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_ep: int, decode_ep: int,
@@ -45,9 +44,8 @@ def groups(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_ep: int, de
     t, parallel = traffic, traffic.techniques.prefill_parallel
     common = dict(balancedness=t.balancedness, eff=eff, precision=t.precision, techniques=t.techniques)
     pre = Group(model, gpu, prefill_ep, parallel=parallel, **common)  # type: ignore[arg-type]
-    common["techniques"] = replace(
-        t.techniques, offload_gb=0.0
-    )  # offload is prefill's: decode steps are short
+    # offload is prefill's: a decode step is too short to stream weights in
+    common["techniques"] = replace(t.techniques, offload_gb=0.0)
     dec = Group(model, gpu, decode_ep, **common)  # type: ignore[arg-type]
     if parallel != "ep" and prefill_ep > gpu.domain:
         message = (f"prefill {parallel.upper()}{prefill_ep} spans more than one NVLink domain "
@@ -102,15 +100,17 @@ def evaluate(model: ModelSpec, gpu: GpuSpec, traffic: Traffic, prefill_ep: int, 
     load = rate * new / (prefill_groups * prefill_capacity / rho)
     ttft = prefill_step * (1.5 + load / (2 * max(1e-9, 1 - load))) + handoff
     usd = gpus * t.usd_per_gpu_hour / 3600 / max(rate * t.output_len, 1e-12) * 1e6
+    input_per_gpu = prefill_capacity / (1 - t.cache_hit) / prefill_ep  # cache hits included
+    output_per_gpu = decode_capacity / decode_ep
     per_node = gpu.gpus_per_node
     return Layout(
         prefill_ep, decode_ep, prefill_groups, decode_groups, gpus,
-        input_tokens_per_s_per_node=prefill_capacity / (1 - t.cache_hit) / prefill_ep * per_node,
-        output_tokens_per_s_per_node=decode_capacity / decode_ep * per_node,
+        input_tokens_per_s_per_node=input_per_gpu * per_node,
+        output_tokens_per_s_per_node=output_per_gpu * per_node,
         ttft_ms=ttft * 1e3, itl_ms=itl * 1e3, usd_per_million_output_tokens=usd,
         decode_batch_per_gpu=batch, decode_step_ms=step * 1e3, prefill_chunk_per_gpu=chunk,
-        prefill_utilization=rho, input_tokens_per_s_per_gpu=prefill_capacity / (1 - t.cache_hit) / prefill_ep,
-        output_tokens_per_s_per_gpu=decode_capacity / decode_ep, notes=notes,
+        prefill_utilization=rho, input_tokens_per_s_per_gpu=input_per_gpu,
+        output_tokens_per_s_per_gpu=output_per_gpu, notes=notes,
     )  # fmt: skip
 
 

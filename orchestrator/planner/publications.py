@@ -16,7 +16,7 @@ its `assumed` says which. Only publications with `fitted=True`, all on Hopper GP
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from orchestrator.planner.cost import FITTED, Efficiency, Precision, Techniques
 from orchestrator.planner.group import Group
@@ -48,6 +48,12 @@ class Row:
     redundant: int = 32
     label: str = ""
 
+    def __post_init__(self) -> None:
+        if self.phase not in ("prefill", "decode") or self.metric not in METRICS:
+            raise ValueError(f"a row is a prefill or decode figure in one of {METRICS}, not {self}")
+        if self.measured not in ("served", "saturated") or self.gpu not in GPUS or self.model not in MODELS:
+            raise ValueError(f"a row is served or saturated, on a built-in GPU and model, not {self}")
+
 
 @dataclass(frozen=True)
 class Publication:
@@ -60,10 +66,10 @@ class Publication:
     assumed: str = ""
     """The inputs the publication leaves unstated, and what the rows take for them."""
     notes: str = ""
-    hopper: bool = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "hopper", all(r.gpu in HOPPER for r in self.rows))
+    @property
+    def hopper(self) -> bool:
+        return all(r.gpu in HOPPER for r in self.rows)
 
 
 def predict(row: Row, eff: Efficiency = FITTED) -> float:
